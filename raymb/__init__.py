@@ -1,0 +1,22 @@
+"""raymb: data-parallel PyTorch training on Ray, exact at any number of workers and microbatches."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from raymb.config import Config, load_config
+from raymb.errors import CheckpointError, ConfigError, DataError, RaymbError
+
+if TYPE_CHECKING:
+    from raymb.driver import Result
+
+__all__ = ["Config", "load_config", "train", "RaymbError", "ConfigError", "DataError",
+           "CheckpointError"]  # fmt: skip
+__version__ = "0.1.0"
+
+
+def train(config: Config, *, address: str | None = None) -> Result:
+    """Train as configured on a local Ray cluster (or the one at `address`); see raymb.driver."""
+    from raymb.driver import train as _train  # Ray is imported only when training
+
+    return _train(config, address=address)

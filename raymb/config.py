@@ -1,0 +1,352 @@
+"""The run configuration: one frozen dataclass per TOML section, checked as it is built.
+
+Every user mistake in a config file or a `--set` override surfaces here as a one-line
+`ConfigError` naming the key, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from raymb.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_FROZEN = dict(frozen=True, kw_only=True)
+
+
+@dataclass(**_FROZEN)
+class RunSection:
+    name: str = "default"
+    """Run directory name under storage_path; starting a run whose name exists resumes it."""
+    storage_path: str = "runs"
+    """Where run directories live: a local path (shared between nodes on a cluster)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, "run.name", "a non-empty name without '/'")
+
+
+@dataclass(**_FROZEN)
+class DataSection:
+    train: str = "data/linear/train"
+    """Parquet file, directory, glob or URI of the training set."""
+    val: str | None = "data/linear/val"
+    """Validation set, evaluated at each epoch's end; unset for none (and unset by default
+    when data.train is set without it)."""
+    features: Union[str, list[str]] = "features"
+    """One list-of-numbers column, or a list of scalar columns."""
+    label: str = "label"
+    """Integer label: classification; float label: regression."""
+
+    def __post_init__(self) -> None:
+        _require(self.features != [], "data.features", "a column name or a non-empty list of names")
+
+
+@dataclass(**_FROZEN)
+class ModelSection:
+    name: str = "linear"
+    """linear, mlp, or package.module:factory (called as factory(in_features, out_features))."""
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    """Hidden layer widths of the mlp."""
+    num_classes: int | None = None
+    """Classes of a classifier; unset: max label + 1."""
+
+    def __post_init__(self) -> None:
+        builtin = self.name in ("linear", "mlp")
+        _require(builtin or ":" in self.name, "model.name", "linear, mlp or package.module:factory")
+        _require(all(h > 0 for h in self.hidden), "model.hidden", "positive layer widths")
+        _require(self.num_classes is None or self.num_classes >= 2, "model.num_classes", ">= 2")
+
+
+@dataclass(**_FROZEN)
+class OptimSection:
+    name: Literal["sgd", "adagrad", "adam", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    """SGD momentum (ignored by the other optimizers)."""
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam and AdamW betas."""
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to lr over this many optimizer steps."""
+    step_size: int = 100
+    """step schedule: multiply lr by gamma every step_size optimizer steps."""
+    gamma: float = 0.1
+    min_lr: float = 0.0
+    """cosine schedule: lr at the last step."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value; unset for no clipping."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", "> 0")
+        _require(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)")
+        _require(self.weight_decay >= 0, "optim.weight_decay", ">= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+                 "two values in [0, 1)")  # fmt: skip
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0")
+        _require(self.step_size > 0, "optim.step_size", "> 0")
+        _require(0 < self.gamma <= 1, "optim.gamma", "in (0, 1]")
+        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", "in [0, optim.lr]")
+        _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "> 0")
+
+
+@dataclass(**_FROZEN)
+class TrainSection:
+    global_batch_size: Union[int, Literal["all"]] = 64
+    """G: samples per optimizer step across all workers; "all" is full-batch gradient descent."""
+    microbatch_size: int | None = None
+    """m: samples per forward/backward on one worker; unset: G / workers (no accumulation)."""
+    epochs: int = 5
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (counting steps of earlier attempts)."""
+    seed: int = 0
+    sync: Literal["grad"] = "grad"
+    """grad: DDP gradient all-reduce every optimizer step."""
+    log_every: int = 10
+    """Report metrics (a row of metrics.csv) every this many steps."""
+
+    def __post_init__(self) -> None:
+        G = self.global_batch_size
+        _require(G == "all" or G > 0, "train.global_batch_size", 'a positive integer or "all"')
+        m = self.microbatch_size
+        _require(m is None or m > 0, "train.microbatch_size", "> 0")
+        if m is not None and G != "all" and m > G:
+            raise ConfigError(
+                f"train.microbatch_size={m} is larger than train.global_batch_size={G}"
+            )
+        _require(G != "all" or m is not None, "train.microbatch_size",
+                 'set when train.global_batch_size = "all"')  # fmt: skip
+        _require(self.epochs > 0, "train.epochs", "> 0")
+        _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", "> 0")
+        _require(self.log_every > 0, "train.log_every", "> 0")
+
+
+@dataclass(**_FROZEN)
+class ScaleSection:
+    workers: int = 2
+    use_gpu: bool = False
+    """One GPU per worker, NCCL; otherwise CPU workers with gloo."""
+    max_failures: int = 0
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    cpus_per_worker: float | None = None
+    """Logical CPUs per worker; unset: chosen so Ray Data keeps a CPU to read with."""
+
+    def __post_init__(self) -> None:
+        _require(self.workers > 0, "scale.workers", "> 0")
+        _require(self.max_failures >= 0, "scale.max_failures", ">= 0")
+        _require(self.cpus_per_worker is None or self.cpus_per_worker > 0,
+                 "scale.cpus_per_worker", "> 0")  # fmt: skip
+
+
+@dataclass(**_FROZEN)
+class CheckpointSection:
+    every_steps: int | None = None
+    """Also checkpoint every this many optimizer steps (always: each epoch's end, and the end)."""
+    keep: int = 2
+    """Checkpoints kept: the best by `metric`; the latest is always kept too."""
+    metric: Literal["val_loss", "train_loss", "val_accuracy"] = "val_loss"
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps is None or self.every_steps > 0, "checkpoint.every_steps", "> 0")
+        _require(self.keep > 0, "checkpoint.keep", "> 0")
+
+    @property
+    def mode(self) -> str:
+        return "max" if self.metric == "val_accuracy" else "min"
+
+
+@dataclass(**_FROZEN)
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    scale: ScaleSection = field(default_factory=ScaleSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def __post_init__(self) -> None:
+        G, m, W = self.train.global_batch_size, self.train.microbatch_size, self.scale.workers
+        if G == "all":
+            return
+        if m is None:
+            if G % W:
+                raise ConfigError(
+                    f"train.global_batch_size={G} is not divisible by scale.workers={W}"
+                )
+        elif G % (W * m):
+            valid = [d for d in range(1, G // W + 1) if G % (W * d) == 0]
+            raise ConfigError(
+                f"train.global_batch_size={G} is not divisible by scale.workers={W} x "
+                f"train.microbatch_size={m}; valid microbatch sizes: "
+                + (", ".join(map(str, valid)) if valid else f"none (G is not a multiple of W={W})")
+            )
+
+    def microbatch(self) -> int | None:
+        """m, resolved: G / W when unset (None only for full batch, where m is required)."""
+        G = self.train.global_batch_size
+        if self.train.microbatch_size is not None:
+            return self.train.microbatch_size
+        return None if G == "all" else G // self.scale.workers
+
+    def accumulation_steps(self) -> int | None:
+        """k = G / (W·m); None for full batch, where it depends on the data."""
+        G = self.train.global_batch_size
+        return None if G == "all" else G // (self.scale.workers * self.microbatch())
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        """Build and check a Config from nested dicts (TOML tables)."""
+        hints = typing.get_type_hints(cls)
+        sections = {}
+        for name, table in raw.items():
+            if name not in hints:
+                raise ConfigError(f"unknown config section [{name}]; known: {', '.join(hints)}")
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{name}] must be a table of keys, got {table!r}")
+            if name == "data" and "train" in table and "val" not in table:
+                table = {**table, "val": None}  # never validate a user's model on the demo set
+            sections[name] = _build_section(name, hints[name], table)
+        try:
+            return cls(**sections)
+        except TypeError as e:  # pragma: no cover - guarded by _build_section
+            raise ConfigError(str(e)) from None
+
+
+def _build_section(section: str, cls: type, table: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        if key not in hints:
+            raise ConfigError(
+                f"unknown config key {section}.{key}; known in [{section}]: {', '.join(hints)}"
+            )
+        values[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return value if it has type tp (an int is accepted as a float); else raise."""
+    if value in ("", "none") and _matches(None, tp):
+        return None  # TOML has no null: an optional key is unset with "" or none
+    if _matches(value, tp):
+        if _is_float(tp) and type(value) is int:
+            return float(value)
+        return value
+    raise ConfigError(f"{key} must be {_describe(tp)}, got {value!r}")
+
+
+def _is_float(tp: Any) -> bool:
+    return tp is float or (_is_union(tp) and float in typing.get_args(tp))
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if _is_union(tp):
+        return any(_matches(value, t) for t in typing.get_args(tp))
+    raise TypeError(f"unsupported config type {tp}")  # pragma: no cover
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "unset"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if _is_union(tp):
+        return " or ".join(_describe(t) for t in typing.get_args(tp) if t is not type(None))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+
+
+def _require(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {what}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'section.key=value' -> (['section', 'key'], value), the value read as TOML if it parses."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, text = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"--set {item!r}: the key must be section.key, e.g. train.epochs")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word such as all or mlp
+    return path, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a TOML config (or the defaults when path is None) and apply --set overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {item!r}: [{section}] is not a table")
+        table[key] = value
+    return Config.from_dict(raw)
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML; unset keys appear commented out."""
+    lines = []
+    for section, table in config.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)

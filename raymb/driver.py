@@ -1,0 +1,204 @@
+"""The driver: checks inputs, starts or joins Ray, runs the workers, writes the run's results.
+
+Everything a user can get wrong is checked here before Ray starts, so a bad config or bad
+data costs a one-line error and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from raymb.config import Config
+from raymb.errors import ConfigError, RaymbError
+from raymb.loop import train_loop
+from raymb.plan import Plan
+from raymb.schema import check_dataset
+
+METRIC_COLUMNS = (
+    "step", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples",
+    "samples_per_s", "step_time_s", "data_wait_s", "bytes_allreduced",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished run leaves: its directory and the contents of summary.json."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.summary["checkpoint"]
+
+
+class MetricsCsv(ray.train.UserCallback):
+    """Appends rank 0's metrics of every report to metrics.csv (runs on the controller).
+
+    After a resume the rows past the resumed step are dropped first, so the file holds each
+    step once, as the run that produced its checkpoint lineage saw it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen_resumes = -1
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        row = metrics[0]
+        resumes = row.get("resumed_from_steps", [])
+        if resumes and len(resumes) != self.seen_resumes:
+            self._truncate_after(resumes[-1])
+        self.seen_resumes = len(resumes)
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, METRIC_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+
+def prepare(config: Config) -> tuple[Plan, Any, Any]:
+    """Check the data against the config; nothing is started or written."""
+    features, label = config.data.features, config.data.label
+    train_info = check_dataset(config.data.train, features, label, what="data.train")
+    val_info = None
+    if config.data.val is not None:
+        val_info = check_dataset(config.data.val, features, label, what="data.val")
+        if (val_info.num_features, val_info.label_kind) != (train_info.num_features, train_info.label_kind):  # fmt: skip
+            raise ConfigError(
+                f"data.val has {val_info.num_features} features and {val_info.label_kind} labels; "
+                f"data.train has {train_info.num_features} and {train_info.label_kind}"
+            )
+    if config.checkpoint.metric.startswith("val_") and val_info is None:
+        raise ConfigError(
+            f"checkpoint.metric={config.checkpoint.metric!r} needs data.val; set data.val "
+            "or checkpoint.metric=train_loss"
+        )
+    classes = None
+    if train_info.label_kind == "int":
+        seen = max(train_info.num_classes, val_info.num_classes if val_info else 0)
+        classes = config.model.num_classes or seen
+        if classes < seen:
+            raise ConfigError(f"model.num_classes={classes} but the labels go up to {seen - 1}")
+    elif config.checkpoint.metric == "val_accuracy":
+        raise ConfigError("checkpoint.metric='val_accuracy' needs integer (class) labels")
+    plan = Plan.build(config, num_rows=train_info.num_rows, in_features=train_info.num_features,
+                      num_classes=classes)  # fmt: skip
+    return plan, train_info, val_info
+
+
+def connect(config: Config, address: str | None) -> float:
+    """Start a local Ray cluster or join one; return the logical CPUs to give each worker.
+
+    A worker holding every CPU starves Ray Data's read tasks and the run waits forever, so
+    the workers together leave at least one CPU free.
+    """
+    W = config.scale.workers
+    if not ray.is_initialized():
+        if address is None:
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, W + 1),
+                     include_dashboard=False, log_to_driver=True)  # fmt: skip
+        else:
+            ray.init(address=address)
+    if config.scale.cpus_per_worker is not None:
+        return config.scale.cpus_per_worker
+    total = ray.cluster_resources().get("CPU", 0)
+    return min(1.0, max(total - 1, total / 2) / W) if total else 1.0
+
+
+def train(config: Config, *, address: str | None = None) -> Result:
+    """Train as configured and return the run's summary (also written to summary.json)."""
+    import ray.data
+
+    plan, train_info, val_info = prepare(config)
+    cpus = connect(config, address)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    datasets = {"train": ray.data.read_parquet(list(train_info.files), filesystem=train_info.filesystem)}  # fmt: skip
+    if val_info is not None:
+        datasets["val"] = ray.data.read_parquet(list(val_info.files), filesystem=val_info.filesystem)  # fmt: skip
+
+    storage = _storage_path(config.run.storage_path)
+    run_dir = Path(storage) / config.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metric = config.checkpoint.metric
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.to_dict(), "plan": plan.to_dict(),
+                           "has_val": val_info is not None},  # fmt: skip
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scale.workers,
+            use_gpu=config.scale.use_gpu,
+            resources_per_worker={"CPU": cpus} if not config.scale.use_gpu else None,
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=config.scale.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.checkpoint.keep,
+                checkpoint_score_attribute=metric if metric == "train_loss" else f"score_{metric}",
+                checkpoint_score_order=config.checkpoint.mode,
+            ),
+            callbacks=[MetricsCsv(str(run_dir / "metrics.csv"))],
+        ),
+        datasets=datasets,
+    )
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise RaymbError(f"training failed: {_first_line(e)} (run directory: {run_dir})") from e
+    wall = time.perf_counter() - started
+    summary = _summary(result, wall)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return Result(run_dir=run_dir, summary=summary)
+
+
+def _summary(result, wall_s: float) -> dict[str, Any]:
+    m = result.metrics or {}
+    final = result.checkpoint.path + "/model.pt" if result.checkpoint else None
+    return {
+        "train_loss": m.get("train_loss"),
+        "val_loss": m.get("val_loss"),
+        "val_accuracy": m.get("val_accuracy"),
+        "steps": m.get("step", 0),
+        "samples": m.get("samples", 0),
+        "samples_per_s": m["samples"] / m["train_seconds"] if m.get("train_seconds") else None,
+        "wall_s": round(wall_s, 3),
+        "checkpoint": final,
+        "resumed_from_steps": m.get("resumed_from_steps", []),
+        "bytes_allreduced": m.get("bytes_allreduced", 0),
+    }
+
+
+def _storage_path(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    # Ray wraps the worker's traceback; its last line is the worker's own error.
+    return lines[-1] if lines else text

@@ -1,0 +1,17 @@
+"""Errors a user can cause. Each carries a one-line message that names what to fix."""
+
+
+class RaymbError(Exception):
+    """Base class: the CLI prints the message on one line and exits non-zero."""
+
+
+class ConfigError(RaymbError):
+    """A config key is unknown, of the wrong type, or has an impossible value."""
+
+
+class DataError(RaymbError):
+    """The training or validation data cannot be used as configured."""
+
+
+class CheckpointError(RaymbError):
+    """A checkpoint is missing, truncated, or belongs to another model or config."""

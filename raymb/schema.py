@@ -1,0 +1,305 @@
+"""Check a parquet dataset before training, so a bad column fails in one line, not mid-run.
+
+A dataset is a file, a directory (every `*.parquet` below it), a glob, or a URI that
+`pyarrow.fs.FileSystem.from_uri` understands. Features are either one list column
+(fixed_size_list, or list/large_list of equal-length rows) or several numeric scalar
+columns; the label is an integer (classification) or floating (regression) column.
+Footers are read for everything they can answer; a column is read only to measure
+variable-length lists and, when statistics are missing, the range of integer labels.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raymb.errors import ConfigError, DataError
+
+PARQUET_SUFFIX = ".parquet"
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What training needs to know about a checked dataset."""
+
+    files: tuple[str, ...]  # parquet files as paths on `filesystem`, sorted
+    num_rows: int
+    num_features: int  # d: list length, or number of scalar feature columns
+    label_kind: str  # "int" (classification) or "float" (regression)
+    num_classes: int | None  # max label + 1 for int labels, else None
+    filesystem: pafs.FileSystem = field(repr=False)  # pass to readers for non-local paths
+
+
+def resolve_files(path: str, *, what: str = "data.train") -> tuple[list[str], pafs.FileSystem]:
+    """Expand a file, directory, glob or URI into sorted parquet file paths and their filesystem."""
+    if "://" in path:
+        try:
+            fs, root = pafs.FileSystem.from_uri(path)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+            raise DataError(f"{what}: cannot open {path}: {_one_line(e)}") from None
+    else:
+        # Absolute paths keep working when Ray workers run in another directory.
+        fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound and _GLOB_CHARS & set(root):
+        candidates = _glob(fs, root)
+        if not candidates:
+            raise DataError(f"{what}: no files match {path}")
+    elif info.type == pafs.FileType.NotFound:
+        raise DataError(f"{what}: no such file or directory: {path}")
+    elif info.type == pafs.FileType.Directory:
+        selector = pafs.FileSelector(root, recursive=True)
+        candidates = [
+            f.path
+            for f in fs.get_file_info(selector)
+            if f.type == pafs.FileType.File and not _is_metadata(f.path[len(root) :])
+        ]
+        if not candidates:
+            raise DataError(f"{what}: no parquet files under {path}")
+    else:
+        candidates = [root]
+
+    for f in candidates:
+        if not f.endswith(PARQUET_SUFFIX):
+            raise DataError(f"{what}: not a parquet file: {f} (expected a *.parquet name)")
+    return sorted(candidates), fs
+
+
+def check_dataset(
+    path: str, features: str | list[str], label: str, *, what: str = "data.train"
+) -> DatasetInfo:
+    """Resolve `path` and check every file's features and label columns; raise DataError."""
+    if isinstance(features, str):
+        feature_cols = [features]
+    else:
+        feature_cols = list(features)
+        if not feature_cols or not all(isinstance(c, str) for c in feature_cols):
+            raise ConfigError(
+                f"data.features: expected a column name or a list of names, got {features!r}"
+            )
+        if len(set(feature_cols)) != len(feature_cols):
+            raise ConfigError(f"data.features: duplicate column names in {feature_cols}")
+    if label in feature_cols:
+        raise ConfigError(f"data.label: column {label!r} is also listed in data.features")
+
+    files, fs = resolve_files(path, what=what)
+    num_rows = 0
+    dims: tuple[int, str] | None = None  # (d, first file) to compare later files against
+    kind: tuple[str, str] | None = None
+    max_label: int | None = None
+    for f in files:
+        pf = _open(fs, f, what)
+        schema, meta = pf.schema_arrow, pf.metadata
+        prefix = f"{what}: {f}"
+        num_rows += meta.num_rows
+
+        label_type = _field(schema, label, prefix, "label").type
+        file_kind = _label_kind(label_type)
+        if file_kind is None:
+            raise DataError(
+                f"{prefix}: label column {label!r} has type {label_type}, "
+                "expected an integer (classification) or floating (regression) type"
+            )
+        if kind is not None and file_kind != kind[0]:
+            raise DataError(
+                f"{prefix}: label column {label!r} has type {label_type}, "
+                f"expected {'an integer' if kind[0] == 'int' else 'a floating'} type "
+                f"as in {kind[1]}"
+            )
+        kind = kind or (file_kind, f)
+        _check_no_nulls(pf, label, prefix)
+
+        if isinstance(features, str):
+            d = _list_width(pf, features, prefix)
+        else:
+            for c in feature_cols:
+                t = _field(schema, c, prefix, "feature").type
+                if not _is_number(t):
+                    raise DataError(
+                        f"{prefix}: feature column {c!r} has type {t}, expected a numeric scalar "
+                        "(a list of names means one scalar column each)"
+                    )
+                _check_no_nulls(pf, c, prefix)
+            d = len(feature_cols)
+        if d is not None and dims is not None and d != dims[0]:
+            raise DataError(
+                f"{prefix}: column {features!r} has {d} features per row, "
+                f"expected {dims[0]} as in {dims[1]}"
+            )
+        if d is not None:
+            dims = dims or (d, f)
+
+        if file_kind == "int" and meta.num_rows:
+            lo, hi = _int_range(pf, label)
+            if lo < 0:
+                raise DataError(
+                    f"{prefix}: label column {label!r} has negative value {lo}, "
+                    "expected class indices 0..C-1"
+                )
+            max_label = hi if max_label is None else max(max_label, hi)
+
+    if num_rows == 0:
+        raise DataError(f"{what}: {path} is empty (0 rows in {len(files)} parquet files)")
+    assert dims is not None
+    assert kind is not None
+    return DatasetInfo(
+        files=tuple(files),
+        num_rows=num_rows,
+        num_features=dims[0],
+        label_kind=kind[0],
+        num_classes=None if max_label is None else max_label + 1,
+        filesystem=fs,
+    )
+
+
+def _glob(fs: pafs.FileSystem, pattern: str) -> list[str]:
+    # pyarrow filesystems have no glob, and remote ones must be matched too: list below the
+    # longest literal prefix, then match segment by segment ('*' stays inside one segment).
+    parts = pattern.split("/")
+    n = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
+    base = "/".join(parts[:n]) or "/"
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    found = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return [
+        f.path
+        for f in found
+        if f.type == pafs.FileType.File
+        and not _is_metadata(rel := f.path[len(base) :].strip("/"))
+        and _match(rel.split("/"), parts[n:])
+    ]
+
+
+def _match(segments: list[str], patterns: list[str]) -> bool:
+    if not patterns:
+        return not segments
+    if patterns[0] == "**":
+        return any(_match(segments[i:], patterns[1:]) for i in range(len(segments) + 1))
+    return (
+        bool(segments)
+        and fnmatch.fnmatchcase(segments[0], patterns[0])
+        and _match(segments[1:], patterns[1:])
+    )
+
+
+def _is_metadata(relative: str) -> bool:
+    # Hidden files and Spark/Hadoop markers (_SUCCESS, _metadata, .crc) are not data; as in
+    # a shell glob, '*' does not pick them up either.
+    return any(p.startswith((".", "_")) for p in relative.split("/") if p)
+
+
+def _open(fs: pafs.FileSystem, f: str, what: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(f, filesystem=fs)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{what}: not a parquet file: {f} ({_one_line(e)})") from None
+
+
+def _field(schema: pa.Schema, name: str, prefix: str, role: str) -> pa.Field:
+    if schema.get_field_index(name) < 0:
+        names = ", ".join(schema.names) or "none"
+        raise DataError(f"{prefix}: no {role} column {name!r} (columns: {names})")
+    return schema.field(name)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _label_kind(t: pa.DataType) -> str | None:
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    return None
+
+
+def _list_width(pf: pq.ParquetFile, col: str, prefix: str) -> int | None:
+    """Values per row of a list column (all rows equal); None for an empty file's lists."""
+    t = _field(pf.schema_arrow, col, prefix, "feature").type
+    is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
+    if not (pa.types.is_fixed_size_list(t) or is_list) or not _is_number(t.value_type):
+        hint = " (for scalar columns give a list of names)" if _is_number(t) else ""
+        raise DataError(
+            f"{prefix}: feature column {col!r} has type {t}, expected a list of numbers{hint}"
+        )
+    if pa.types.is_fixed_size_list(t):
+        if t.list_size < 1:
+            raise DataError(f"{prefix}: feature column {col!r} has 0 values per row")
+        _check_no_nulls(pf, col, prefix)
+        return t.list_size
+    if pf.metadata.num_rows == 0:
+        return None  # no rows to measure; other files decide the width
+    values = pf.read(columns=[col]).column(col)
+    lengths = pc.list_value_length(values)
+    lo, hi = pc.min_max(lengths).values()
+    if values.null_count or pc.sum(pc.list_flatten(values).is_null()).as_py():
+        raise DataError(f"{prefix}: feature column {col!r} has null values")
+    if lo.as_py() != hi.as_py():
+        raise DataError(
+            f"{prefix}: column {col!r} is ragged: lengths {lo}..{hi}, expected a fixed length"
+        )
+    if hi.as_py() < 1:
+        raise DataError(f"{prefix}: feature column {col!r} has 0 values per row")
+    return hi.as_py()
+
+
+def _check_no_nulls(pf: pq.ParquetFile, col: str, prefix: str) -> None:
+    # Row-group statistics answer this from the footer; files written without them pass.
+    # For a variable-length list, empty lists count as nulls there, so only call this for
+    # scalar and fixed-size list columns.
+    meta = pf.metadata
+    nulls = 0
+    for rg in range(meta.num_row_groups):
+        for i in _leaves(pf.schema_arrow, col):
+            stats = meta.row_group(rg).column(i).statistics
+            if stats is not None and stats.null_count:
+                nulls += stats.null_count
+    if nulls:
+        raise DataError(f"{prefix}: column {col!r} has {nulls} null values, expected none")
+
+
+def _int_range(pf: pq.ParquetFile, col: str) -> tuple[int, int]:
+    """(min, max) of an integer column: from statistics if every row group has them."""
+    meta = pf.metadata
+    (i,) = _leaves(pf.schema_arrow, col)
+    groups = [meta.row_group(rg) for rg in range(meta.num_row_groups)]
+    stats = [g.column(i).statistics for g in groups if g.num_rows]
+    if all(s is not None and s.has_min_max for s in stats):
+        return min(s.min for s in stats), max(s.max for s in stats)
+    lo, hi = pc.min_max(pf.read(columns=[col]).column(col)).values()
+    return lo.as_py(), hi.as_py()
+
+
+def _leaves(schema: pa.Schema, col: str) -> range:
+    """Parquet leaf-column indices of top-level `col` (footer statistics are per leaf)."""
+    start = 0
+    for f in schema:
+        n = _num_leaves(f.type)
+        if f.name == col:
+            return range(start, start + n)
+        start += n
+    raise KeyError(col)
+
+
+def _num_leaves(t: pa.DataType) -> int:
+    # Column names may contain dots, so count leaves instead of parsing leaf paths.
+    if pa.types.is_struct(t):
+        return sum(_num_leaves(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_map(t):
+        return _num_leaves(t.key_type) + _num_leaves(t.item_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _num_leaves(t.value_type)
+    return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())

@@ -1,0 +1,203 @@
+"""Seeded synthetic parquet datasets with a known answer (backs `raymb gen-data`).
+
+Each dataset is `out_dir/train/part-NNNNN.parquet`, optionally `out_dir/val/...`, and
+`out_dir/truth.json` holding the parameters that generated it, so a test or a user can
+check what training recovers. Columns: `features` (fixed_size_list<float32>[d]) and
+`label` (float32 for regression kinds, int64 for classification).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymb.errors import ConfigError
+
+KINDS = ("linear", "regression", "classification")
+DEFAULT_FEATURES = {"linear": 1, "regression": 8, "classification": 16}
+REGRESSION_BIAS = 0.5
+FEATURES_COLUMN = "features"
+LABEL_COLUMN = "label"
+
+_PART_RE = re.compile(r"part-(\d{5,})\.parquet")
+
+
+def generate(
+    kind: str,
+    out_dir: str | Path,
+    *,
+    rows: int = 4096,
+    shards: int = 4,
+    features: int | None = None,
+    classes: int = 3,
+    noise: float = 0.1,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+) -> dict:
+    """Write a seeded dataset of `kind` under `out_dir` and return its truth.json content.
+
+    `rows` training rows go into `shards` files; round(rows * val_fraction) further rows
+    (at least one when val_fraction > 0) go into max(1, shards // 2) validation files.
+    """
+    _validate(kind, rows, shards, features, classes, noise, seed, val_fraction)
+    d = features if features is not None else DEFAULT_FEATURES[kind]
+    val_rows = max(1, round(rows * val_fraction)) if val_fraction > 0 else 0
+    val_shards = min(max(1, shards // 2), val_rows)
+
+    # Independent streams per role: the true parameters depend only on (seed, d, classes),
+    # not on rows, so datasets of different sizes from one seed share one teacher.
+    param_rng, x_rng, noise_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
+    )
+    n = rows + val_rows
+    if kind == "linear":
+        weight = np.array([[2.0]], dtype=np.float32)
+        bias = np.array([1.0], dtype=np.float32)
+        # Uniform(-1, 1) keeps the seed documents' example well conditioned.
+        x = x_rng.uniform(-1.0, 1.0, size=(n, d)).astype(np.float32)
+    else:
+        out = 1 if kind == "regression" else classes
+        weight = param_rng.standard_normal((out, d), dtype=np.float32)
+        bias = np.full(out, REGRESSION_BIAS if kind == "regression" else 0.0, np.float32)
+        x = x_rng.standard_normal((n, d), dtype=np.float32)
+
+    # Layout follows torch.nn.Linear: weight is (out, in), so the target is x @ weight.T.
+    signal = x.astype(np.float64) @ weight.T.astype(np.float64) + bias
+    signal += noise * noise_rng.standard_normal(signal.shape)
+    if kind == "classification":
+        y = np.argmax(signal, axis=1).astype(np.int64)
+    else:
+        y = signal[:, 0].astype(np.float32)
+
+    truth = {
+        "kind": kind,
+        # int()/float(): numpy scalars pass validation but json cannot write them.
+        "seed": int(seed),
+        "rows": int(rows),
+        "val_rows": int(val_rows),
+        "shards": int(shards),
+        "val_shards": int(val_shards),
+        "features": int(d),
+        "noise": float(noise),
+        "columns": {"features": FEATURES_COLUMN, "label": LABEL_COLUMN},
+        "weight": weight.tolist(),
+        "bias": bias.tolist(),
+    }
+    if kind == "classification":
+        truth["classes"] = int(classes)
+
+    out_dir = Path(out_dir)
+    _write_split(out_dir / "train", x[:rows], y[:rows], shards)
+    if val_rows:
+        _write_split(out_dir / "val", x[rows:], y[rows:], val_shards)
+    else:
+        _remove_stale_parts(out_dir / "val", keep=0)
+    _atomic_write(out_dir / "truth.json", (json.dumps(truth, indent=2) + "\n").encode())
+    return truth
+
+
+def _validate(
+    kind: str,
+    rows: int,
+    shards: int,
+    features: int | None,
+    classes: int,
+    noise: float,
+    seed: int,
+    val_fraction: float,
+) -> None:
+    def fail(msg: str) -> None:
+        raise ConfigError(f"gen-data: {msg}")
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if kind not in KINDS:
+        fail(f"unknown kind {kind!r} (choose one of {', '.join(KINDS)})")
+    if not is_int(rows) or rows < 1:
+        fail(f"--rows must be an integer >= 1 (got {rows!r})")
+    if not is_int(shards) or not 1 <= shards <= rows:
+        fail(f"--shards must be between 1 and --rows (got {shards!r}, --rows {rows})")
+    if features is not None and (not is_int(features) or features < 1):
+        fail(f"--features must be an integer >= 1 (got {features!r})")
+    if kind == "linear" and features not in (None, 1):
+        fail(f"--features must be 1 for kind 'linear' (y = 2x + 1), got {features}")
+    if kind == "classification" and (not is_int(classes) or classes < 2):
+        fail(f"--classes must be an integer >= 2 (got {classes!r})")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
+        fail(f"--noise must be a number >= 0 (got {noise!r})")
+    if not math.isfinite(noise):
+        fail(f"--noise must be finite (got {noise!r})")
+    if not is_int(seed) or seed < 0:
+        fail(f"--seed must be an integer >= 0 (got {seed!r})")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
+        fail(f"--val-fraction must be a number in [0, 1) (got {val_fraction!r})")
+    if not 0 <= val_fraction < 1:
+        fail(f"--val-fraction must be in [0, 1) (got {val_fraction!r})")
+
+
+def _write_split(split_dir: Path, x: np.ndarray, y: np.ndarray, shards: int) -> None:
+    """Write `shards` parquet files whose sizes differ by at most one row."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    base, extra = divmod(len(y), shards)
+    lo = 0
+    for i in range(shards):
+        hi = lo + base + (1 if i < extra else 0)
+        _atomic_write_table(split_dir / f"part-{i:05d}.parquet", _table(x[lo:hi], y[lo:hi]))
+        lo = hi
+    _remove_stale_parts(split_dir, keep=shards)
+
+
+def _remove_stale_parts(split_dir: Path, keep: int) -> None:
+    # A rerun with fewer shards must not leave old parts behind for a reader to pick up.
+    if not split_dir.is_dir():
+        return
+    for p in split_dir.iterdir():
+        m = _PART_RE.fullmatch(p.name)
+        if m and int(m.group(1)) >= keep:
+            p.unlink()
+    if keep == 0 and not any(split_dir.iterdir()):
+        split_dir.rmdir()
+
+
+def _table(x: np.ndarray, y: np.ndarray) -> pa.Table:
+    d = x.shape[1]
+    flat = pa.array(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
+    return pa.table(
+        {
+            FEATURES_COLUMN: pa.FixedSizeListArray.from_arrays(flat, d),
+            LABEL_COLUMN: pa.array(y),
+        }
+    )
+
+
+def _atomic_write_table(path: Path, table: pa.Table) -> None:
+    # The temp file is hidden (leading dot), so a reader never mistakes it for a shard.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
