@@ -26,7 +26,9 @@ def ensure_venv() -> None:
     if STAMP.exists() and STAMP.read_text() == wanted:
         return
     if not (BIN / "python").exists():
-        print("run.py: creating .venv (first run: installs torch and ray, a few minutes)", flush=True)
+        print(
+            "run.py: creating .venv (first run: installs torch and ray, a few minutes)", flush=True
+        )
         venv.create(VENV, with_pip=True)
     pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     # torch first, alone and exactly pinned, so nothing can pull a different (multi-GB) build.
@@ -36,7 +38,7 @@ def ensure_venv() -> None:
 
 
 def main() -> int:
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - run.py is what an old Python runs first
         sys.exit("run.py: raymb needs Python >= 3.10")
     command, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if command not in ("train", "test"):

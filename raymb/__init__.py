@@ -10,8 +10,15 @@ from raymb.errors import CheckpointError, ConfigError, DataError, RaymbError
 if TYPE_CHECKING:
     from raymb.driver import Result
 
-__all__ = ["Config", "load_config", "train", "RaymbError", "ConfigError", "DataError",
-           "CheckpointError"]  # fmt: skip
+__all__ = [
+    "Config",
+    "load_config",
+    "train",
+    "RaymbError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+]
 __version__ = "0.1.0"
 
 

@@ -44,8 +44,9 @@ def read(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def model_payload(model: torch.nn.Module, config: dict, in_features: int, out_features: int,
-                  classify: bool) -> dict[str, Any]:  # fmt: skip
+def model_payload(
+    model: torch.nn.Module, config: dict, in_features: int, out_features: int, classify: bool
+) -> dict[str, Any]:
     """What model.pt holds: enough to rebuild and load the model without the run."""
     return {
         "format": "raymb",
@@ -71,5 +72,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: does not fit model {config.model.name!r} ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: does not fit model {config.model.name!r} ({str(e).splitlines()[0]})"
+        ) from None
     return model, payload

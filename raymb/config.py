@@ -32,7 +32,9 @@ class RunSection:
     """Where run directories live: a local path (shared between nodes on a cluster)."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "run.name", "a non-empty name without '/'")
+        _require(
+            bool(self.name) and "/" not in self.name, "run.name", "a non-empty name without '/'"
+        )
 
 
 @dataclass(**_FROZEN)
@@ -91,8 +93,11 @@ class OptimSection:
         _require(self.lr > 0, "optim.lr", "> 0")
         _require(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)")
         _require(self.weight_decay >= 0, "optim.weight_decay", ">= 0")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-                 "two values in [0, 1)")  # fmt: skip
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            "two values in [0, 1)",
+        )
         _require(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0")
         _require(self.step_size > 0, "optim.step_size", "> 0")
         _require(0 < self.gamma <= 1, "optim.gamma", "in (0, 1]")
@@ -124,8 +129,11 @@ class TrainSection:
             raise ConfigError(
                 f"train.microbatch_size={m} is larger than train.global_batch_size={G}"
             )
-        _require(G != "all" or m is not None, "train.microbatch_size",
-                 'set when train.global_batch_size = "all"')  # fmt: skip
+        _require(
+            G != "all" or m is not None,
+            "train.microbatch_size",
+            'set when train.global_batch_size = "all"',
+        )
         _require(self.epochs > 0, "train.epochs", "> 0")
         _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", "> 0")
         _require(self.log_every > 0, "train.log_every", "> 0")
@@ -144,8 +152,9 @@ class ScaleSection:
     def __post_init__(self) -> None:
         _require(self.workers > 0, "scale.workers", "> 0")
         _require(self.max_failures >= 0, "scale.max_failures", ">= 0")
-        _require(self.cpus_per_worker is None or self.cpus_per_worker > 0,
-                 "scale.cpus_per_worker", "> 0")  # fmt: skip
+        _require(
+            self.cpus_per_worker is None or self.cpus_per_worker > 0, "scale.cpus_per_worker", "> 0"
+        )
 
 
 @dataclass(**_FROZEN)

@@ -25,9 +25,18 @@ from raymb.plan import Plan
 from raymb.schema import check_dataset
 
 METRIC_COLUMNS = (
-    "step", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "samples",
-    "samples_per_s", "step_time_s", "data_wait_s", "bytes_allreduced",
-)  # fmt: skip
+    "step",
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+    "samples",
+    "samples_per_s",
+    "step_time_s",
+    "data_wait_s",
+    "bytes_allreduced",
+)
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,10 @@ def prepare(config: Config) -> tuple[Plan, Any, Any]:
     val_info = None
     if config.data.val is not None:
         val_info = check_dataset(config.data.val, features, label, what="data.val")
-        if (val_info.num_features, val_info.label_kind) != (train_info.num_features, train_info.label_kind):  # fmt: skip
+        if (val_info.num_features, val_info.label_kind) != (
+            train_info.num_features,
+            train_info.label_kind,
+        ):
             raise ConfigError(
                 f"data.val has {val_info.num_features} features and {val_info.label_kind} labels; "
                 f"data.train has {train_info.num_features} and {train_info.label_kind}"
@@ -104,8 +116,12 @@ def prepare(config: Config) -> tuple[Plan, Any, Any]:
             raise ConfigError(f"model.num_classes={classes} but the labels go up to {seen - 1}")
     elif config.checkpoint.metric == "val_accuracy":
         raise ConfigError("checkpoint.metric='val_accuracy' needs integer (class) labels")
-    plan = Plan.build(config, num_rows=train_info.num_rows, in_features=train_info.num_features,
-                      num_classes=classes)  # fmt: skip
+    plan = Plan.build(
+        config,
+        num_rows=train_info.num_rows,
+        in_features=train_info.num_features,
+        num_classes=classes,
+    )
     return plan, train_info, val_info
 
 
@@ -118,8 +134,12 @@ def connect(config: Config, address: str | None) -> float:
     W = config.scale.workers
     if not ray.is_initialized():
         if address is None:
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, W + 1),
-                     include_dashboard=False, log_to_driver=True)  # fmt: skip
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, W + 1),
+                include_dashboard=False,
+                log_to_driver=True,
+            )
         else:
             ray.init(address=address)
     if config.scale.cpus_per_worker is not None:
@@ -135,18 +155,24 @@ def train(config: Config, *, address: str | None = None) -> Result:
     plan, train_info, val_info = prepare(config)
     cpus = connect(config, address)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    datasets = {"train": ray.data.read_parquet(list(train_info.files), filesystem=train_info.filesystem)}  # fmt: skip
+    datasets = {
+        "train": ray.data.read_parquet(list(train_info.files), filesystem=train_info.filesystem)
+    }
     if val_info is not None:
-        datasets["val"] = ray.data.read_parquet(list(val_info.files), filesystem=val_info.filesystem)  # fmt: skip
+        datasets["val"] = ray.data.read_parquet(
+            list(val_info.files), filesystem=val_info.filesystem
+        )
 
     storage = _storage_path(config.run.storage_path)
     run_dir = Path(storage) / config.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    metric = config.checkpoint.metric
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.to_dict(), "plan": plan.to_dict(),
-                           "has_val": val_info is not None},  # fmt: skip
+        train_loop_config={
+            "config": config.to_dict(),
+            "plan": plan.to_dict(),
+            "has_val": val_info is not None,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scale.workers,
             use_gpu=config.scale.use_gpu,
@@ -158,7 +184,7 @@ def train(config: Config, *, address: str | None = None) -> Result:
             failure_config=ray.train.FailureConfig(max_failures=config.scale.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.checkpoint.keep,
-                checkpoint_score_attribute=metric if metric == "train_loss" else f"score_{metric}",
+                checkpoint_score_attribute=config.checkpoint.metric,
                 checkpoint_score_order=config.checkpoint.mode,
             ),
             callbacks=[MetricsCsv(str(run_dir / "metrics.csv"))],

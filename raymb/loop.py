@@ -117,9 +117,6 @@ def train_loop(payload: dict) -> None:
             "train_seconds": progress.train_seconds,
             "resumed_from_steps": list(progress.resumed_from_steps),
         }
-        # The checkpoint's score: a checkpoint saved before the first validation ranks last.
-        for key, worst in (("val_loss", float("inf")), ("val_accuracy", float("-inf"))):
-            metrics[f"score_{key}"] = worst if metrics[key] is None else metrics[key]
         progress.bytes_allreduced = sync.bytes_allreduced
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -136,19 +133,32 @@ def train_loop(payload: dict) -> None:
         return
 
     while not _finished(progress, plan):
-        batches = iter(train_data.iter_torch_batches(batch_size=plan.microbatch, collate_fn=collate, prefetch_batches=2))  # fmt: skip
+        batches = iter(
+            train_data.iter_torch_batches(
+                batch_size=plan.microbatch, collate_fn=collate, prefetch_batches=2
+            )
+        )
         for _ in range(progress.step_in_epoch * plan.step_rows // plan.microbatch):
             next(batches)  # microbatches this epoch already trained on before the resume
         while progress.step_in_epoch < plan.steps_per_epoch and not _finished(progress, plan):
             waited = time.perf_counter()
             microbatches = [
                 (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                for x, y in (next(batches) for _ in range(plan.microbatches_in_step(progress.step_in_epoch)))
-            ]  # fmt: skip
+                for x, y in (
+                    next(batches) for _ in range(plan.microbatches_in_step(progress.step_in_epoch))
+                )
+            ]
             started = time.perf_counter()
             rows = plan.rows_in_step(progress.step_in_epoch)
-            loss = train_step(net, optimizer, microbatches, rows * world, sync=sync,
-                              classify=plan.classify, grad_clip=config.optim.grad_clip)  # fmt: skip
+            loss = train_step(
+                net,
+                optimizer,
+                microbatches,
+                rows * world,
+                sync=sync,
+                classify=plan.classify,
+                grad_clip=config.optim.grad_clip,
+            )
             scheduler.step()
             done = time.perf_counter()
             window.loss += loss
@@ -167,10 +177,13 @@ def train_loop(payload: dict) -> None:
                     raise RuntimeError("raymb: the step plan missed rows of this worker's shard")
                 progress.epoch += 1
                 progress.step_in_epoch = 0
-                if val_data is not None:
-                    progress.val_loss, progress.val_accuracy = _validate(net, val_data, collate, plan, device)  # fmt: skip
             every = config.checkpoint.every_steps
             due = epoch_end or _finished(progress, plan) or (every and progress.step % every == 0)
+            if due and val_data is not None:
+                # Each epoch's end, and every checkpoint: "best by val_loss" needs a val_loss.
+                progress.val_loss, progress.val_accuracy = _validate(
+                    net, val_data, collate, plan, device
+                )
             if due or progress.step % config.train.log_every == 0:
                 report(with_checkpoint=bool(due))
             if epoch_end:
@@ -212,8 +225,9 @@ def _t(value, device) -> torch.Tensor:
 
 
 def _state(model, optimizer, scheduler, progress: Progress, config: Config, plan: Plan) -> dict:
-    model_payload = ckpt.model_payload(model, config.to_dict(), plan.in_features,
-                                       plan.out_features, plan.classify)  # fmt: skip
+    model_payload = ckpt.model_payload(
+        model, config.to_dict(), plan.in_features, plan.out_features, plan.classify
+    )
     train = {
         "format": "raymb",
         "optimizer": optimizer.state_dict(),

@@ -26,7 +26,9 @@ def build_model(section: ModelSection, in_features: int, out_features: int) -> n
     factory = load_factory(section.name)
     model = factory(in_features, out_features)
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.name {section.name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ConfigError(
+            f"model.name {section.name!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 

@@ -30,7 +30,9 @@ class Plan:
     classify: bool
 
     @classmethod
-    def build(cls, config: Config, *, num_rows: int, in_features: int, num_classes: int | None) -> Plan:  # fmt: skip
+    def build(
+        cls, config: Config, *, num_rows: int, in_features: int, num_classes: int | None
+    ) -> Plan:
         W = config.scale.workers
         rows = num_rows // W
         if rows == 0:
@@ -38,7 +40,9 @@ class Plan:
                 f"data.train has {num_rows} rows, fewer than scale.workers={W}: lower scale.workers"
             )
         m = config.microbatch()
-        step_rows = rows if config.train.global_batch_size == "all" else config.accumulation_steps() * m
+        step_rows = (
+            rows if config.train.global_batch_size == "all" else config.accumulation_steps() * m
+        )
         if config.train.global_batch_size == "all":
             if m > rows:
                 raise DataError(
@@ -52,10 +56,16 @@ class Plan:
             )
         classify = num_classes is not None
         return cls(
-            workers=W, rows_per_worker=rows, microbatch=m, step_rows=step_rows,
-            epochs=config.train.epochs, max_steps=config.train.max_steps,
-            in_features=in_features, out_features=num_classes if classify else 1, classify=classify,
-        )  # fmt: skip
+            workers=W,
+            rows_per_worker=rows,
+            microbatch=m,
+            step_rows=step_rows,
+            epochs=config.train.epochs,
+            max_steps=config.train.max_steps,
+            in_features=in_features,
+            out_features=num_classes if classify else 1,
+            classify=classify,
+        )
 
     @property
     def steps_per_epoch(self) -> int:

@@ -7,7 +7,8 @@ The loop calls `wrap` once, enters `microbatch(last)` around each forward/backwa
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Protocol
+from contextlib import AbstractContextManager as ContextManager
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
