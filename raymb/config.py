@@ -35,6 +35,12 @@ class RunSection:
         _require(
             bool(self.name) and "/" not in self.name, "run.name", "a non-empty name without '/'"
         )
+        # metrics.csv and summary.json are written with local file I/O for now.
+        _require(
+            "://" not in self.storage_path,
+            "run.storage_path",
+            "a local or mounted path (object-store URIs are not supported yet)",
+        )
 
 
 @dataclass(**_FROZEN)

@@ -1,0 +1,183 @@
+"""Train one raymb run as a Ray job, on the cluster the job runs on.
+
+    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/linear.toml \\
+        --name demo --set run.storage_path=/shared/raymb-runs
+
+The entrypoint joins the cluster (it never starts one), trains, and prints where the run's
+summary.json is. Submitting again with the same --name resumes the run from its latest
+checkpoint. See jobs/README.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# A job runs from Ray's copy of --working-dir (the repo), where raymb may not be installed:
+# import it from that copy. The copy also wins over an installed raymb, so a job always
+# runs the code it was submitted with.
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import os  # noqa: E402
+
+import raymb  # noqa: E402
+from raymb.config import RunSection, to_toml  # noqa: E402
+
+PROG = "jobs/train.py"
+USAGE_ERROR = 2  # config and data mistakes, as argparse and the raymb CLI
+FAILED = 1  # training started but did not finish
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config = None
+    try:
+        config = _load(args)
+        if args.print_config:
+            print(to_toml(config), end="")
+            return 0
+        _check_storage(config.run.storage_path)
+        run_dir = f"{os.path.expanduser(config.run.storage_path).rstrip('/')}/{config.run.name}"
+        print(
+            f"{PROG}: run {config.run.name!r} in {run_dir} (submit again with "
+            f"--name {config.run.name} to resume it)",
+            flush=True,
+        )
+        result = raymb.train(config, address="auto")  # the job's cluster
+    except (raymb.ConfigError, raymb.DataError) as e:
+        return _fail(_with_hint(str(e), config), USAGE_ERROR)
+    except raymb.RaymbError as e:
+        return _fail(str(e), FAILED)
+    except ConnectionError as e:  # ray.init found no cluster
+        return _fail(
+            f"no Ray cluster to join ({_line(e)}); submit this with `ray job submit`, "
+            "or run it on a node of a running cluster",
+            FAILED,
+        )
+    except KeyboardInterrupt:
+        return _fail("interrupted; submit again with the same --name to resume", 130)
+
+    s = result.summary
+    print(
+        f"{PROG}: {s['steps']} steps, {s['samples']} samples, train_loss {s['train_loss']}, "
+        f"val_loss {s['val_loss']}, val_accuracy {s['val_accuracy']}, "
+        f"resumed from steps {s['resumed_from_steps']}, {s['wall_s']:.1f} s"
+    )
+    print(f"{PROG}: summary {result.run_dir / 'summary.json'}")
+    print(f"{PROG}: model   {s['checkpoint']}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train one raymb run on the Ray cluster this runs on: the entrypoint of "
+        "`ray job submit --working-dir . -- python jobs/train.py --config FILE ...`. It joins "
+        "the cluster (it never starts one), and a run whose name exists is resumed from its "
+        "latest checkpoint.",
+        epilog="Paths in the config are read on the cluster: a relative path starts in Ray's "
+        "copy of --working-dir, which leaves out what .gitignore lists (data/, runs/). Give "
+        "data (or a URI) and run.storage_path as absolute paths every node can read, on a "
+        "shared filesystem. Exit status: 0 done, 1 training failed, 2 bad config or "
+        "data, 130 interrupted.",
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE",
+        help="TOML config, e.g. jobs/configs/linear.toml; unset keys take "
+        "raymb's defaults (see --print-config)",
+    )
+    parser.add_argument(
+        "--name",
+        metavar="RUN",
+        help="run name, the run's directory under run.storage_path; an existing "
+        "run of that name is resumed. Default: run.name if the config or --set "
+        "gives one, else the config file's stem and the UTC time, e.g. "
+        "linear-20261122-031500",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key, e.g. --set train.epochs=5 (repeatable; "
+        "the value is read as TOML, or as a string if it is not valid TOML)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config, run name included, and exit without joining Ray",
+    )
+    return parser
+
+
+def _load(args: argparse.Namespace) -> raymb.Config:
+    """The config with --set applied, then the run name: --name, else the config's, else derived."""
+    config = raymb.load_config(args.config, args.overrides)
+    if args.name is not None:
+        name = args.name
+    elif config.run.name != RunSection().name:
+        return config
+    else:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        name = f"{Path(args.config).stem}-{stamp}"
+    return raymb.load_config(args.config, [*args.overrides, f"run.name={_toml_str(name)}"])
+
+
+def _check_storage(path: str) -> None:
+    """The run directory must outlive the job and be the same for every node and submission."""
+    if "://" in path:
+        # raymb writes summary.json and metrics.csv with local file APIs.
+        raise raymb.ConfigError(
+            f"run.storage_path={path!r}: URIs are not supported yet; use an absolute path "
+            "on a filesystem every node mounts at that path"
+        )
+    if not os.path.isabs(os.path.expanduser(path)):
+        raise raymb.ConfigError(
+            f"run.storage_path={path!r} is relative: in a Ray job the run would land in Ray's "
+            "temporary copy of --working-dir and could not be resumed; set "
+            "--set run.storage_path=DIR, an absolute DIR on a filesystem every node shares"
+        )
+
+
+def _with_hint(message: str, config: raymb.Config | None) -> str:
+    """Explain a missing relative data path, the usual first-job mistake."""
+    if config is None:
+        return message
+    missing = [
+        p
+        for p in (config.data.train, config.data.val)
+        if p
+        and f"no such file or directory: {p}" in message
+        and not os.path.isabs(os.path.expanduser(p))
+    ]
+    if not missing:
+        return message
+    return (
+        f"{message} (relative to the job's directory {os.getcwd()}, Ray's copy of "
+        "--working-dir, which leaves out .gitignored data/; give data.train and data.val as "
+        "absolute paths every node can read, e.g. --set data.train=$PWD/data/linear/train)"
+    )
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

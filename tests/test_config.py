@@ -1,0 +1,281 @@
+"""The run configuration: shipped configs load, every user mistake is a one-line error naming
+the key, and `raymb train --print-config` round-trips. Plain Python, no Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raymb import Config, ConfigError, load_config
+from raymb.config import to_toml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pyproject.toml installs tomli there
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.toml"))
+
+
+def raymb_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "raymb.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+# ---------------------------------------------------------------- configs that load
+
+
+def test_defaults_load() -> None:
+    config = load_config(None)
+    assert config == Config()
+    assert config.accumulation_steps() == 1  # 64 / (2 workers x 32)
+
+
+def test_there_are_job_configs() -> None:
+    assert len(JOB_CONFIGS) >= 3, JOB_CONFIGS
+
+
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
+def test_job_config_loads_and_says_how_to_make_its_data(path: Path) -> None:
+    config = load_config(path)
+    assert config.accumulation_steps() >= 1
+    text = path.read_text()
+    assert text.startswith("#"), "a header comment says what the config is"
+    assert "raymb gen-data" in text, "the header says how to make its data"
+
+
+# ---------------------------------------------------------------- one-line errors
+
+BAD_OVERRIDES = [
+    # (overrides, what the message must contain)
+    pytest.param(["foo.bar=1"], "unknown config section [foo]", id="unknown-section"),
+    pytest.param(["optim.nope=1"], "optim.nope", id="unknown-key"),
+    pytest.param(
+        ["train.epochs='5'"], "train.epochs must be an integer, got '5'", id="str-for-int"
+    ),
+    pytest.param(["train.epochs=five"], "train.epochs must be an integer", id="bare-word-for-int"),
+    pytest.param(
+        ["train.epochs=true"], "train.epochs must be an integer, got True", id="bool-for-int"
+    ),
+    pytest.param(["optim.lr=[0.1]"], "optim.lr must be a number, got [0.1]", id="list-for-float"),
+    pytest.param(["scale.use_gpu=1"], "scale.use_gpu must be true or false", id="int-for-bool"),
+    pytest.param(["optim.name=rmsprop"], "optim.name must be one of", id="not-a-choice"),
+    pytest.param(["optim.lr=0"], "optim.lr must be > 0", id="lr-zero"),
+    pytest.param(["optim.lr=-0.1"], "optim.lr must be > 0", id="lr-negative"),
+    pytest.param(["train.epochs=0"], "train.epochs must be > 0", id="epochs-zero"),
+    pytest.param(["optim.momentum=1.5"], "optim.momentum must be in [0, 1)", id="momentum"),
+    pytest.param(["scale.workers=-1"], "scale.workers must be > 0", id="workers-negative"),
+    # k = G / (W m) = 64 / (2 x 5) is not an integer. m must divide G / W = 32:
+    # the valid sizes are the divisors of 32.
+    pytest.param(
+        ["train.microbatch_size=5"],
+        "train.global_batch_size=64 is not divisible by scale.workers=2 x "
+        "train.microbatch_size=5; valid microbatch sizes: 1, 2, 4, 8, 16, 32",
+        id="k-not-integer",
+    ),
+    # G / W = 96 / 4 = 24, whose divisors are 1, 2, 3, 4, 6, 8, 12, 24.
+    pytest.param(
+        ["train.global_batch_size=96", "scale.workers=4", "train.microbatch_size=5"],
+        "valid microbatch sizes: 1, 2, 3, 4, 6, 8, 12, 24",
+        id="k-not-integer-96",
+    ),
+    # 10 samples cannot be shared by 4 workers at all.
+    pytest.param(
+        ["train.global_batch_size=10", "scale.workers=4", "train.microbatch_size=1"],
+        "valid microbatch sizes: none",
+        id="G-not-multiple-of-W",
+    ),
+    pytest.param(
+        ["train.global_batch_size=10", "scale.workers=4"],
+        "train.global_batch_size=10 is not divisible by scale.workers=4",
+        id="G-not-multiple-of-W-no-m",
+    ),
+    pytest.param(
+        ["train.microbatch_size=128"],
+        "train.microbatch_size=128 is larger than train.global_batch_size=64",
+        id="microbatch-larger-than-batch",
+    ),
+    pytest.param(
+        ["train.global_batch_size=all"],
+        "train.microbatch_size must be set",
+        id="all-without-microbatch",
+    ),
+    pytest.param(["foo"], "--set 'foo': expected section.key=value", id="set-without-equals"),
+    pytest.param(["train=3"], "--set 'train=3': the key must be section.key", id="set-no-section"),
+    pytest.param(["a.b.c=1"], "--set 'a.b.c=1': the key must be section.key", id="set-deep-key"),
+    pytest.param([".x=1"], "--set '.x=1': the key must be section.key", id="set-empty-section"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_OVERRIDES)
+def test_bad_config_names_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[train]\nepochs = 0\n", "train.epochs must be > 0"),
+        ("[optim]\nlr = 'fast'\n", "optim.lr must be a number, got 'fast'"),
+        ("[scale]\nworkers = 2.5\n", "scale.workers must be an integer, got 2.5"),
+        ("epochs = 3\n", "unknown config section [epochs]"),
+        ("train = 3\n", "[train] must be a table"),
+        ("[model]\nhidden = [64, 0]\n", "model.hidden"),
+    ],
+)
+def test_bad_config_file_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[train\nepochs = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: not valid TOML")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(path)
+
+
+# ---------------------------------------------------------------- what is accepted
+
+
+def test_all_is_full_batch() -> None:
+    config = load_config(None, ["train.global_batch_size=all", "train.microbatch_size=16"])
+    assert config.train.global_batch_size == "all"
+    assert config.microbatch() == 16
+    assert config.accumulation_steps() is None  # depends on the data
+
+
+def test_accumulation_steps() -> None:
+    # G = 96 samples per step, W = 3 workers, m = 4 per forward: k = 96 / (3 x 4) = 8.
+    config = load_config(
+        None, ["train.global_batch_size=96", "scale.workers=3", "train.microbatch_size=4"]
+    )
+    assert config.accumulation_steps() == 8
+
+
+def test_int_is_accepted_for_a_float_key() -> None:
+    config = load_config(None, ["optim.lr=1", "optim.grad_clip=2"])
+    assert config.optim.lr == 1.0 and type(config.optim.lr) is float
+    assert config.optim.grad_clip == 2.0 and type(config.optim.grad_clip) is float
+
+
+@pytest.mark.parametrize("unset", ["none", '""'])
+def test_set_none_unsets_an_optional_key(unset: str) -> None:
+    assert load_config(None).data.val is not None
+    assert load_config(None, [f"data.val={unset}"]).data.val is None
+    assert load_config(None, [f"optim.grad_clip={unset}"]).optim.grad_clip is None
+
+
+def test_data_train_without_val_leaves_val_unset(tmp_path: Path) -> None:
+    # Never validate a user's model on the demo data.
+    assert load_config(None, ["data.train=mine/train"]).data.val is None
+    config = load_config(None, ["data.train=mine/train", "data.val=mine/val"])
+    assert config.data.val == "mine/val"
+    path = tmp_path / "c.toml"
+    path.write_text('[data]\ntrain = "mine/train"\n')
+    assert load_config(path).data.val is None
+
+
+def test_overrides_apply_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nepochs = 3\nseed = 7\n")
+    config = load_config(path, ["train.epochs=9"])
+    assert (config.train.epochs, config.train.seed) == (9, 7)
+
+
+# ---------------------------------------------------------------- --print-config
+
+
+ROUND_TRIP = [
+    pytest.param(None, [], id="defaults"),
+    *[pytest.param(str(p), [], id=p.name) for p in JOB_CONFIGS],
+    pytest.param(
+        None,
+        [
+            "train.global_batch_size=all",
+            "train.microbatch_size=8",
+            "optim.grad_clip=1.5",
+            "model.num_classes=4",
+            "data.train=x/train",
+            'data.features=["a", "b"]',
+            "optim.lr=1e-5",
+            'run.name=odd "name"',
+            "checkpoint.every_steps=7",
+            "scale.cpus_per_worker=0.5",
+        ],
+        id="every-kind-of-value",
+    ),
+]
+
+
+@pytest.mark.parametrize(("config_path", "overrides"), ROUND_TRIP)
+def test_print_config_round_trips(
+    tmp_path: Path, config_path: str | None, overrides: list[str]
+) -> None:
+    expected = load_config(config_path, overrides)
+    args = ["train", "--print-config"] + (["--config", config_path] if config_path else [])
+    for item in overrides:
+        args += ["--set", item]
+    proc = raymb_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == to_toml(expected)
+
+    parsed = tomllib.loads(proc.stdout)  # commented unset keys are TOML comments
+    assert parsed.keys() == {f.name for f in dataclasses.fields(Config)}
+    printed = tmp_path / "printed.toml"
+    printed.write_text(proc.stdout)
+    assert load_config(printed) == expected
+
+
+def test_print_config_shows_every_key() -> None:
+    text = raymb_cli("train", "--print-config").stdout
+    for section in dataclasses.fields(Config):
+        assert f"[{section.name}]" in text
+        for key in dataclasses.fields(section.default_factory()):
+            assert f"\n{key.name} = " in text or f"\n# {key.name} = (unset)" in text, key.name
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_cli_config_error_is_one_line_and_exits_2() -> None:
+    proc = raymb_cli("train", "--set", "foo")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["raymb: error: --set 'foo': expected section.key=value"]
+
+
+def test_cli_missing_config_file() -> None:
+    proc = raymb_cli("train", "--config", "no/such.toml", "--print-config")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["raymb: error: config file not found: no/such.toml"]
+
+
+def test_cli_train_help_mentions_every_flag() -> None:
+    proc = raymb_cli("train", "--help")
+    assert proc.returncode == 0
+    for flag in ("--config", "--set", "--address", "--print-config"):
+        assert flag in proc.stdout
