@@ -20,10 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import os  # noqa: E402
 
 import raymb  # noqa: E402
+from raymb.cli import add_config_arguments  # noqa: E402
 from raymb.config import RunSection, to_toml  # noqa: E402
 
 PROG = "jobs/train.py"
@@ -84,13 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         "shared filesystem. Exit status: 0 done, 1 training failed, 2 bad config or "
         "data, 130 interrupted.",
     )
-    parser.add_argument(
-        "--config",
-        required=True,
-        metavar="FILE",
-        help="TOML config, e.g. jobs/configs/linear.toml; unset keys take "
-        "raymb's defaults (see --print-config)",
-    )
+    add_config_arguments(parser, required=True)
     parser.add_argument(
         "--name",
         metavar="RUN",
@@ -98,20 +94,6 @@ def _parser() -> argparse.ArgumentParser:
         "run of that name is resumed. Default: run.name if the config or --set "
         "gives one, else the config file's stem and the UTC time, e.g. "
         "linear-20261122-031500",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key, e.g. --set train.epochs=5 (repeatable; "
-        "the value is read as TOML, or as a string if it is not valid TOML)",
-    )
-    parser.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the resolved config, run name included, and exit without joining Ray",
     )
     return parser
 
@@ -126,17 +108,11 @@ def _load(args: argparse.Namespace) -> raymb.Config:
     else:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
         name = f"{Path(args.config).stem}-{stamp}"
-    return raymb.load_config(args.config, [*args.overrides, f"run.name={_toml_str(name)}"])
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, name=name))
 
 
 def _check_storage(path: str) -> None:
     """The run directory must outlive the job and be the same for every node and submission."""
-    if "://" in path:
-        # raymb writes summary.json and metrics.csv with local file APIs.
-        raise raymb.ConfigError(
-            f"run.storage_path={path!r}: URIs are not supported yet; use an absolute path "
-            "on a filesystem every node mounts at that path"
-        )
     if not os.path.isabs(os.path.expanduser(path)):
         raise raymb.ConfigError(
             f"run.storage_path={path!r} is relative: in a Ray job the run would land in Ray's "
@@ -163,10 +139,6 @@ def _with_hint(message: str, config: raymb.Config | None) -> str:
         "--working-dir, which leaves out .gitignored data/; give data.train and data.val as "
         "absolute paths every node can read, e.g. --set data.train=$PWD/data/linear/train)"
     )
-
-
-def _toml_str(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _line(error: BaseException) -> str:

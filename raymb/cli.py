@@ -45,30 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         "--address). Running again with the same run.name resumes the run. With no "
         "--config, trains the default job: y = 2x + 1 on generated data.",
     )
-    t.add_argument(
-        "--config",
-        metavar="FILE",
-        help="TOML config file; unset keys take defaults (see --print-config)",
-    )
-    t.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key, e.g. --set train.epochs=5 (repeatable; the value "
-        "is read as TOML, or as a string if it is not valid TOML)",
-    )
+    add_config_arguments(t)
     t.add_argument(
         "--address",
         metavar="ADDR",
         help="join this Ray cluster (e.g. auto, or "
         "ray://host:10001) instead of starting a local one",
-    )
-    t.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the resolved config, every default included, and exit",
     )
     t.set_defaults(func=_train)
 
@@ -113,6 +95,30 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, metavar="PATH", help="parquet file, directory or glob")
     e.set_defaults(func=_eval)
     return parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """--config, --set and --print-config: how raymb train and jobs/train.py take a config."""
+    parser.add_argument(
+        "--config",
+        required=required,
+        metavar="FILE",
+        help="TOML config file; unset keys take defaults (see --print-config)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key, e.g. --set train.epochs=5 (repeatable; the value "
+        "is read as TOML, or as a string if it is not valid TOML)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config, every default included, and exit (Ray is not started)",
+    )
 
 
 def _train(args: argparse.Namespace) -> int:

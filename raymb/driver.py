@@ -163,7 +163,7 @@ def train(config: Config, *, address: str | None = None) -> Result:
             list(val_info.files), filesystem=val_info.filesystem
         )
 
-    storage = _storage_path(config.run.storage_path)
+    storage = str(Path(config.run.storage_path).expanduser().resolve())
     run_dir = Path(storage) / config.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
@@ -217,10 +217,6 @@ def _summary(result, wall_s: float) -> dict[str, Any]:
         "resumed_from_steps": m.get("resumed_from_steps", []),
         "bytes_allreduced": m.get("bytes_allreduced", 0),
     }
-
-
-def _storage_path(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def _first_line(error: BaseException) -> str:

@@ -83,7 +83,7 @@ def train_loop(payload: dict) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
-            _restore(Path(directory), model, optimizer, scheduler, progress, device)
+            _restore(Path(directory), model, optimizer, scheduler, progress)
         progress.resumed_from_steps.append(progress.step)
         if rank == 0:
             print(f"raymb: resumed from step {progress.step} (epoch {progress.epoch})", flush=True)
@@ -237,7 +237,7 @@ def _state(model, optimizer, scheduler, progress: Progress, config: Config, plan
     return {"model": model_payload, "train": train}
 
 
-def _restore(directory: Path, model, optimizer, scheduler, progress: Progress, device) -> None:
+def _restore(directory: Path, model, optimizer, scheduler, progress: Progress) -> None:
     payload = ckpt.read(directory / ckpt.MODEL_FILE)
     model.load_state_dict(payload["state_dict"])
     state = ckpt.read(directory / ckpt.STATE_FILE)
