@@ -112,17 +112,48 @@ class OptimSection:
 
 
 @dataclass(**_FROZEN)
+class EarlyStopping:
+    patience: int | None = None
+    """Stop after this many validations without improving checkpoint.metric; unset: never."""
+    min_delta: float = 0.0
+    """An improvement smaller than this does not count."""
+
+    def __post_init__(self) -> None:
+        _require(self.patience is None or self.patience > 0, "train.early_stopping.patience", "> 0")
+        _require(self.min_delta >= 0, "train.early_stopping.min_delta", ">= 0")
+
+
+@dataclass(**_FROZEN)
 class TrainSection:
     global_batch_size: Union[int, Literal["all"]] = 64
     """G: samples per optimizer step across all workers; "all" is full-batch gradient descent."""
-    microbatch_size: int | None = None
-    """m: samples per forward/backward on one worker; unset: G / workers (no accumulation)."""
+    microbatch_size: Union[int, Literal["auto"], None] = None
+    """m: samples per forward/backward on one worker; unset: G / workers (no accumulation);
+    "auto": the largest that fits train.memory_budget (on a GPU: halved on out-of-memory)."""
+    memory_budget: str = "1GiB"
+    """Activation memory a microbatch may use when microbatch_size = "auto" (e.g. 512MiB)."""
     epochs: int = 5
     max_steps: int | None = None
     """Stop after this many optimizer steps in total (counting steps of earlier attempts)."""
     seed: int = 0
-    sync: Literal["grad"] = "grad"
-    """grad: DDP gradient all-reduce every optimizer step."""
+    sync: Literal["grad", "param", "diloco"] = "grad"
+    """grad: DDP gradient all-reduce every step; param: local SGD, parameters averaged every
+    average_every steps; diloco: local inner steps, then an outer step on the averaged
+    pseudo-gradient (see [outer])."""
+    average_every: int = 8
+    """H: local steps between two averagings (param, diloco)."""
+    local_sgd_warmup: int = 0
+    """param: the first this many steps use gradient all-reduce (post-local SGD)."""
+    average_optimizer_state: bool = False
+    """param: also average momentum and Adam moments when averaging parameters."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: forward and loss under bfloat16 autocast (parameters and gradients stay fp32)."""
+    deterministic: bool = True
+    """Same data order and random draws on every run and resume (exact resumption)."""
+    on_nan: Literal["abort", "skip"] = "abort"
+    """A non-finite loss on any worker: abort the run (the last checkpoint stays), or skip
+    that step on every worker and count it."""
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     log_every: int = 10
     """Report metrics (a row of metrics.csv) every this many steps."""
 
@@ -130,19 +161,29 @@ class TrainSection:
         G = self.global_batch_size
         _require(G == "all" or G > 0, "train.global_batch_size", 'a positive integer or "all"')
         m = self.microbatch_size
-        _require(m is None or m > 0, "train.microbatch_size", "> 0")
-        if m is not None and G != "all" and m > G:
+        _require(m is None or m == "auto" or m > 0, "train.microbatch_size", '> 0 or "auto"')
+        _require(
+            parse_bytes(self.memory_budget) is not None,
+            "train.memory_budget",
+            'a size such as "512MiB" or "2GiB"',
+        )
+        if isinstance(m, int) and G != "all" and m > G:
             raise ConfigError(
                 f"train.microbatch_size={m} is larger than train.global_batch_size={G}"
             )
         _require(
             G != "all" or m is not None,
             "train.microbatch_size",
-            'set when train.global_batch_size = "all"',
+            'set (a number or "auto") when train.global_batch_size = "all"',
         )
         _require(self.epochs > 0, "train.epochs", "> 0")
         _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", "> 0")
         _require(self.log_every > 0, "train.log_every", "> 0")
+        _require(self.average_every > 0, "train.average_every", "> 0")
+        _require(self.local_sgd_warmup >= 0, "train.local_sgd_warmup", ">= 0")
+
+    def memory_budget_bytes(self) -> int:
+        return parse_bytes(self.memory_budget)
 
 
 @dataclass(**_FROZEN)
@@ -181,6 +222,40 @@ class CheckpointSection:
 
 
 @dataclass(**_FROZEN)
+class OuterSection:
+    """DiLoCo's outer optimizer, stepping the global parameters on the averaged
+    pseudo-gradient (theta_global - theta_local) every train.average_every steps."""
+
+    name: Literal["sgd"] = "sgd"
+    lr: float = 0.7
+    momentum: float = 0.9
+    nesterov: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "outer.lr", "> 0")
+        _require(0 <= self.momentum < 1, "outer.momentum", "in [0, 1)")
+        _require(not self.nesterov or self.momentum > 0, "outer.nesterov", "false when momentum = 0")
+
+
+@dataclass(**_FROZEN)
+class FaultSection:
+    """Fault injection for tests and drills; each fault fires once per run directory."""
+
+    kill_worker_at_step: int | None = None
+    """Kill the worker process of `rank` when it reaches this optimizer step."""
+    nan_at_step: int | None = None
+    """Make the loss of `rank` non-finite at this optimizer step."""
+    rank: int = 0
+    """The worker the faults hit."""
+
+    def __post_init__(self) -> None:
+        for key in ("kill_worker_at_step", "nan_at_step"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"fault.{key}", "> 0")
+        _require(self.rank >= 0, "fault.rank", ">= 0")
+
+
+@dataclass(**_FROZEN)
 class Config:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -189,10 +264,13 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     scale: ScaleSection = field(default_factory=ScaleSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    outer: OuterSection = field(default_factory=OuterSection)
+    fault: FaultSection = field(default_factory=FaultSection)
 
     def __post_init__(self) -> None:
         G, m, W = self.train.global_batch_size, self.train.microbatch_size, self.scale.workers
-        if G == "all":
+        _require(self.fault.rank < W, "fault.rank", f"< scale.workers={W}")
+        if G == "all" or m == "auto":
             return
         if m is None:
             if G % W:
@@ -208,16 +286,19 @@ class Config:
             )
 
     def microbatch(self) -> int | None:
-        """m, resolved: G / W when unset (None only for full batch, where m is required)."""
-        G = self.train.global_batch_size
-        if self.train.microbatch_size is not None:
-            return self.train.microbatch_size
+        """m, resolved: G / W when unset; None where it depends on the data or the memory
+        (full batch without m, "auto")."""
+        G, m = self.train.global_batch_size, self.train.microbatch_size
+        if m == "auto":
+            return None
+        if m is not None:
+            return m
         return None if G == "all" else G // self.scale.workers
 
     def accumulation_steps(self) -> int | None:
-        """k = G / (W·m); None for full batch, where it depends on the data."""
-        G = self.train.global_batch_size
-        return None if G == "all" else G // (self.scale.workers * self.microbatch())
+        """k = G / (W·m); None for full batch or an automatic m, where it depends on the data."""
+        G, m = self.train.global_batch_size, self.microbatch()
+        return None if G == "all" or m is None else G // (self.scale.workers * m)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -249,7 +330,12 @@ def _build_section(section: str, cls: type, table: dict[str, Any]) -> Any:
             raise ConfigError(
                 f"unknown config key {section}.{key}; known in [{section}]: {', '.join(hints)}"
             )
-        values[key] = _coerce(f"{section}.{key}", value, hints[key])
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{section}.{key} must be a table of keys, got {value!r}")
+            values[key] = _build_section(f"{section}.{key}", hints[key], value)
+        else:
+            values[key] = _coerce(f"{section}.{key}", value, hints[key])
     return cls(**values)
 
 
@@ -318,7 +404,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     key, text = item.split("=", 1)
     path = key.strip().split(".")
-    if len(path) != 2 or not all(path):
+    if len(path) not in (2, 3) or not all(path):
         raise ConfigError(f"--set {item!r}: the key must be section.key, e.g. train.epochs")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
@@ -338,23 +424,48 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for item in overrides:
-        (section, key), value = parse_override(item)
-        table = raw.setdefault(section, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"--set {item!r}: [{section}] is not a table")
-        table[key] = value
+        path, value = parse_override(item)
+        table = raw
+        for part in path[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a table")
+        table[path[-1]] = value
     return Config.from_dict(raw)
 
 
 def to_toml(config: Config) -> str:
     """The resolved config as TOML; unset keys appear commented out."""
-    lines = []
+    lines: list[str] = []
     for section, table in config.to_dict().items():
-        lines.append(f"[{section}]")
-        for key, value in table.items():
-            lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
-        lines.append("")
+        _toml_table(section, table, lines)
     return "\n".join(lines)
+
+
+def _toml_table(name: str, table: dict[str, Any], lines: list[str]) -> None:
+    lines.append(f"[{name}]")
+    nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+    for key, value in table.items():
+        if key in nested:
+            continue
+        lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
+    lines.append("")
+    for key, value in nested.items():
+        _toml_table(f"{name}.{key}", value, lines)
+
+
+_UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_bytes(text: str) -> int | None:
+    """'512MiB' -> 536870912; None when the text is not a size."""
+    number = text.strip().lower().rstrip("bikmg")
+    unit = text.strip().lower()[len(number) :] or "b"
+    try:
+        value = float(number)
+    except ValueError:
+        return None
+    return int(value * _UNITS[unit]) if unit in _UNITS and value > 0 else None
 
 
 def _toml_value(value: Any) -> str:

@@ -113,7 +113,20 @@ BAD_OVERRIDES = [
     ),
     pytest.param(["foo"], "--set 'foo': expected section.key=value", id="set-without-equals"),
     pytest.param(["train=3"], "--set 'train=3': the key must be section.key", id="set-no-section"),
-    pytest.param(["a.b.c=1"], "--set 'a.b.c=1': the key must be section.key", id="set-deep-key"),
+    pytest.param(
+        ["a.b.c.d=1"], "--set 'a.b.c.d=1': the key must be section.key", id="set-too-deep-key"
+    ),
+    pytest.param(["a.b.c=1"], "unknown config section [a]", id="set-unknown-nested"),
+    pytest.param(
+        ["train.epochs.x=1"], "train.epochs must be an integer, got {'x': 1}", id="set-not-table"
+    ),
+    pytest.param(["train.early_stopping.patience=0"], "train.early_stopping.patience must be > 0"),
+    pytest.param(["train.early_stopping=3"], "train.early_stopping must be a table of keys"),
+    pytest.param(["train.memory_budget=lots"], "train.memory_budget must be a size"),
+    pytest.param(["train.sync=ring"], "train.sync must be one of 'grad', 'param', 'diloco'"),
+    pytest.param(["train.average_every=0"], "train.average_every must be > 0"),
+    pytest.param(["fault.rank=2"], "fault.rank must be < scale.workers=2"),
+    pytest.param(["outer.momentum=0"], "outer.nesterov must be false when momentum = 0"),
     pytest.param([".x=1"], "--set '.x=1': the key must be section.key", id="set-empty-section"),
 ]
 
@@ -256,6 +269,9 @@ def test_print_config_shows_every_key() -> None:
     for section in dataclasses.fields(Config):
         assert f"[{section.name}]" in text
         for key in dataclasses.fields(section.default_factory()):
+            if dataclasses.is_dataclass(getattr(section.default_factory(), key.name)):
+                assert f"\n[{section.name}.{key.name}]\n" in text
+                continue
             assert f"\n{key.name} = " in text or f"\n# {key.name} = (unset)" in text, key.name
 
 
