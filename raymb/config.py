@@ -234,7 +234,9 @@ class OuterSection:
     def __post_init__(self) -> None:
         _require(self.lr > 0, "outer.lr", "> 0")
         _require(0 <= self.momentum < 1, "outer.momentum", "in [0, 1)")
-        _require(not self.nesterov or self.momentum > 0, "outer.nesterov", "false when momentum = 0")
+        _require(
+            not self.nesterov or self.momentum > 0, "outer.nesterov", "false when momentum = 0"
+        )
 
 
 @dataclass(**_FROZEN)
