@@ -97,9 +97,9 @@ def _worker(rank: int, port: int, results: dict) -> None:
             n = (rows.stop - rows.start) // W
             mine = range(rows.start + rank * n, rows.start + (rank + 1) * n)
             micro = [(x[mine[i : i + M]], y[mine[i : i + M]]) for i in range(0, n, M)]
-            before = sync.allreduce_calls
-            train_step(net, opt, micro, n * W, sync=sync, classify=task == "classification")
-            calls.append(sync.allreduce_calls - before)
+            before = sync.comm.calls
+            train_step(net, opt, micro, n, sync=sync, classify=task == "classification")
+            calls.append(sync.comm.calls - before)
             history.append([p.detach().clone() for p in model.parameters()])
         out[(model_name, optim, task)] = (history, calls)
     results[rank] = out
