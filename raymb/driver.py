@@ -18,6 +18,8 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from raymb import plot, progress
+from raymb.checkpoint import claim_run
 from raymb.config import Config
 from raymb.errors import ConfigError, RaymbError
 from raymb.loop import train_loop
@@ -36,6 +38,7 @@ METRIC_COLUMNS = (
     "step_time_s",
     "data_wait_s",
     "bytes_allreduced",
+    "skipped_steps",
 )
 
 
@@ -153,8 +156,13 @@ def train(config: Config, *, address: str | None = None) -> Result:
     import ray.data
 
     plan, train_info, val_info = prepare(config)
+    storage = str(Path(config.run.storage_path).expanduser().resolve())
+    run_dir = Path(storage) / config.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run(run_dir, config)  # a resumed run must fit its checkpoints
     cpus = connect(config, address)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    # Deterministic runs read rows in the same order on every run and every resume.
+    ray.data.DataContext.get_current().execution_options.preserve_order = config.train.deterministic
     datasets = {
         "train": ray.data.read_parquet(list(train_info.files), filesystem=train_info.filesystem)
     }
@@ -163,16 +171,39 @@ def train(config: Config, *, address: str | None = None) -> Result:
             list(val_info.files), filesystem=val_info.filesystem
         )
 
-    storage = str(Path(config.run.storage_path).expanduser().resolve())
-    run_dir = Path(storage) / config.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "config": config.to_dict(),
-            "plan": plan.to_dict(),
-            "has_val": val_info is not None,
-        },
+    loop_config = {
+        "config": config.to_dict(),
+        "plan": plan.to_dict(),
+        "has_val": val_info is not None,
+        "run_dir": str(run_dir),
+    }
+    trainer = make_trainer(config, train_loop, loop_config, cpus, run_dir, datasets)
+    started = time.perf_counter()
+    try:
+        with progress.watch(run_dir / "metrics.csv", plan.total_steps):
+            result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        latest = latest_checkpoint(run_dir)
+        kept = (
+            f"latest checkpoint: {latest} (run again with run.name={config.run.name!r} to resume)"
+            if latest
+            else "no checkpoint was written"
+        )
+        raise RaymbError(f"training failed: {_first_line(e)} ({kept})") from e
+    wall = time.perf_counter() - started
+    summary = _summary(result, wall, config)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot.write_run_plot(run_dir)
+    return Result(run_dir=run_dir, summary=summary)
+
+
+def make_trainer(
+    config: Config, loop, loop_config: dict, cpus: float, run_dir: Path, datasets=None
+):
+    """The TorchTrainer of a run: its workers, storage, failures, checkpoints, metrics.csv."""
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scale.workers,
             use_gpu=config.scale.use_gpu,
@@ -180,7 +211,7 @@ def train(config: Config, *, address: str | None = None) -> Result:
         ),
         run_config=ray.train.RunConfig(
             name=config.run.name,
-            storage_path=storage,
+            storage_path=str(run_dir.parent),
             failure_config=ray.train.FailureConfig(max_failures=config.scale.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.checkpoint.keep,
@@ -191,20 +222,31 @@ def train(config: Config, *, address: str | None = None) -> Result:
         ),
         datasets=datasets,
     )
-    started = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise RaymbError(f"training failed: {_first_line(e)} (run directory: {run_dir})") from e
-    wall = time.perf_counter() - started
-    summary = _summary(result, wall)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return Result(run_dir=run_dir, summary=summary)
 
 
-def _summary(result, wall_s: float) -> dict[str, Any]:
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory of a run (Ray names them by time)."""
+    done = [d for d in run_dir.glob("checkpoint_*") if (d / "state.pt").is_file()]
+    return max(done, key=lambda d: d.name) if done else None
+
+
+def _best_checkpoint(result, config: Config) -> str | None:
+    scored = [
+        (m[config.checkpoint.metric], c.path)
+        for c, m in (result.best_checkpoints or [])
+        if m.get(config.checkpoint.metric) is not None
+    ]
+    if not scored:
+        return None
+    pick = min if config.checkpoint.mode == "min" else max
+    return pick(scored)[1] + "/model.pt"
+
+
+def _summary(result, wall_s: float, config: Config) -> dict[str, Any]:
     m = result.metrics or {}
     final = result.checkpoint.path + "/model.pt" if result.checkpoint else None
+    best = _best_checkpoint(result, config) or final
+    stopped_early = bool(m.get("stopped_early"))
     return {
         "train_loss": m.get("train_loss"),
         "val_loss": m.get("val_loss"),
@@ -213,9 +255,12 @@ def _summary(result, wall_s: float) -> dict[str, Any]:
         "samples": m.get("samples", 0),
         "samples_per_s": m["samples"] / m["train_seconds"] if m.get("train_seconds") else None,
         "wall_s": round(wall_s, 3),
-        "checkpoint": final,
+        "checkpoint": best if stopped_early else final,
+        "best_checkpoint": best,
         "resumed_from_steps": m.get("resumed_from_steps", []),
         "bytes_allreduced": m.get("bytes_allreduced", 0),
+        "skipped_steps": m.get("skipped_steps", 0),
+        "stopped_early": stopped_early,
     }
 
 

@@ -6,6 +6,9 @@ Every rank reports at the same steps: ray.train.report is a barrier.
 
 from __future__ import annotations
 
+import os
+import random
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +23,9 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from raymb import checkpoint as ckpt
 from raymb.columns import table_to_tensors
 from raymb.config import Config
-from raymb.models import build_model, correct, summed_loss
+from raymb.errors import CheckpointError
+from raymb.evaluate import batch_sums
+from raymb.models import build_model
 from raymb.optim import build_optimizer, build_scheduler
 from raymb.plan import Plan
 from raymb.step import train_step
@@ -48,8 +53,14 @@ class Progress:
     train_seconds: float = 0.0
     bytes_allreduced: int = 0
     resumed_from_steps: list[int] = field(default_factory=list)
+    skipped_steps: int = 0
+    """Steps dropped on every worker for a non-finite loss (train.on_nan = "skip")."""
     val_loss: float | None = None
     val_accuracy: float | None = None
+    best: float | None = None
+    """Best checkpoint.metric so far, and validations since it improved (early stopping)."""
+    since_best: int = 0
+    stopped_early: bool = False
 
 
 class Window:
@@ -71,6 +82,7 @@ class Window:
 def train_loop(payload: dict) -> None:
     config = Config.from_dict(payload["config"])
     plan = Plan(**payload["plan"])
+    faults = Faults(config, Path(payload["run_dir"]))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -79,21 +91,24 @@ def train_loop(payload: dict) -> None:
     model = build_model(config.model, plan.in_features, plan.out_features).to(device)
     optimizer = build_optimizer(config.optim, model.parameters())
     scheduler = build_scheduler(config.optim, optimizer, plan.total_steps)
+    sync = build_sync(config, world, device)
     progress = Progress()
+    # Randomness after init (dropout, ...) differs between workers; a checkpoint carries
+    # each worker's generator state, so a resumed run draws what an uninterrupted one would.
+    torch.manual_seed(config.train.seed * 1000 + rank)
+    random.seed(config.train.seed * 1000 + rank)
     restored = ray.train.get_checkpoint()
+    saved_sync = None
     if restored is not None:
         with restored.as_directory() as directory:
-            _restore(Path(directory), model, optimizer, scheduler, progress)
+            saved_sync = _restore(Path(directory), rank, model, optimizer, scheduler, progress)
         progress.resumed_from_steps.append(progress.step)
         if rank == 0:
             print(f"raymb: resumed from step {progress.step} (epoch {progress.epoch})", flush=True)
-    # Randomness after init (dropout, ...) depends only on (seed, rank, step): a resumed run
-    # draws what an uninterrupted one would have.
-    torch.manual_seed(config.train.seed * 1000 + rank + progress.step)
-
-    sync = build_sync(config.train.sync, world, device)
-    sync.bytes_allreduced = progress.bytes_allreduced
     net = sync.wrap(model)
+    if saved_sync is not None:
+        sync.load_state_dict(saved_sync)
+    sync.comm.bytes = progress.bytes_allreduced
     collate = Collate(config.data.features, config.data.label)
     train_data = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val") if payload["has_val"] else None
@@ -102,10 +117,11 @@ def train_loop(payload: dict) -> None:
     def report(with_checkpoint: bool) -> None:
         loss, rows = _all_sum(torch.stack([window.loss.float(), _t(window.rows, device)]))
         elapsed = time.perf_counter() - window.started
+        progress.bytes_allreduced = sync.comm.bytes
         metrics = {
             "step": progress.step,
             "epoch": progress.epoch,
-            "train_loss": (loss / rows).item() if rows else float("nan"),
+            "train_loss": (loss / rows).item() if rows else None,
             "val_loss": progress.val_loss,
             "val_accuracy": progress.val_accuracy,
             "lr": scheduler.get_last_lr()[0],
@@ -113,17 +129,19 @@ def train_loop(payload: dict) -> None:
             "samples_per_s": rows.item() / elapsed if elapsed > 0 else 0.0,
             "step_time_s": window.step_s / max(1, window.steps),
             "data_wait_s": window.wait_s / max(1, window.steps),
-            "bytes_allreduced": sync.bytes_allreduced,
+            "bytes_allreduced": progress.bytes_allreduced,
+            "skipped_steps": progress.skipped_steps,
             "train_seconds": progress.train_seconds,
             "resumed_from_steps": list(progress.resumed_from_steps),
+            "stopped_early": progress.stopped_early,
         }
-        progress.bytes_allreduced = sync.bytes_allreduced
+        if with_checkpoint and config.train.early_stopping.patience is not None:
+            _early_stopping(progress, config, metrics)
+            metrics["stopped_early"] = progress.stopped_early
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if with_checkpoint and rank == 0:
-                state = _state(model, optimizer, scheduler, progress, config, plan)
-                ckpt.atomic_save(state["model"], Path(tmp) / ckpt.MODEL_FILE)
-                ckpt.atomic_save(state["train"], Path(tmp) / ckpt.STATE_FILE)
+            if with_checkpoint:
+                _save(Path(tmp), rank, model, optimizer, scheduler, sync, progress, config, plan)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
         window.reset()
@@ -148,21 +166,32 @@ def train_loop(payload: dict) -> None:
                     next(batches) for _ in range(plan.microbatches_in_step(progress.step_in_epoch))
                 )
             ]
+            faults.before_step(progress.step + 1, rank, microbatches)
             started = time.perf_counter()
             rows = plan.rows_in_step(progress.step_in_epoch)
-            loss = train_step(
+            loss, stepped = train_step(
                 net,
                 optimizer,
                 microbatches,
-                rows * world,
+                rows,
                 sync=sync,
                 classify=plan.classify,
                 grad_clip=config.optim.grad_clip,
+                bf16=config.train.precision == "bf16",
             )
+            if not stepped:
+                if config.train.on_nan == "abort":
+                    raise FloatingPointError(
+                        f"raymb: non-finite loss or gradient at step {progress.step + 1} "
+                        f"(rank {rank}); the last checkpoint is intact. Set train.on_nan=skip "
+                        "to drop such steps"
+                    )
+                progress.skipped_steps += 1
+            else:
+                window.loss += loss
+                window.rows += rows
             scheduler.step()
             done = time.perf_counter()
-            window.loss += loss
-            window.rows += rows
             window.steps += 1
             window.wait_s += started - waited
             window.step_s += done - started
@@ -179,20 +208,64 @@ def train_loop(payload: dict) -> None:
                 progress.step_in_epoch = 0
             every = config.checkpoint.every_steps
             due = epoch_end or _finished(progress, plan) or (every and progress.step % every == 0)
-            if due and val_data is not None:
-                # Each epoch's end, and every checkpoint: "best by val_loss" needs a val_loss.
-                progress.val_loss, progress.val_accuracy = _validate(
-                    net, val_data, collate, plan, device
-                )
+            if due:
+                sync.consolidate(net, optimizer)  # one model to validate and to save
+                if val_data is not None:
+                    # Each epoch's end, and every checkpoint: "best by val_loss" needs a val_loss.
+                    progress.val_loss, progress.val_accuracy = _validate(
+                        model, val_data, collate, plan, device
+                    )
             if due or progress.step % config.train.log_every == 0:
                 report(with_checkpoint=bool(due))
             if epoch_end:
                 break  # the next epoch needs a new iterator over the shard
 
 
+class Faults:
+    """fault.* for tests and drills: each fault fires once per run directory (a marker file
+    records it), so the replacement worker trains on."""
+
+    def __init__(self, config: Config, run_dir: Path) -> None:
+        self.config, self.run_dir = config.fault, run_dir
+
+    def before_step(self, step: int, rank: int, microbatches: list) -> None:
+        if rank != self.config.rank:
+            return
+        if step == self.config.kill_worker_at_step and self._first(f"kill-at-step-{step}"):
+            print(f"raymb: fault.kill_worker_at_step={step}: killing rank {rank}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == self.config.nan_at_step and self._first(f"nan-at-step-{step}"):
+            x, y = microbatches[0]
+            microbatches[0] = (x * float("nan"), y)
+
+    def _first(self, name: str) -> bool:
+        try:
+            (self.run_dir / f".fault-{name}").touch(exist_ok=False)
+            return True
+        except FileExistsError:
+            return False
+
+
+def _early_stopping(progress: Progress, config: Config, metrics: dict) -> None:
+    """Count checkpoints without improvement of checkpoint.metric; every worker sees the same
+    all-reduced numbers, so all stop together."""
+    value = metrics.get(config.checkpoint.metric)
+    if value is None:
+        return
+    sign = 1.0 if config.checkpoint.mode == "min" else -1.0
+    rule = config.train.early_stopping
+    if progress.best is None or sign * (progress.best - value) > rule.min_delta:
+        progress.best, progress.since_best = value, 0
+    else:
+        progress.since_best += 1
+        progress.stopped_early = progress.since_best >= rule.patience
+
+
 def _finished(progress: Progress, plan: Plan) -> bool:
-    return progress.epoch >= plan.epochs or (
-        plan.max_steps is not None and progress.step >= plan.max_steps
+    return (
+        progress.stopped_early
+        or progress.epoch >= plan.epochs
+        or (plan.max_steps is not None and progress.step >= plan.max_steps)
     )
 
 
@@ -202,11 +275,7 @@ def _validate(model, data, collate, plan: Plan, device) -> tuple[float, float | 
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in data.iter_torch_batches(batch_size=max(plan.microbatch, 1024), collate_fn=collate):
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        sums[0] += summed_loss(out, y, plan.classify).double()
-        sums[1] += correct(out, y).double() if plan.classify else 0.0
-        sums[2] += len(y)
+        sums += batch_sums(model, x.to(device), y.to(device), plan.classify)
     model.train()
     loss, hits, rows = _all_sum(sums).tolist()
     if rows == 0:
@@ -224,24 +293,59 @@ def _t(value, device) -> torch.Tensor:
     return torch.tensor(float(value), device=device)
 
 
-def _state(model, optimizer, scheduler, progress: Progress, config: Config, plan: Plan) -> dict:
-    model_payload = ckpt.model_payload(
-        model, config.to_dict(), plan.in_features, plan.out_features, plan.classify
-    )
-    train = {
+def _save(directory, rank, model, optimizer, scheduler, sync, progress, config, plan) -> None:
+    """This worker's part of a checkpoint; Ray merges the workers' files into one directory.
+
+    model.pt and state.pt come from rank 0; worker-<rank>.pt from every worker: its random
+    generators and, where workers' optimizer states differ (param, diloco), its own.
+    """
+    if rank == 0:
+        model_payload = ckpt.model_payload(
+            model, config.to_dict(), plan.in_features, plan.out_features, plan.classify
+        )
+        ckpt.atomic_save(model_payload, directory / ckpt.MODEL_FILE)
+        state = {
+            "format": "raymb",
+            "workers": plan.workers,
+            "optimizer": None if sync.per_worker_optimizer else optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "sync": sync.state_dict(),
+            "progress": asdict(progress),
+        }
+        ckpt.atomic_save(state, directory / ckpt.STATE_FILE)
+    worker = {
         "format": "raymb",
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "progress": asdict(progress),
+        "optimizer": optimizer.state_dict() if sync.per_worker_optimizer else None,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "python_rng": random.getstate(),
     }
-    return {"model": model_payload, "train": train}
+    ckpt.atomic_save(worker, directory / _worker_file(rank))
 
 
-def _restore(directory: Path, model, optimizer, scheduler, progress: Progress) -> None:
+def _worker_file(rank: int) -> str:
+    return f"worker-{rank}.pt"
+
+
+def _restore(directory: Path, rank, model, optimizer, scheduler, progress: Progress) -> dict:
+    """Load a checkpoint into this worker; return the sync strategy's saved state."""
     payload = ckpt.read(directory / ckpt.MODEL_FILE)
-    model.load_state_dict(payload["state_dict"])
+    name = payload["config"]["model"]["name"]
+    ckpt.load_state(model, payload["state_dict"], directory / ckpt.MODEL_FILE, name)
     state = ckpt.read(directory / ckpt.STATE_FILE)
-    optimizer.load_state_dict(state["optimizer"])
+    world = ray.train.get_context().get_world_size()
+    if state["workers"] != world:
+        raise CheckpointError(
+            f"{directory}: written by {state['workers']} workers; resume it with "
+            f"scale.workers={state['workers']} (or start a new run.name)"
+        )
+    worker = ckpt.read(directory / _worker_file(rank))
+    optimizer.load_state_dict(state["optimizer"] or worker["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     for key, value in state["progress"].items():
         setattr(progress, key, value)
+    torch.set_rng_state(worker["torch_rng"])
+    if worker["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(worker["cuda_rng"])
+    random.setstate(worker["python_rng"])
+    return state["sync"]

@@ -33,26 +33,35 @@ class Plan:
     def build(
         cls, config: Config, *, num_rows: int, in_features: int, num_classes: int | None
     ) -> Plan:
+        if ":" in config.model.name:
+            # Import the user's model factory now: a typo costs one line, not a Ray start.
+            # (Imported here: the plan itself needs no torch.)
+            from raymb.models import load_factory
+
+            load_factory(config.model.name)
         W = config.scale.workers
+        G = config.train.global_batch_size
         rows = num_rows // W
         if rows == 0:
             raise DataError(
                 f"data.train has {num_rows} rows, fewer than scale.workers={W}: lower scale.workers"
             )
         m = config.microbatch()
-        step_rows = (
-            rows if config.train.global_batch_size == "all" else config.accumulation_steps() * m
-        )
-        if config.train.global_batch_size == "all":
-            if m > rows:
-                raise DataError(
-                    f"train.microbatch_size={m} is larger than a worker's shard of data.train "
-                    f"({rows} rows = {num_rows} rows / {W} workers)"
-                )
-        elif step_rows > rows:
+        if m is None:  # train.microbatch_size = "auto"
+            out = num_classes if num_classes is not None else 1
+            m = auto_microbatch(config, rows, in_features, out)
+        if m > rows:
             raise DataError(
-                f"train.global_batch_size={config.train.global_batch_size} needs {step_rows} rows "
-                f"per worker per step, but each of the {W} workers gets {rows} rows of data.train"
+                f"train.microbatch_size={m} is larger than a worker's shard of data.train "
+                f"({rows} rows = {num_rows} rows // {W} workers): lower train.microbatch_size "
+                "or scale.workers"
+            )
+        step_rows = rows if G == "all" else G // W
+        if step_rows > rows:
+            raise DataError(
+                f"train.global_batch_size={G} needs {step_rows} rows per worker per step, "
+                f"but each of the {W} workers gets {rows} rows of data.train: lower "
+                "train.global_batch_size or scale.workers"
             )
         classify = num_classes is not None
         return cls(
@@ -85,3 +94,40 @@ class Plan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def activation_bytes_per_sample(config: Config, in_features: int, out_features: int) -> int:
+    """Estimated training memory one sample costs: every module's output kept for the
+    backward pass, and its gradient, in float32 (measured on a 2-row probe forward)."""
+    import torch
+
+    from raymb.models import build_model
+
+    model = build_model(config.model, in_features, out_features)
+    elements = [in_features]
+
+    def count(module, inputs, output) -> None:
+        if torch.is_tensor(output):
+            elements.append(output[0].numel())
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model(torch.zeros(2, in_features))
+    for hook in hooks:
+        hook.remove()
+    return 2 * 4 * sum(elements)
+
+
+def auto_microbatch(config: Config, rows: int, in_features: int, out_features: int) -> int:
+    """train.microbatch_size = "auto" on a CPU: the largest m whose activations fit
+    train.memory_budget and that keeps the step exact (k = G / (W·m) whole)."""
+    fits = max(
+        1,
+        config.train.memory_budget_bytes()
+        // activation_bytes_per_sample(config, in_features, out_features),
+    )
+    G = config.train.global_batch_size
+    if G == "all":
+        return min(rows, fits)
+    per_worker = G // config.scale.workers
+    return max(d for d in range(1, per_worker + 1) if per_worker % d == 0 and d <= fits)

@@ -1,4 +1,8 @@
-"""Ray integration: real Ray Train workers and Ray Data, one local Ray session for the module."""
+"""Ray integration: real Ray Train workers and Ray Data, one local Ray session for the module.
+
+Runs share a data set and a configuration (2 workers, 16 steps an epoch, a checkpoint every
+5 steps) so the straight runs serve as references for the interrupted ones.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from raymb import load_config
+from raymb import RaymbError, load_config
 from raymb.checkpoint import load_model
 from raymb.synth import generate
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+# 1024 rows / 2 workers = 512 a worker; G=64 -> 32 rows a worker a step (k=2 microbatches of
+# 16): 16 steps an epoch, 32 in 2 epochs. Checkpoints at steps 5, 10, 15, 16 (epoch end), ...
+COMMON = (
+    "scale.workers=2",
+    "train.epochs=2",
+    "train.global_batch_size=64",
+    "train.microbatch_size=16",
+    "train.log_every=1",
+    "checkpoint.every_steps=5",
+    "optim.lr=0.2",
+    "optim.momentum=0.5",
+)
+PARAM = ("train.sync=param", "train.average_every=4")
 
 
 @pytest.fixture(scope="module")
@@ -31,57 +49,145 @@ def linear_data(tmp_path_factory) -> Path:
     return out
 
 
-def _train(tmp: Path, data: Path, *overrides: str):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def _train(runs: Path, data: Path, *overrides: str):
     import raymb
 
-    sets = [f"data.train={data / 'train'}", f"run.storage_path={tmp / 'runs'}", *overrides]
+    sets = [f"data.train={data / 'train'}", f"run.storage_path={runs}", *overrides]
     if not any(s.startswith("data.val=") for s in overrides):
         sets.append(f"data.val={data / 'val'}")
     return raymb.train(load_config(None, sets))
 
 
-def test_two_workers_learn_the_regression(ray_session, linear_data, tmp_path):
-    result = _train(
-        tmp_path,
-        linear_data,
-        "run.name=fit",
-        "scale.workers=2",
-        "train.epochs=3",
-        "train.global_batch_size=32",
-        "train.microbatch_size=8",
-        "optim.lr=0.1",
-    )
+@pytest.fixture(scope="module")
+def straight_grad(ray_session, linear_data, runs):
+    return _train(runs, linear_data, "run.name=straight-grad", *COMMON)
+
+
+@pytest.fixture(scope="module")
+def straight_param(ray_session, linear_data, runs):
+    return _train(runs, linear_data, "run.name=straight-param", *COMMON, *PARAM)
+
+
+def _same_model(a, b, rtol=1e-6) -> None:
+    for p, q in zip(
+        load_model(a.checkpoint)[0].parameters(), load_model(b.checkpoint)[0].parameters()
+    ):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=rtol / 10)
+
+
+def _losses(result) -> dict[int, float]:
+    rows = csv.DictReader(open(result.run_dir / "metrics.csv"))
+    return {int(r["step"]): float(r["train_loss"]) for r in rows}
+
+
+@pytest.mark.parametrize("sync", ["grad", "param"])
+def test_two_workers_learn_the_regression(straight_grad, straight_param, sync):
+    result = straight_grad if sync == "grad" else straight_param
     model, _ = load_model(result.checkpoint)
     assert model.weight.item() == pytest.approx(2.0, abs=0.05)
     assert model.bias.item() == pytest.approx(1.0, abs=0.05)
-
     summary = json.loads((result.run_dir / "summary.json").read_text())
-    assert set(summary) == {
-        "train_loss",
-        "val_loss",
-        "val_accuracy",
-        "steps",
-        "samples",
-        "samples_per_s",
-        "wall_s",
-        "checkpoint",
-        "resumed_from_steps",
-        "bytes_allreduced",
-    }
-    # 1024 rows / 2 workers = 512 per worker, 16 per worker per step: 32 steps an epoch.
-    assert summary["steps"] == 3 * 32 and summary["samples"] == 3 * 1024
+    assert summary["steps"] == 32 and summary["samples"] == 2 * 1024
     assert summary["resumed_from_steps"] == [] and summary["val_accuracy"] is None
-    # One all-reduce of the 2 float32 parameters per step.
-    assert summary["bytes_allreduced"] == 3 * 32 * 2 * 4
     assert summary["val_loss"] < 0.02  # noise variance is 0.01
-    rows = list(csv.DictReader(open(result.run_dir / "metrics.csv")))
-    assert [int(r["step"]) for r in rows][-1] == 96
-    assert all(float(r["samples_per_s"]) > 0 for r in rows)
+    assert summary["skipped_steps"] == 0 and summary["stopped_early"] is False
+    steps = [int(r["step"]) for r in csv.DictReader(open(result.run_dir / "metrics.csv"))]
+    assert steps == list(range(1, 33))
 
 
-def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, tmp_path):
-    # 1024 rows, "all": 2 workers x k=2 microbatches of 256, 1 worker x k=4, and 4 workers x k=1
-    # (4 workers on this 2-core machine: raymb must leave Ray Data a CPU, or the run hangs).
+def test_bytes_allreduced(straight_grad, straight_param):
+    # grad: one all-reduce of the 2 float32 parameters (8 bytes) per step.
+    assert straight_grad.summary["bytes_allreduced"] == 32 * 8
+    # param, H=4: 8 averagings at steps 4, 8, ..., 32, and one more before each checkpoint
+    # that falls mid-period (steps 5, 10, 15, 25, 30; 16 and 20 end periods).
+    assert straight_param.summary["bytes_allreduced"] == (8 + 5) * 8
+
+
+@pytest.mark.parametrize("sync", ["grad", "param"])
+def test_killed_worker_is_replaced_and_the_run_ends_as_if_never_killed(
+    linear_data, runs, straight_grad, straight_param, sync
+):
+    # Rank 1 dies before step 13, mid-epoch and, for param, mid-period (4 steps): training
+    # resumes from the checkpoint at step 10 with each worker's own optimizer state.
+    straight = straight_grad if sync == "grad" else straight_param
+    killed = _train(
+        runs,
+        linear_data,
+        f"run.name=killed-{sync}",
+        *COMMON,
+        *(PARAM if sync == "param" else ()),
+        "fault.kill_worker_at_step=13",
+        "fault.rank=1",
+        "scale.max_failures=1",
+    )
+    assert killed.summary["resumed_from_steps"] == [10]
+    assert killed.summary["steps"] == 32
+    _same_model(killed, straight)
+    assert killed.summary["val_loss"] == pytest.approx(straight.summary["val_loss"], rel=1e-6)
+    want, got = _losses(straight), _losses(killed)
+    assert sorted(got) == list(range(1, 33))
+    for step in range(11, 33):
+        assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+
+def test_exhausted_failures_keep_the_checkpoint_and_the_run_resumes_by_name(
+    linear_data, runs, straight_grad
+):
+    args = ("run.name=exhausted", *COMMON, "fault.kill_worker_at_step=13")
+    with pytest.raises(RaymbError) as info:
+        _train(runs, linear_data, *args)  # scale.max_failures=0
+    message = str(info.value)
+    assert "training failed" in message and "\n" not in message
+    assert "latest checkpoint:" in message and "run.name='exhausted'" in message
+    latest = Path(message.split("latest checkpoint: ")[1].split(" (run again")[0])
+    model, payload = load_model(latest)  # intact and loadable
+    assert payload["config"]["run"]["name"] == "exhausted"
+    assert not (runs / "exhausted" / "summary.json").exists()
+
+    # Started again with the same name: resumes at step 10 and ends like the straight run.
+    resumed = _train(runs, linear_data, *args)
+    assert resumed.summary["resumed_from_steps"] == [10]
+    _same_model(resumed, straight_grad)
+
+
+def test_non_finite_loss_aborts_every_worker(linear_data, runs):
+    with pytest.raises(RaymbError, match="non-finite loss or gradient at step 3"):
+        _train(
+            runs,
+            linear_data,
+            "run.name=nan-abort",
+            *COMMON,
+            *PARAM,
+            "fault.nan_at_step=3",
+            "fault.rank=1",
+            "train.epochs=1",
+        )
+
+
+def test_non_finite_loss_skipped_on_every_worker(linear_data, runs):
+    result = _train(
+        runs,
+        linear_data,
+        "run.name=nan-skip",
+        *COMMON,
+        "train.on_nan=skip",
+        "fault.nan_at_step=3",
+        "fault.rank=1",
+        "train.epochs=1",
+    )
+    assert result.summary["skipped_steps"] == 1 and result.summary["steps"] == 16
+    model, _ = load_model(result.checkpoint)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, runs):
+    # 1024 rows, "all": 2 workers x k=2 microbatches of 256, and 4 workers x k=1 (4 workers on
+    # this 2-core machine: raymb must leave Ray Data a CPU, or the run hangs).
     common = (
         "train.global_batch_size=all",
         "train.microbatch_size=256",
@@ -91,12 +197,12 @@ def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, tmp_path
         "data.val=none",
         "checkpoint.metric=train_loss",
     )
-    runs = [
-        _train(tmp_path, linear_data, f"run.name=w{w}", f"scale.workers={w}", *common)
-        for w in (2, 1, 4)
+    results = [
+        _train(runs, linear_data, f"run.name=full-w{w}", f"scale.workers={w}", *common)
+        for w in (2, 4)
     ]
-    assert [r.summary["steps"] for r in runs] == [3, 3, 3]
-    models = [load_model(r.checkpoint)[0] for r in runs]
+    assert [r.summary["steps"] for r in results] == [3, 3]
+    models = [load_model(r.checkpoint)[0] for r in results]
 
     # Independent reference: three steps of plain gradient descent on all rows at once.
     import pyarrow.parquet as pq
@@ -116,25 +222,51 @@ def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, tmp_path
         torch.testing.assert_close(model.bias.detach(), b, rtol=1e-5, atol=1e-6)
 
 
-def test_stopped_run_resumes_at_its_step(ray_session, linear_data, tmp_path):
-    common = (
+def _overfitting_data(out: Path) -> Path:
+    """32 noisy rows of a 16-feature regression, repeated 40 times (each step sees the same
+    rows again, as in 40 epochs), and 256 fresh validation rows from the same distribution."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(16)
+    for split, rows, repeat in (("train", 32, 40), ("val", 256, 1)):
+        x = rng.standard_normal((rows, 16)).astype(np.float32)
+        y = (x @ w + 2 * rng.standard_normal(rows)).astype(np.float32)
+        x, y = np.tile(x, (repeat, 1)), np.tile(y, repeat)
+        features = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 16)
+        (out / split).mkdir(parents=True)
+        pq.write_table(pa.table({"features": features, "label": y}), out / split / "0.parquet")
+    return out
+
+
+def test_early_stopping_reports_the_best_checkpoint(ray_session, runs, tmp_path):
+    data = _overfitting_data(tmp_path / "overfit")
+    result = _train(
+        runs,
+        data,
+        "run.name=early",
         "scale.workers=2",
-        "train.epochs=2",
-        "train.global_batch_size=64",
-        "train.microbatch_size=16",
-        "train.log_every=4",
+        "train.epochs=1",
+        "train.global_batch_size=32",
+        "model.name=mlp",
+        "model.hidden=[128, 128]",
+        "optim.name=adam",
+        "optim.lr=0.01",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep=1",
+        "train.early_stopping.patience=3",
     )
-    straight = _train(tmp_path, linear_data, "run.name=straight", *common)
-    stopped = _train(tmp_path, linear_data, "run.name=again", "train.max_steps=11", *common)
-    assert stopped.summary["steps"] == 11  # mid-epoch: 16 steps an epoch
-    resumed = _train(tmp_path, linear_data, "run.name=again", *common)
-    assert resumed.summary["resumed_from_steps"] == [11]
-    assert resumed.summary["steps"] == straight.summary["steps"] == 32
-    assert resumed.summary["samples"] == straight.summary["samples"]
-    assert resumed.summary["val_loss"] == pytest.approx(straight.summary["val_loss"], rel=1e-6)
-    a, _ = load_model(straight.checkpoint)
-    b, _ = load_model(resumed.checkpoint)
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-    steps = [int(r["step"]) for r in csv.DictReader(open(resumed.run_dir / "metrics.csv"))]
-    assert steps == sorted(set(steps)), "each step appears once in metrics.csv after a resume"
+    val = {}
+    for row in csv.DictReader(open(result.run_dir / "metrics.csv")):
+        val[int(row["step"])] = float(row["val_loss"])
+    best = min(val, key=val.get)
+    assert result.summary["stopped_early"] is True
+    # It stops at the third validation without a new best, long before the 40 steps.
+    assert result.summary["steps"] == max(val) == best + 3 < 40
+    assert result.summary["checkpoint"] == result.summary["best_checkpoint"]
+    state = torch.load(
+        Path(result.checkpoint).parent / "state.pt", map_location="cpu", weights_only=True
+    )
+    assert state["progress"]["step"] == best
