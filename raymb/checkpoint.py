@@ -1,32 +1,47 @@
 """Checkpoint files: written atomically, read with torch.load(weights_only=True).
 
 A checkpoint directory holds `model.pt` (the unwrapped model, with what it takes to rebuild
-it) and `state.pt` (optimizer, scheduler, counters, RNG: what it takes to resume).
+it) and `state.pt` (optimizer, scheduler, counters, RNG: what it takes to resume). A run
+directory holds `run.json`, the config it was started with, so that resuming it with a
+config its checkpoints cannot load is refused before anything starts.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from raymb.errors import CheckpointError
+from raymb.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from raymb.config import Config
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
+RUN_FILE = "run.json"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+_MODEL_KEYS = ("config", "in_features", "out_features", "state_dict")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary name, then rename: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed save leaves the previous file, and no debris
+    _fsync_dir(path.parent)
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -34,13 +49,23 @@ def read(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if head != _ZIP_MAGIC:
+        what = "an empty file" if not head else "not a torch checkpoint file"
+        raise CheckpointError(f"{path}: {what}, not a raymb checkpoint")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol notes are not for users
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError):
+            reason = "it holds Python objects that weights_only loading refuses"
+        else:
+            reason = f"truncated or corrupted: {_first_sentence(e)}"
         raise CheckpointError(f"{path}: not a readable raymb checkpoint ({reason})") from None
-    if not isinstance(obj, dict) or "format" not in obj or obj["format"] != "raymb":
-        raise CheckpointError(f"{path}: not a raymb checkpoint")
+    if not isinstance(obj, dict) or obj.get("format") != "raymb":
+        raise CheckpointError(f"{path}: a torch file, but not a raymb checkpoint")
     return obj
 
 
@@ -67,12 +92,157 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     if path.is_dir():
         path = path / MODEL_FILE
     payload = read(path)
-    config = Config.from_dict(payload["config"])
-    model = build_model(config.model, payload["in_features"], payload["out_features"])
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:
+    missing = [
+        k for k in ("config", "in_features", "out_features", "state_dict") if k not in payload
+    ]
+    if missing:
         raise CheckpointError(
-            f"{path}: does not fit model {config.model.name!r} ({str(e).splitlines()[0]})"
-        ) from None
+            f"{path}: a raymb checkpoint without a model (no {', '.join(missing)}); "
+            f"give the {MODEL_FILE} of a checkpoint directory"
+        )
+    try:
+        config = Config.from_dict(payload["config"])
+        model = build_model(config.model, payload["in_features"], payload["out_features"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
+    load_state(model, payload["state_dict"], path, config.model.name)
     return model, payload
+
+
+def load_state(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path, name: str
+) -> None:
+    """model.load_state_dict, with a one-line CheckpointError naming the file on a mismatch."""
+    mismatch = _mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise CheckpointError(f"{path}: does not fit model {name!r} ({mismatch})")
+    model.load_state_dict(state_dict)
+
+
+def check_compatible(saved_config: dict, config: Config, path: str | Path) -> None:
+    """Refuse `config` where a checkpoint made under `saved_config` could not be loaded."""
+    if not isinstance(saved_config, dict) or not isinstance(saved_config.get("model"), dict):
+        raise CheckpointError(f"{path}: not a raymb run record (no [model] in its config)")
+    saved_model = saved_config["model"]
+    now = config.to_dict()
+    model_keys = ["model.name"]
+    if saved_model.get("name") == "mlp":
+        model_keys.append("model.hidden")  # the other models ignore it
+    if saved_model.get("num_classes") is not None and now["model"]["num_classes"] is not None:
+        model_keys.append("model.num_classes")  # unset: max label + 1, known from the data only
+    differ = [
+        k
+        for k in [*model_keys, *_RUN_KEYS]
+        if _get(saved_config, k, _UNKNOWN) not in (_UNKNOWN, _get(now, k))
+    ]
+    if not differ:
+        return
+    model_differs = any(k.startswith("model.") for k in differ)
+    others = [k for k in differ if not k.startswith("model.")]
+    was = f"model {_describe_model(saved_model)}"
+    if others:
+        was += " with " + ", ".join(f"{k}={_toml(_get(saved_config, k, None))}" for k in others)
+    asks = ([f"model {_describe_model(now['model'])}"] if model_differs else []) + [
+        f"{k}={_toml(_get(now, k))}" for k in others
+    ]
+    back = ", ".join(f"--set {k}={_toml(_get(saved_config, k, None))}" for k in differ)
+    raise CheckpointError(
+        f"{path}: checkpoint of {was} but the config asks for {', '.join(asks)}; "
+        f"use another run.name or resume with {back}"
+    )
+
+
+def claim_run(run_dir: Path, config: Config) -> None:
+    """Record the config a run starts with in run.json, or check a resumed run against it."""
+    path = Path(run_dir) / RUN_FILE
+    if path.exists():
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: not a readable raymb run record ({e})") from None
+        if not isinstance(record, dict) or record.get("format") != "raymb":
+            raise CheckpointError(f"{path}: not a raymb run record")
+        check_compatible(record.get("config"), config, path)
+        return
+    tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"format": "raymb", "config": config.to_dict()}, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# Keys besides the model's that a run's checkpoints depend on: the columns decide the
+# model's inputs and what it learns; the sync strategy, the optimizer and the number of
+# workers decide what state.pt and the workers' files hold.
+_RUN_KEYS = ("data.features", "data.label", "train.sync", "optim.name", "scale.workers")
+_UNKNOWN = object()  # a key an older run.json does not have: nothing to compare
+
+
+def _get(config: dict, key: str, *default: Any) -> Any:
+    section, name = key.split(".")
+    try:
+        return config[section][name]
+    except (KeyError, TypeError):
+        if default:
+            return default[0]
+        raise
+
+
+def _describe_model(model: dict) -> str:
+    text = repr(model.get("name"))
+    extra = []
+    if model.get("name") == "mlp":
+        extra.append(f"hidden {model.get('hidden')}")
+    if model.get("num_classes") is not None:
+        extra.append(f"num_classes {model['num_classes']}")
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _toml(value: Any) -> str:
+    """A value as --set reads it back."""
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        return repr(value)  # a TOML literal string
+    if isinstance(value, list):
+        return "[" + ",".join(_toml(v) for v in value) + "]"  # no space: one shell word
+    return json.dumps(value)
+
+
+def _mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str | None:
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            more = "..." if len(unexpected) > 3 else ""
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{more}")
+        return "; ".join(parts)
+    for k, tensor in expected.items():
+        value = saved[k]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"{k}: checkpoint has {got}, the model {list(tensor.shape)}"
+    return None
+
+
+def _first_sentence(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text.split(". ")[0]
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the directory entry is; not every OS can open one.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -4,8 +4,9 @@ A dataset is a file, a directory (every `*.parquet` below it), a glob, or a URI 
 `pyarrow.fs.FileSystem.from_uri` understands. Features are either one list column
 (fixed_size_list, or list/large_list of equal-length rows) or several numeric scalar
 columns; the label is an integer (classification) or floating (regression) column.
-Footers are read for everything they can answer; a column is read only to measure
-variable-length lists and, when statistics are missing, the range of integer labels.
+Each file's footer answers the column types; the feature and label columns are then read
+once, a batch at a time, and scanned with pyarrow.compute for nulls, NaN and inf, list
+lengths and the range of integer labels.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from raymb.errors import ConfigError, DataError
 
 PARQUET_SUFFIX = ".parquet"
 _GLOB_CHARS = frozenset("*?[")
+_SCAN_ROWS = 1 << 16  # rows per batch when scanning a file's columns
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ def check_dataset(
         prefix = f"{what}: {f}"
         num_rows += meta.num_rows
 
+        # The footer answers the types; one read of the columns answers the rest.
         label_type = _field(schema, label, prefix, "label").type
         file_kind = _label_kind(label_type)
         if file_kind is None:
@@ -115,10 +118,8 @@ def check_dataset(
                 f"as in {kind[1]}"
             )
         kind = kind or (file_kind, f)
-        _check_no_nulls(pf, label, prefix)
-
         if isinstance(features, str):
-            d = _list_width(pf, features, prefix)
+            _check_list_type(_field(schema, features, prefix, "feature").type, features, prefix)
         else:
             for c in feature_cols:
                 t = _field(schema, c, prefix, "feature").type
@@ -127,7 +128,14 @@ def check_dataset(
                         f"{prefix}: feature column {c!r} has type {t}, expected a numeric scalar "
                         "(a list of names means one scalar column each)"
                     )
-                _check_no_nulls(pf, c, prefix)
+
+        scans = _scan(pf, [*feature_cols, label], prefix)
+        for c in [*feature_cols, label]:
+            scans[c].check(c, prefix)
+
+        if isinstance(features, str):
+            d = _list_width(schema.field(features).type, scans[features], features, prefix)
+        else:
             d = len(feature_cols)
         if d is not None and dims is not None and d != dims[0]:
             raise DataError(
@@ -137,8 +145,8 @@ def check_dataset(
         if d is not None:
             dims = dims or (d, f)
 
-        if file_kind == "int" and meta.num_rows:
-            lo, hi = _int_range(pf, label)
+        if file_kind == "int" and scans[label].range is not None:
+            lo, hi = scans[label].range
             if lo < 0:
                 raise DataError(
                     f"{prefix}: label column {label!r} has negative value {lo}, "
@@ -147,7 +155,10 @@ def check_dataset(
             max_label = hi if max_label is None else max(max_label, hi)
 
     if num_rows == 0:
-        raise DataError(f"{what}: {path} is empty (0 rows in {len(files)} parquet files)")
+        n = len(files)
+        raise DataError(
+            f"{what}: {path} is empty (0 rows in {n} parquet file{'s' if n != 1 else ''})"
+        )
     assert dims is not None
     assert kind is not None
     return DatasetInfo(
@@ -158,6 +169,65 @@ def check_dataset(
         num_classes=None if max_label is None else max_label + 1,
         filesystem=fs,
     )
+
+
+@dataclass
+class _ColumnScan:
+    """What one read of a column tells: nulls, rows with NaN or inf, list lengths, range."""
+
+    nulls: int = 0
+    nonfinite_rows: int = 0
+    lengths: tuple[int, int] | None = None  # list columns: (min, max) values per row
+    range: tuple[int, int] | None = None  # integer columns: (min, max)
+
+    def add(self, values: pa.Array) -> None:
+        t = values.type
+        if _is_list(t):
+            self.nulls += values.null_count
+            flat = pc.list_flatten(values)
+            self.nulls += flat.null_count
+            lo, hi = (v.as_py() for v in pc.min_max(pc.list_value_length(values)).values())
+            if lo is not None:
+                self.lengths = _widen(self.lengths, lo, hi)
+            if pa.types.is_floating(t.value_type) and not values.null_count:
+                # A row counts once however many of its values are NaN or inf.
+                bad = pc.invert(pc.is_finite(flat))
+                rows = pc.filter(pc.list_parent_indices(values), bad)
+                self.nonfinite_rows += pc.count_distinct(rows).as_py()
+            return
+        self.nulls += values.null_count
+        if pa.types.is_floating(t):
+            self.nonfinite_rows += pc.sum(pc.invert(pc.is_finite(values))).as_py() or 0
+        elif pa.types.is_integer(t):
+            lo, hi = (v.as_py() for v in pc.min_max(values).values())
+            if lo is not None:
+                self.range = _widen(self.range, lo, hi)
+
+    def check(self, col: str, prefix: str) -> None:
+        if self.nulls:
+            raise DataError(f"{prefix}: column {col!r} has {self.nulls} null values, expected none")
+        if self.nonfinite_rows:
+            n = self.nonfinite_rows
+            raise DataError(
+                f"{prefix}: {n} row{'s' if n != 1 else ''} with NaN or inf in {col!r}, "
+                "expected finite numbers"
+            )
+
+
+def _scan(pf: pq.ParquetFile, cols: list[str], prefix: str) -> dict[str, _ColumnScan]:
+    """Read `cols` of one file a batch at a time (memory stays bounded) and scan them."""
+    scans = {c: _ColumnScan() for c in cols}
+    try:
+        for batch in pf.iter_batches(batch_size=_SCAN_ROWS, columns=cols):
+            for c in cols:
+                scans[c].add(batch.column(c))
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{prefix}: cannot read the file ({_one_line(e)})") from None
+    return scans
+
+
+def _widen(span: tuple[int, int] | None, lo: int, hi: int) -> tuple[int, int]:
+    return (lo, hi) if span is None else (min(span[0], lo), max(span[1], hi))
 
 
 def _glob(fs: pafs.FileSystem, pattern: str) -> list[str]:
@@ -222,83 +292,34 @@ def _label_kind(t: pa.DataType) -> str | None:
     return None
 
 
-def _list_width(pf: pq.ParquetFile, col: str, prefix: str) -> int | None:
-    """Values per row of a list column (all rows equal); None for an empty file's lists."""
-    t = _field(pf.schema_arrow, col, prefix, "feature").type
-    is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
-    if not (pa.types.is_fixed_size_list(t) or is_list) or not _is_number(t.value_type):
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _check_list_type(t: pa.DataType, col: str, prefix: str) -> None:
+    if not _is_list(t) or not _is_number(t.value_type):
         hint = " (for scalar columns give a list of names)" if _is_number(t) else ""
         raise DataError(
             f"{prefix}: feature column {col!r} has type {t}, expected a list of numbers{hint}"
         )
+
+
+def _list_width(t: pa.DataType, scan: _ColumnScan, col: str, prefix: str) -> int | None:
+    """Values per row of a list column (all rows equal); None for an empty file's lists."""
     if pa.types.is_fixed_size_list(t):
-        if t.list_size < 1:
-            raise DataError(f"{prefix}: feature column {col!r} has 0 values per row")
-        _check_no_nulls(pf, col, prefix)
-        return t.list_size
-    if pf.metadata.num_rows == 0:
+        width = t.list_size
+    elif scan.lengths is None:
         return None  # no rows to measure; other files decide the width
-    values = pf.read(columns=[col]).column(col)
-    lengths = pc.list_value_length(values)
-    lo, hi = pc.min_max(lengths).values()
-    if values.null_count or pc.sum(pc.list_flatten(values).is_null()).as_py():
-        raise DataError(f"{prefix}: feature column {col!r} has null values")
-    if lo.as_py() != hi.as_py():
-        raise DataError(
-            f"{prefix}: column {col!r} is ragged: lengths {lo}..{hi}, expected a fixed length"
-        )
-    if hi.as_py() < 1:
+    else:
+        lo, width = scan.lengths
+        if lo != width:
+            raise DataError(
+                f"{prefix}: column {col!r} is ragged: lengths {lo}..{width}, "
+                "expected a fixed length"
+            )
+    if width < 1:
         raise DataError(f"{prefix}: feature column {col!r} has 0 values per row")
-    return hi.as_py()
-
-
-def _check_no_nulls(pf: pq.ParquetFile, col: str, prefix: str) -> None:
-    # Row-group statistics answer this from the footer; files written without them pass.
-    # For a variable-length list, empty lists count as nulls there, so only call this for
-    # scalar and fixed-size list columns.
-    meta = pf.metadata
-    nulls = 0
-    for rg in range(meta.num_row_groups):
-        for i in _leaves(pf.schema_arrow, col):
-            stats = meta.row_group(rg).column(i).statistics
-            if stats is not None and stats.null_count:
-                nulls += stats.null_count
-    if nulls:
-        raise DataError(f"{prefix}: column {col!r} has {nulls} null values, expected none")
-
-
-def _int_range(pf: pq.ParquetFile, col: str) -> tuple[int, int]:
-    """(min, max) of an integer column: from statistics if every row group has them."""
-    meta = pf.metadata
-    (i,) = _leaves(pf.schema_arrow, col)
-    groups = [meta.row_group(rg) for rg in range(meta.num_row_groups)]
-    stats = [g.column(i).statistics for g in groups if g.num_rows]
-    if all(s is not None and s.has_min_max for s in stats):
-        return min(s.min for s in stats), max(s.max for s in stats)
-    lo, hi = pc.min_max(pf.read(columns=[col]).column(col)).values()
-    return lo.as_py(), hi.as_py()
-
-
-def _leaves(schema: pa.Schema, col: str) -> range:
-    """Parquet leaf-column indices of top-level `col` (footer statistics are per leaf)."""
-    start = 0
-    for f in schema:
-        n = _num_leaves(f.type)
-        if f.name == col:
-            return range(start, start + n)
-        start += n
-    raise KeyError(col)
-
-
-def _num_leaves(t: pa.DataType) -> int:
-    # Column names may contain dots, so count leaves instead of parsing leaf paths.
-    if pa.types.is_struct(t):
-        return sum(_num_leaves(t.field(i).type) for i in range(t.num_fields))
-    if pa.types.is_map(t):
-        return _num_leaves(t.key_type) + _num_leaves(t.item_type)
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return _num_leaves(t.value_type)
-    return 1
+    return width
 
 
 def _one_line(e: BaseException) -> str:

@@ -258,3 +258,84 @@ def test_bad_data_is_one_line_naming_file_and_column(tmp_path, build, words):
 def test_bad_column_arguments_are_config_errors(tmp_path, features, label, key):
     with pytest.raises(ConfigError, match=f"^{key}: "):
         check_dataset(str(tmp_path), features, label)
+
+
+# --- NaN and inf: counted per file, a row once however many of its values are bad ----------
+
+
+def _nonfinite_rows(values: np.ndarray) -> int:
+    """Independent reference: numpy's count of rows holding any NaN or inf."""
+    return int((~np.isfinite(values.reshape(len(values), -1))).any(axis=1).sum())
+
+
+def test_nonfinite_rows_are_counted_in_a_fixed_size_list(tmp_path):
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    x[1] = [np.nan, np.inf]  # two bad values, one row
+    x[4, 0] = -np.inf
+    table = pa.table(
+        {
+            "features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 2),
+            "label": pa.array(np.zeros(6, np.int64)),
+        }
+    )
+    f = _write(tmp_path / "a.parquet", table)
+    assert _nonfinite_rows(x) == 2
+    with pytest.raises(DataError) as info:
+        check_dataset(str(f), "features", "label")
+    assert str(info.value) == (
+        f"data.train: {f}: 2 rows with NaN or inf in 'features', expected finite numbers"
+    )
+
+
+def test_nonfinite_rows_are_counted_in_a_variable_list_and_a_label(tmp_path):
+    table = pa.table(
+        {
+            "v": pa.array([[1.0, 2.0], [3.0, float("-inf")], [5.0, 6.0]], pa.list_(pa.float64())),
+            "y": pa.array([0.5, 1.5, 2.5], pa.float32()),
+        }
+    )
+    f = _write(tmp_path / "a.parquet", table)
+    with pytest.raises(DataError, match=r"a\.parquet: 1 row with NaN or inf in 'v'"):
+        check_dataset(str(f), "v", "y")
+    table = table.set_column(1, "y", pa.array([np.nan, np.inf, 2.5], pa.float32()))
+    table = table.set_column(0, "v", pa.array([[1.0, 2.0]] * 3, pa.list_(pa.float64())))
+    f = _write(tmp_path / "b.parquet", table)
+    with pytest.raises(DataError, match=r"b\.parquet: 2 rows with NaN or inf in 'y'"):
+        check_dataset(str(f), "v", "y")
+
+
+def test_nonfinite_scalar_columns_name_the_column(tmp_path):
+    table = pa.table(
+        {
+            "x1": pa.array([1.0, 2.0, 3.0]),
+            "x2": pa.array([np.nan, 2.0, np.inf], pa.float32()),
+            "n": pa.array([1, 2, 3]),  # integers cannot be NaN
+            "y": pa.array([0.0, 1.0, 2.0]),
+        }
+    )
+    f = _write(tmp_path / "a.parquet", table)
+    with pytest.raises(DataError, match=r"a\.parquet: 2 rows with NaN or inf in 'x2'"):
+        check_dataset(str(f), ["x1", "n", "x2"], "y")
+    assert check_dataset(str(f), ["x1", "n"], "y").num_features == 2
+
+
+def test_nonfinite_count_spans_row_groups_and_batches_and_names_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = 70_000  # more than one scan batch, in several row groups
+    x = rng.normal(size=(rows, 3)).astype(np.float32)
+    bad = rng.choice(rows * 3, size=500, replace=False)
+    x.reshape(-1)[bad] = rng.choice([np.nan, np.inf, -np.inf], size=500)
+    x[rows - 1] = [np.nan, np.inf, -np.inf]  # a row with several bad values counts once
+    table = pa.table(
+        {
+            "features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 3),
+            "label": pa.array(np.zeros(rows, np.float32)),
+        }
+    )
+    (tmp_path / "d").mkdir()
+    pq.write_table(_fixed(5, 3, pa.array(np.zeros(5), pa.float32())), tmp_path / "d" / "a.parquet")
+    pq.write_table(table, tmp_path / "d" / "b.parquet", row_group_size=16_384)
+    expected = _nonfinite_rows(x)
+    with pytest.raises(DataError) as info:
+        check_dataset(str(tmp_path / "d"), "features", "label", what="data.val")
+    assert f"b.parquet: {expected} rows with NaN or inf in 'features'" in str(info.value)
