@@ -27,6 +27,7 @@ import os  # noqa: E402
 import raymb  # noqa: E402
 from raymb.cli import add_config_arguments  # noqa: E402
 from raymb.config import RunSection, to_toml  # noqa: E402
+from raymb.progress import format_summary  # noqa: E402
 
 PROG = "jobs/train.py"
 USAGE_ERROR = 2  # config and data mistakes, as argparse and the raymb CLI
@@ -62,14 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted; submit again with the same --name to resume", 130)
 
-    s = result.summary
-    print(
-        f"{PROG}: {s['steps']} steps, {s['samples']} samples, train_loss {s['train_loss']}, "
-        f"val_loss {s['val_loss']}, val_accuracy {s['val_accuracy']}, "
-        f"resumed from steps {s['resumed_from_steps']}, {s['wall_s']:.1f} s"
-    )
+    print(f"{PROG}: done")
+    print(format_summary(result.summary, result.run_dir))
     print(f"{PROG}: summary {result.run_dir / 'summary.json'}")
-    print(f"{PROG}: model   {s['checkpoint']}")
     return 0
 
 

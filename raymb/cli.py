@@ -1,4 +1,4 @@
-"""The `raymb` command line: train, gen-data, eval."""
+"""The `raymb` command line: train, gen-data, eval, predict, plot."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 
 from raymb.config import DataSection, load_config, to_toml
 from raymb.errors import RaymbError
+from raymb.progress import format_summary
 
 DEFAULT_DATA = Path(DataSection().train).parent  # data/linear, made on first use
+IDLE_TIMEOUT = 60.0  # seconds, raymb train --follow
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +54,19 @@ def _parser() -> argparse.ArgumentParser:
         help="join this Ray cluster (e.g. auto, or "
         "ray://host:10001) instead of starting a local one",
     )
+    t.add_argument(
+        "--follow",
+        metavar="DIR",
+        help="online training: train on each new parquet file as it lands in DIR, one pass, "
+        "checkpointing after each file (data.train is not read); a restart never trains a "
+        "file twice",
+    )
+    t.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"with --follow: stop after this long without a new file (default {IDLE_TIMEOUT:g})",
+    )
     t.set_defaults(func=_train)
 
     g = sub.add_parser(
@@ -85,16 +100,62 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.set_defaults(func=_gen_data)
 
-    e = sub.add_parser("eval", help="loss (and accuracy) of a saved model on a parquet set")
-    e.add_argument(
+    e = sub.add_parser(
+        "eval",
+        help="loss (and accuracy) of a saved model on a parquet set",
+        description="Print, as one JSON line, the mean loss over every row of --data (and the "
+        "accuracy, for a classifier) of the model saved in --checkpoint. Runs in this "
+        "process, without Ray.",
+    )
+    _add_model_arguments(e)
+    e.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "predict",
+        help="write a saved model's predictions on a parquet set to a parquet file",
+        description="Write one parquet file with the columns of --data other than the "
+        "features (ids, the label if any) and `prediction`: the class id, plus "
+        "`probabilities`, for a classifier; the predicted value for a regressor. --data "
+        "needs no label column. Runs in this process, without Ray.",
+    )
+    _add_model_arguments(p)
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="output parquet file (written under a temporary name, then renamed)",
+    )
+    p.set_defaults(func=_predict)
+
+    pl = sub.add_parser(
+        "plot",
+        help="overlay the loss and throughput of runs in one figure (needs matplotlib)",
+        description="Draw train and val loss against step and, below, samples/s, of each "
+        "run from its metrics.csv, labelled by run directory name, e.g. a run with "
+        "train.sync=grad against one with train.sync=param. Needs matplotlib: pip install "
+        "'raymb[plot]'. (Each run also writes its own loss.png.)",
+    )
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to overlay")
+    pl.add_argument(
+        "--out", default="runs.png", metavar="FILE", help="output PNG file (default runs.png)"
+    )
+    pl.set_defaults(func=_plot)
+    return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--checkpoint",
         required=True,
         metavar="PATH",
         help="a checkpoint directory or its model.pt (summary.json's checkpoint)",
     )
-    e.add_argument("--data", required=True, metavar="PATH", help="parquet file, directory or glob")
-    e.set_defaults(func=_eval)
-    return parser
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="parquet file, directory or glob, with the feature columns the model was trained on",
+    )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -123,26 +184,34 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = Fa
 
 def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    if args.idle_timeout is not None and args.follow is None:
+        raise RaymbError("--idle-timeout needs --follow DIR")
+    idle_timeout = IDLE_TIMEOUT if args.idle_timeout is None else args.idle_timeout
+    if not idle_timeout > 0:
+        raise RaymbError(f"--idle-timeout {args.idle_timeout:g}: expected a positive number")
     if args.print_config:
         print(to_toml(config), end="")
         return 0
-    if args.config is None and config.data.train == DataSection().train:
-        _ensure_default_data()
-    from raymb.driver import train
+    if args.follow is not None:
+        if "://" not in args.follow and not Path(args.follow).is_dir():
+            raise RaymbError(f"--follow {args.follow}: no such directory")
+        try:
+            from raymb.online import follow
+        except ModuleNotFoundError as e:
+            if e.name != "raymb.online":
+                raise
+            raise RaymbError("--follow: this raymb has no online training (raymb.online)") from None
+        result = follow(config, args.follow, idle_timeout=idle_timeout, address=args.address)
+    else:
+        if args.config is None and config.data.train == DataSection().train:
+            _ensure_default_data()
+        from raymb.driver import train
 
-    result = train(config, address=args.address)
-    s = result.summary
-    print(
-        f"raymb: {s['steps']} steps, {s['samples']} samples, train_loss {_fmt(s['train_loss'])}, "
-        f"val_loss {_fmt(s['val_loss'])}"
-        + (f", val_accuracy {s['val_accuracy']:.4f}" if s["val_accuracy"] is not None else "")
-        + f", {s['wall_s']:.1f} s"
-    )
-    if config.model.name == "linear" and s["checkpoint"]:
-        _print_linear(s["checkpoint"])
-    print(f"raymb: summary   {result.run_dir / 'summary.json'}")
-    print(f"raymb: metrics   {result.run_dir / 'metrics.csv'}")
-    print(f"raymb: model     {s['checkpoint']}")
+        result = train(config, address=args.address)
+    print("raymb: done")
+    print(format_summary(result.summary, result.run_dir))
+    if config.model.name == "linear" and result.summary["checkpoint"]:
+        _print_linear(result.summary["checkpoint"])
     return 0
 
 
@@ -191,8 +260,20 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.6g}"
+def _predict(args: argparse.Namespace) -> int:
+    from raymb.predict import predict
+
+    written = predict(args.checkpoint, args.data, args.out)
+    print(f"raymb: wrote {written['rows']} predictions to {written['out']}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from raymb.plot import plot_runs
+
+    out = plot_runs(args.run_dirs, args.out)
+    print(f"raymb: wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

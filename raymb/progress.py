@@ -1,0 +1,307 @@
+"""What the driver shows while a run trains and after: a progress bar, and the result table.
+
+`watch` tails metrics.csv (the controller appends one row per report) in a background
+thread. On a terminal it redraws one line with `\\r`; elsewhere (a log file, a Ray job's
+output) it prints a plain line at most every `line_every` seconds, and only when a new row
+has arrived. After a resume the controller rewrites metrics.csv without the rows past the
+resumed step: the tail notices the new file and starts over.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+BAR_WIDTH = 20
+
+
+@dataclass
+class Row:
+    """The columns of a metrics.csv row that the progress line shows."""
+
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    samples_per_s: float | None
+
+
+class Tail:
+    """Complete rows appended to a CSV file since the last call; starts over if it is replaced.
+
+    A reader must never see half a row (the writer may be mid-line), so only text up to the
+    last newline is consumed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.reset()
+
+    def reset(self) -> None:
+        self.identity: tuple[int, int] | None = None  # (device, inode) of the file being read
+        self.offset = 0
+        self.pending = b""
+        self.header: list[str] | None = None
+
+    def read(self) -> tuple[list[dict[str, str]], bool]:
+        """(new rows, whether the file was replaced or truncated since the last read)."""
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return [], False
+        with f:
+            st = os.fstat(f.fileno())  # of the file opened: the name may be replaced meanwhile
+            restarted = self.identity not in (None, (st.st_dev, st.st_ino))
+            if restarted or st.st_size < self.offset:
+                self.reset()
+                restarted = True
+            self.identity = (st.st_dev, st.st_ino)
+            f.seek(self.offset)
+            chunk = f.read()
+        self.offset += len(chunk)
+        complete, _, self.pending = (self.pending + chunk).rpartition(b"\n")
+        if not complete:
+            return [], restarted
+        lines = complete.decode().split("\n")
+        if self.header is None:
+            self.header = next(csv.reader([lines[0]]))
+            lines = lines[1:]
+        rows = [dict(zip(self.header, values)) for values in csv.reader(lines) if values]
+        return rows, restarted
+
+
+class Display:
+    """Turns rows into a bar (terminal) or plain lines, and times the ETA."""
+
+    def __init__(
+        self, stream: TextIO, total_steps: int | None, *, line_every: float, tty: bool
+    ) -> None:
+        self.stream = stream
+        self.total = total_steps if total_steps and total_steps > 0 else None
+        self.line_every = line_every
+        self.tty = tty
+        self.started = time.monotonic()
+        self.last: Row | None = None
+        self.val: tuple[float | None, float | None] = (None, None)
+        self.baseline: tuple[float, int] | None = None  # (time, step) of the first row seen
+        self.printed_at = -math.inf
+        self.unprinted = False
+        self.width = 0  # of the bar last drawn, to blank what a shorter one leaves
+
+    def add(self, rows: list[dict[str, str]], restarted: bool) -> None:
+        now = time.monotonic()
+        if restarted:  # a resume rewrote the file: the step rate starts over too
+            self.baseline = None
+        for raw in rows:
+            row = _row(raw)
+            if row is None:
+                continue
+            if self.baseline is None:
+                self.baseline = (now, row.step)
+            if row.val_loss is not None:
+                self.val = (row.val_loss, row.val_accuracy)
+            self.last = row
+            self.unprinted = True
+
+    def eta_s(self, now: float) -> float | None:
+        if self.total is None or self.last is None:
+            return None
+        left = max(0, self.total - self.last.step)
+        # From steps per second of wall time since the first row seen, checkpoints and
+        # validation included; one row gives no rate yet (its step time alone would flatter).
+        if left == 0 or self.baseline is None or self.last.step <= self.baseline[1]:
+            return None
+        rate = (self.last.step - self.baseline[1]) / max(now - self.baseline[0], 1e-9)
+        return left / rate
+
+    def text(self, now: float) -> str:
+        row = self.last
+        parts = []
+        if row is None:
+            parts.append("waiting for the first step")
+        elif self.total is not None:
+            done = min(row.step / self.total, 1.0)
+            filled = int(done * BAR_WIDTH)
+            bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+            parts.append(f"step {row.step}/{self.total} [{bar}] {done:4.0%}")
+        else:
+            parts.append(f"step {row.step}")
+        if row is not None:
+            parts.append(f"loss {_num(row.train_loss)}")
+            val_loss, val_accuracy = self.val
+            if val_loss is not None:
+                parts.append(f"val_loss {_num(val_loss)}")
+            if val_accuracy is not None:
+                parts.append(f"val_acc {val_accuracy:.4f}")
+            if row.samples_per_s is not None:
+                parts.append(f"{row.samples_per_s:,.0f} samples/s")
+        parts.append(f"elapsed {duration(now - self.started)}")
+        eta = self.eta_s(now)
+        if eta is not None:
+            parts.append(f"ETA {duration(eta)}")
+        return "  ".join(parts)
+
+    def tick(self, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.tty:
+            if self.last is None and not final:
+                return
+            if self.last is not None:
+                columns = shutil.get_terminal_size(fallback=(120, 24)).columns
+                text = self.text(now)[: max(columns - 1, 20)]
+                self.stream.write("\r" + text + " " * max(0, self.width - len(text)))
+                self.width = len(text)
+            if final and self.width:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif self.unprinted and (final or now - self.printed_at >= self.line_every):
+            self.stream.write(f"raymb: {self.text(now)}\n")
+            self.stream.flush()
+            self.printed_at = now
+            self.unprinted = False
+
+
+@contextmanager
+def watch(
+    metrics_csv: Path,
+    total_steps: int | None,
+    stream: TextIO | None = None,
+    *,
+    interval: float = 0.5,
+    line_every: float = 10.0,
+) -> Iterator[None]:
+    """Show the progress of the run writing `metrics_csv` while the body runs.
+
+    `total_steps` gives the bar and the ETA (None when unknown, as for online training).
+    Rows already in the file when the body starts (a resumed run) count as progress.
+    """
+    stream = sys.stderr if stream is None else stream
+    display = Display(stream, total_steps, line_every=line_every, tty=_isatty(stream))
+    tail = Tail(Path(metrics_csv))
+    stop = threading.Event()
+    lock = threading.Lock()  # the final update must not interleave with the thread's last
+
+    def update(final: bool = False) -> None:
+        with lock:
+            display.add(*tail.read())
+            display.tick(final=final)
+
+    def run() -> None:
+        while not stop.wait(interval):
+            try:
+                update()
+            except (OSError, ValueError):  # a closed stream, an odd row: progress is optional
+                pass
+
+    thread = threading.Thread(target=run, name="raymb-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        try:
+            update(final=True)
+        except (OSError, ValueError):
+            pass
+
+
+def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
+    """summary.json as a short two-column table, for the end of `raymb train` and of a job."""
+    resumed = summary.get("resumed_from_steps") or []
+    steps = f"{summary.get('steps', 0):,}"
+    notes = [f"resumed from step {', '.join(str(s) for s in resumed)}"] if resumed else []
+    if summary.get("stopped_early"):
+        notes.append("stopped early")
+    if summary.get("skipped_steps"):
+        notes.append(f"{summary['skipped_steps']:,} skipped")
+    if notes:
+        steps += f" ({'; '.join(notes)})"
+    rate = summary.get("samples_per_s")
+    rows = [
+        ("train loss", _num(summary.get("train_loss"))),
+        ("val loss", _num(summary.get("val_loss"))),
+        ("val accuracy", _num(summary.get("val_accuracy"), ".4f")),
+        ("steps", steps),
+        ("samples", f"{summary.get('samples', 0):,}"),
+        *(
+            [("files", f"{summary['files_consumed']:,} ({summary.get('stop_reason') or 'done'})")]
+            if "files_consumed" in summary  # online training
+            else []
+        ),
+        ("samples/s", "n/a" if rate is None else f"{rate:,.1f}"),
+        ("wall time", duration(summary["wall_s"]) if summary.get("wall_s") is not None else "n/a"),
+        ("all-reduced", f"{size(summary.get('bytes_allreduced') or 0)} per worker"),
+        ("checkpoint", str(summary.get("checkpoint") or "none")),
+        *(
+            [("best", str(summary["best_checkpoint"]))]
+            if summary.get("best_checkpoint") not in (None, summary.get("checkpoint"))
+            else []
+        ),
+        ("run dir", str(run_dir)),
+    ]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def duration(seconds: float) -> str:
+    """12.3s, 4m05s, 2h03m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{s:02d}s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m"
+
+
+def size(n: float) -> str:
+    """Bytes in binary units: 512 B, 1.5 KiB, 3.0 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _row(raw: dict[str, str]) -> Row | None:
+    try:
+        step = int(raw["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return Row(
+        step=step,
+        train_loss=_float(raw.get("train_loss")),
+        val_loss=_float(raw.get("val_loss")),
+        val_accuracy=_float(raw.get("val_accuracy")),
+        samples_per_s=_float(raw.get("samples_per_s")),
+    )
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def _num(value: float | None, spec: str = ".6g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return False
