@@ -129,7 +129,8 @@ class TrainSection:
     """G: samples per optimizer step across all workers; "all" is full-batch gradient descent."""
     microbatch_size: Union[int, Literal["auto"], None] = None
     """m: samples per forward/backward on one worker; unset: G / workers (no accumulation);
-    "auto": the largest that fits train.memory_budget (on a GPU: halved on out-of-memory)."""
+    "auto": the largest that keeps k whole and whose estimated activations (a probe forward
+    of the model) fit train.memory_budget."""
     memory_budget: str = "1GiB"
     """Activation memory a microbatch may use when microbatch_size = "auto" (e.g. 512MiB)."""
     epochs: int = 5
