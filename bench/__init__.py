@@ -1,0 +1,1 @@
+"""raymb's benchmarks (not tests): `python -m bench --help`; see bench/README.md."""

@@ -1,0 +1,60 @@
+"""`python -m bench NAME [--quick] [--out DIR]`: run a benchmark, write NAME.json and NAME.md."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from bench.harness import RESULTS, save
+
+BENCHMARKS = {
+    "loop": "raymb's train_step (1 worker, k=1, data in memory) vs a hand-written torch loop",
+    "ingest": "Ray Data read_parquet -> iter_torch_batches rows/s; the trainer's data-wait share",
+    "scaling": "samples/s of the mlp on 1, 2 and 4 workers; per-step all-reduce time",
+    "startup": "`raymb train` to its first step vs a minimal TorchTrainer script",
+    "microbatch": "the same global batch with k = 1, 4, 16 microbatches: samples/s, memory",
+    "strategies": "train.sync grad vs param (H=1,4,16) vs diloco (H=16,64): loss, bytes, time",
+}
+# startup starts Ray in subprocesses, so it runs first, before `all` holds a session.
+ORDER = ("loop", "startup", "ingest", "scaling", "microbatch", "strategies")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="raymb benchmarks. Each runs its baseline and raymb in one invocation, "
+        "alternating repetitions, and writes DIR/NAME.json and DIR/NAME.md.",
+        epilog="benchmarks:\n"
+        + "\n".join(f"  {name:<11} {text}" for name, text in BENCHMARKS.items())
+        + "\n  all         every benchmark, one after another",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("name", choices=[*BENCHMARKS, "all"], help="the benchmark to run")
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny size: checks that it runs, not how fast"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        metavar="DIR",
+        help="where NAME.json and NAME.md go (default: bench/results)",
+    )
+    args = parser.parse_args(argv)
+    names = ORDER if args.name == "all" else (args.name,)
+    for name in names:
+        print(f"bench: {name}{' (quick)' if args.quick else ''} ...", flush=True)
+        started = time.perf_counter()
+        result = importlib.import_module(f"bench.{name}").run(quick=args.quick)
+        result["duration_s"] = round(time.perf_counter() - started, 1)
+        save(name, result, args.out, quick=args.quick)
+        print(f"bench: {name} took {result['duration_s']:.0f} s; wrote {args.out / name}.md")
+        print((args.out / f"{name}.md").read_text(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""bench/ runs: every benchmark at its --quick size writes its JSON and table with sane values.
+
+That the benchmarks run, not how fast: no figure is compared with a target here. The
+Ray-based ones share one local Ray session; startup starts Ray in its own subprocesses, so
+it runs before that session exists (pytest runs a module's tests in file order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # bench/ is a directory of the repository, not installed
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _run(name: str, out: Path) -> dict:
+    from bench.__main__ import main
+
+    assert main([name, "--quick", "--out", str(out)]) == 0
+    payload = json.loads((out / f"{name}.json").read_text())
+    table = (out / f"{name}.md").read_text()
+    assert table.startswith(f"### {name} (--quick)")
+    assert payload["benchmark"] == name and payload["quick"] is True
+    assert {"cpu", "cores", "ram_gib", "torch", "ray", "date"} <= set(payload["machine"])
+    assert payload["rows"] and payload["duration_s"] > 0
+    for key, header in payload["columns"]:
+        assert header in table
+        assert any(key in row for row in payload["rows"]), key
+    for t in payload["targets"]:
+        assert set(t) == {"name", "value", "goal", "met"}
+    return payload
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_help_lists_every_benchmark():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in ("loop", "ingest", "scaling", "startup", "microbatch", "strategies", "all"):
+        assert name in proc.stdout
+
+
+def test_loop(tmp_path):
+    payload = _run("loop", tmp_path)
+    assert [r["model"] for r in payload["rows"]] == ["linear", "mlp [64, 64]", "mlp [64, 64]"]
+    for row in payload["rows"]:
+        assert _positive(row["torch_step_us"]) and _positive(row["raymb_step_us"])
+        assert _positive(row["ratio"]) and _positive(row["peak_rss_mb"])
+        assert row["max_param_diff"] < 1e-4  # the same math on the same batches
+    assert len(payload["targets"]) == 2
+
+
+@pytest.mark.ray
+def test_startup(tmp_path):
+    payload = _run("startup", tmp_path)
+    minimal, raymb = payload["rows"]
+    for row in (minimal, raymb):
+        assert 0 < row["first_step_s"] <= row["total_s"]
+        assert _positive(row["driver_peak_rss_mb"]) and _positive(row["worker_peak_rss_mb"])
+    assert _positive(raymb["ratio"])
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ingest(ray_session, tmp_path):
+    payload = _run("ingest", tmp_path)
+    for row in payload["rows"]:
+        assert _positive(row["rows_per_s"]), row
+    trainer = payload["trainer"]
+    assert _positive(trainer["rows_per_s_per_worker"]) and _positive(trainer["step_time_s"])
+    assert 0 <= trainer["data_wait_fraction"] < math.inf
+
+
+@pytest.mark.ray
+def test_scaling(ray_session, tmp_path):
+    payload = _run("scaling", tmp_path)
+    one, two = payload["rows"]
+    assert (one["workers"], two["workers"]) == (1, 2)
+    for row in (one, two):
+        assert _positive(row["samples_per_s"]) and _positive(row["efficiency"])
+        assert _positive(row["worker_peak_rss_mb"])
+    assert one["bytes_per_step"] == 0 and two["bytes_per_step"] > 0
+
+
+@pytest.mark.ray
+def test_microbatch(ray_session, tmp_path):
+    payload = _run("microbatch", tmp_path)
+    assert [r["k"] for r in payload["rows"]] == [1, 4]
+    for row in payload["rows"]:
+        assert _positive(row["samples_per_s"]) and _positive(row["worker_peak_rss_mb"])
+
+
+@pytest.mark.ray
+def test_strategies(ray_session, tmp_path):
+    payload = _run("strategies", tmp_path)
+    rows = {r["strategy"]: r for r in payload["rows"]}
+    assert set(rows) == {"grad", "param H=4", "diloco H=4"}
+    for row in rows.values():
+        assert _positive(row["val_loss"]) and 0 <= row["val_accuracy"] <= 1
+        assert row["bytes_allreduced"] > 0 and row["samples"] == rows["grad"]["samples"]
+    # Averaging every 4 steps sends far fewer bytes than a gradient all-reduce every step.
+    assert rows["param H=4"]["bytes_vs_grad"] > 2
