@@ -198,10 +198,16 @@ class ParamSync:
             self.average(model, optimizer)
 
     def consolidate(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if self.local_steps:  # mid-period: average now; the period's phase is kept
-            self.average(model, optimizer)
+        # Mid-period (a checkpoint, validation, the end): one model, the mean of the workers';
+        # the period's phase (and DiLoCo's outer state) are left as they are.
+        if self.local_steps:
+            self.mean_of_workers(model, optimizer)
 
     def average(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """What ends a period: the mean of the workers' models."""
+        self.mean_of_workers(model, optimizer)
+
+    def mean_of_workers(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.local_steps = 0
         if self.world_size == 1:
             return
@@ -267,15 +273,6 @@ class DiLoCoSync(ParamSync):
         with torch.no_grad():
             for g, p in zip(self.globals, params):
                 p.copy_(g)
-
-    def consolidate(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        # Mid-period (a checkpoint, the end): one model for the checkpoint, the mean of the
-        # workers' parameters; the outer state and the period's phase are left as they are.
-        if self.local_steps:
-            self.local_steps = 0
-            if self.world_size > 1:
-                tensors = list(_floating(_unwrap(model).state_dict().values()))
-                self.comm.all_reduce_mean(tensors, self.world_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -26,24 +26,13 @@ import torch
 from raymb import Config
 from raymb.checkpoint import MODEL_FILE, atomic_save, model_payload
 from raymb.cli import main
+from raymb.driver import METRIC_COLUMNS
 from raymb.evaluate import batch_sums
 from raymb.progress import Tail, format_summary, watch
 
 pytestmark = pytest.mark.timeout(60)
 
-COLUMNS = (
-    "step",
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_accuracy",
-    "lr",
-    "samples",
-    "samples_per_s",
-    "step_time_s",
-    "data_wait_s",
-    "bytes_allreduced",
-)
+COLUMNS = METRIC_COLUMNS
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
