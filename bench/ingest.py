@@ -2,12 +2,14 @@
 
 Part 1, one consumer in the driver (what one worker's iterator can deliver): rows/s of
 pyarrow reading the parquet files straight into tensors (the no-Ray baseline) and of Ray
-Data with raymb's Arrow collate (raymb.loop.Collate) at several prefetch_batches, Ray Data's
-default numpy collate, and a larger batch. Variants alternate, repetition by repetition.
+Data with an Arrow collate (raymb.columns.table_to_tensors) at several prefetch_batches, Ray
+Data's default numpy collate, and a larger batch; and raymb's cached source (read once,
+then each batch an index gather in a fresh permutation). Variants alternate, repetition by
+repetition.
 
-Part 2, the trainer: one `raymb.train` of the mlp on the same data (2 workers); metrics.csv
-gives the time each step waited for its batches (data_wait_s) and the time it computed
-(step_time_s).
+Part 2, the trainer: `raymb.train` of the mlp on the same data (2 workers), once with
+data.shuffle = "rows" (the default) and once with "none"; metrics.csv gives the time each
+step waited for its rows (data_wait_s) and the time it computed (step_time_s).
 """
 
 from __future__ import annotations
@@ -31,16 +33,18 @@ from bench.harness import (
 MICROBATCH = 256
 """Rows per batch: the trainer's microbatch below (G = 512 over 2 workers, k = 1)."""
 TARGET = 0.05
-# (label, reader, prefetch_batches, batch size); "raymb" is what raymb.loop does today.
+SHUFFLE_TARGET = 0.10
+# (label, reader, prefetch_batches, batch size); "raymb" is what raymb.feed does.
 VARIANTS = {
     "pyarrow, no Ray (baseline)": ("pyarrow", None, MICROBATCH),
-    "ray, Arrow collate, prefetch 2 (raymb)": ("arrow", 2, MICROBATCH),
+    "raymb cached: read once, gather rows of a permutation": ("cached", None, MICROBATCH),
+    "ray, Arrow collate, prefetch 2": ("arrow", 2, MICROBATCH),
     "ray, Arrow collate, prefetch 1": ("arrow", 1, MICROBATCH),
     "ray, Arrow collate, prefetch 4": ("arrow", 4, MICROBATCH),
     "ray, default numpy collate, prefetch 2": ("numpy", 2, MICROBATCH),
     "ray, Arrow collate, prefetch 2, batch 2048": ("arrow", 2, 2048),
 }
-QUICK = ("pyarrow, no Ray (baseline)", "ray, Arrow collate, prefetch 2 (raymb)")
+QUICK = ("pyarrow, no Ray (baseline)", "raymb cached: read once, gather rows of a permutation")
 
 
 def run(quick: bool) -> dict:
@@ -53,18 +57,26 @@ def run(quick: bool) -> dict:
         results: dict[str, list[dict]] = {name: [] for name in names}
         for _, name in alternate(names, reps):
             results[name].append(_read(data / "train", *VARIANTS[name]))
-        trainer = train_run(
-            data,
-            Path(tmp) / "runs",
-            "ingest",
-            [
-                "model.name=mlp",
-                f"scale.workers={workers}",
-                f"train.global_batch_size={MICROBATCH * workers}",
-                f"train.epochs={epochs}",
-                "train.log_every=25" if quick else "train.log_every=100",
-            ],
-        )
+        trainers = {
+            shuffle: train_run(
+                data,
+                Path(tmp) / "runs",
+                f"ingest-{shuffle}",
+                [
+                    "model.name=mlp",
+                    f"scale.workers={workers}",
+                    f"train.global_batch_size={MICROBATCH * workers}",
+                    f"train.epochs={epochs}",
+                    f"data.shuffle={shuffle}",
+                    "train.log_every=25" if quick else "train.log_every=100",
+                ],
+            )
+            for shuffle in ("none", "rows")
+        }
+    trainer = trainers["rows"]
+    shuffle_cost = 1 - (
+        trainers["rows"]["steady_samples_per_s"] / trainers["none"]["steady_samples_per_s"]
+    )
 
     base = median([r["rows_per_s"] for r in results[names[0]]])
     rows = []
@@ -126,13 +138,23 @@ def run(quick: bool) -> dict:
         ],
         "rows": rows,
         "trainer": trainer_row,
+        "shuffle": {
+            k: {"steady_samples_per_s": t["steady_samples_per_s"], "wall_s": t["wall_s"]}
+            for k, t in trainers.items()
+        },
         "targets": [
             target(
-                "mlp trainer: data wait / step time (after the first window)",
+                "mlp trainer: data wait / step time (after the first window), shuffle rows",
                 fraction,
                 f"<= {TARGET}",
                 fraction <= TARGET,
-            )
+            ),
+            target(
+                "shuffle rows: throughput lost against none",
+                shuffle_cost,
+                f"<= {SHUFFLE_TARGET}",
+                shuffle_cost <= SHUFFLE_TARGET,
+            ),
         ],
         "notes": [
             "Peak RSS: the driver process per reader variant (VmHWM reset before each; Ray "
@@ -189,13 +211,30 @@ def _batches(path: Path, reader: str, prefetch: int | None, batch: int):
 
     import ray.data
 
-    from raymb.loop import Collate
-
-    # As raymb.train sets it for a deterministic run (the default): rows in file order.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.read_parquet(str(path))
+    if reader == "cached":
+        import pyarrow as pa
+        import torch
+
+        from raymb.order import epoch_order
+
+        refs = ds.materialize().to_arrow_refs()
+        tables = ray.get(refs)
+        x, y = table_to_tensors(pa.concat_tables(tables), "features", "label")
+        order = epoch_order("rows", 0, 0, [len(y)])
+        for i in range(0, len(y), batch):
+            rows = order[i : i + batch]
+            yield torch.index_select(x, 0, rows), y[rows]
+        return
     if reader == "arrow":
-        collate = Collate("features", "label")
+        from ray.data.collate_fn import ArrowBatchCollateFn
+
+        class ArrowCollate(ArrowBatchCollateFn):
+            def __call__(self, table):
+                return table_to_tensors(table, "features", "label")
+
+        collate = ArrowCollate()
         yield from ds.iter_torch_batches(
             batch_size=batch, collate_fn=collate, prefetch_batches=prefetch
         )

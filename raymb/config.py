@@ -54,6 +54,14 @@ class DataSection:
     """One list-of-numbers column, or a list of scalar columns."""
     label: str = "label"
     """Integer label: classification; float label: regression."""
+    shuffle: Literal["rows", "files", "none"] = "rows"
+    """Each epoch's row order, a pure function of (train.seed, epoch): rows: a fresh
+    permutation of every row; files: the files in a fresh order, rows in file order (for data
+    too large to cache); none: the same order every epoch."""
+    cache: Union[bool, Literal["auto"]] = "auto"
+    """Read the data once and serve every epoch from memory (exact, index-based order);
+    false streams every epoch through Ray Data; auto: cache when it fits comfortably (a
+    quarter of Ray's object store and of its memory)."""
 
     def __post_init__(self) -> None:
         _require(self.features != [], "data.features", "a column name or a non-empty list of names")
@@ -156,7 +164,8 @@ class TrainSection:
     that step on every worker and count it."""
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     log_every: int = 10
-    """Report metrics (a row of metrics.csv) every this many steps."""
+    """A row of metrics.csv every this many steps (rows are gathered and written about once a
+    second, so 1 costs little)."""
 
     def __post_init__(self) -> None:
         G = self.global_batch_size
@@ -212,9 +221,14 @@ class CheckpointSection:
     keep: int = 2
     """Checkpoints kept: the best by `metric`; the latest is always kept too."""
     metric: Literal["val_loss", "train_loss", "val_accuracy"] = "val_loss"
+    min_interval_s: float = 10.0
+    """Skip an epoch-end checkpoint (and its validation) that comes sooner than this after the
+    last checkpoint, under train.sync = "grad" (where skipping changes no number); every_steps
+    and the last step always checkpoint. 0: every epoch's end."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps is None or self.every_steps > 0, "checkpoint.every_steps", "> 0")
+        _require(self.min_interval_s >= 0, "checkpoint.min_interval_s", ">= 0")
         _require(self.keep > 0, "checkpoint.keep", "> 0")
 
     @property

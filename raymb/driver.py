@@ -6,7 +6,6 @@ data costs a one-line error and leaves nothing behind.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -22,24 +21,15 @@ from raymb import plot, progress
 from raymb.checkpoint import claim_run
 from raymb.config import Config
 from raymb.errors import ConfigError, RaymbError
-from raymb.loop import train_loop
+from raymb.loop import POLL_ENV, POLL_S, train_loop
+from raymb.metrics import COLUMNS, MetricsCsv
 from raymb.plan import Plan
-from raymb.schema import check_dataset
+from raymb.schema import DatasetInfo, check_dataset
 
-METRIC_COLUMNS = (
-    "step",
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_accuracy",
-    "lr",
-    "samples",
-    "samples_per_s",
-    "step_time_s",
-    "data_wait_s",
-    "bytes_allreduced",
-    "skipped_steps",
-)
+METRIC_COLUMNS = COLUMNS  # the columns of metrics.csv
+CACHE_SHARE = 0.25
+"""data.cache = "auto" caches when the data takes at most this share of Ray's object store
+and of the memory Ray may use."""
 
 
 @dataclass(frozen=True)
@@ -54,41 +44,22 @@ class Result:
         return self.summary["checkpoint"]
 
 
-class MetricsCsv(ray.train.UserCallback):
-    """Appends rank 0's metrics of every report to metrics.csv (runs on the controller).
+class ReportsToCsv(ray.train.UserCallback):
+    """Appends rank 0's metrics of every report to metrics.csv (runs on the controller), for
+    loops that report each row (--follow); after a resume the rows past the resumed step are
+    dropped first, so the file holds each step once."""
 
-    After a resume the rows past the resumed step are dropped first, so the file holds each
-    step once, as the run that produced its checkpoint lineage saw it.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: Path) -> None:
+        self.csv = MetricsCsv(path)
         self.seen_resumes = -1
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         row = metrics[0]
         resumes = row.get("resumed_from_steps", [])
         if resumes and len(resumes) != self.seen_resumes:
-            self._truncate_after(resumes[-1])
+            self.csv.truncate_after(resumes[-1])
         self.seen_resumes = len(resumes)
-        new = not os.path.exists(self.path)
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, METRIC_COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
-
-    def _truncate_after(self, step: int) -> None:
-        if not os.path.exists(self.path):
-            return
-        with open(self.path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        self.csv.append([row])
 
 
 def prepare(config: Config) -> tuple[Plan, Any, Any]:
@@ -153,31 +124,21 @@ def connect(config: Config, address: str | None) -> float:
 
 def train(config: Config, *, address: str | None = None) -> Result:
     """Train as configured and return the run's summary (also written to summary.json)."""
-    import ray.data
-
     plan, train_info, val_info = prepare(config)
     storage = str(Path(config.run.storage_path).expanduser().resolve())
     run_dir = Path(storage) / config.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     claim_run(run_dir, config)  # a resumed run must fit its checkpoints
     cpus = connect(config, address)
-    # Deterministic runs read rows in the same order on every run and every resume.
-    ray.data.DataContext.get_current().execution_options.preserve_order = config.train.deterministic
-    datasets = {
-        "train": ray.data.read_parquet(list(train_info.files), filesystem=train_info.filesystem)
-    }
-    if val_info is not None:
-        datasets["val"] = ray.data.read_parquet(
-            list(val_info.files), filesystem=val_info.filesystem
-        )
-
+    cached = use_cache(config, [train_info, val_info])
     loop_config = {
         "config": config.to_dict(),
         "plan": plan.to_dict(),
-        "has_val": val_info is not None,
+        "train": data_spec(train_info, config, cached),
+        "val": data_spec(val_info, config, cached) if val_info is not None else None,
         "run_dir": str(run_dir),
     }
-    trainer = make_trainer(config, train_loop, loop_config, cpus, run_dir, datasets)
+    trainer = make_trainer(config, train_loop, loop_config, cpus, run_dir)
     started = time.perf_counter()
     try:
         with progress.watch(run_dir / "metrics.csv", plan.total_steps):
@@ -197,10 +158,53 @@ def train(config: Config, *, address: str | None = None) -> Result:
     return Result(run_dir=run_dir, summary=summary)
 
 
-def make_trainer(
-    config: Config, loop, loop_config: dict, cpus: float, run_dir: Path, datasets=None
-):
-    """The TorchTrainer of a run: its workers, storage, failures, checkpoints, metrics.csv."""
+def use_cache(config: Config, infos: list[DatasetInfo | None]) -> bool:
+    """data.cache, with "auto" resolved against what the cluster holds."""
+    if config.data.cache != "auto":
+        return bool(config.data.cache)
+    size = sum(i.bytes for i in infos if i is not None)
+    resources = ray.cluster_resources()
+    room = min(resources.get("object_store_memory", 0), resources.get("memory", 0))
+    # Each worker also keeps the rows as float32 tensors.
+    rows = sum(i.num_rows * (i.num_features + 2) * 4 for i in infos if i is not None)
+    return size <= CACHE_SHARE * room and rows * config.scale.workers <= CACHE_SHARE * room
+
+
+def data_spec(info: DatasetInfo, config: Config, cached: bool) -> dict[str, Any]:
+    """What a worker needs to read a dataset (raymb.feed): the materialized blocks, or the
+    files to stream."""
+    features = config.data.features
+    columns = [*([features] if isinstance(features, str) else features), config.data.label]
+    spec = {
+        "cached": cached,
+        "shuffle": config.data.shuffle,
+        "seed": config.train.seed,
+        "file_rows": list(info.file_rows),
+        "files": list(info.files),
+        "filesystem": info.filesystem,
+        "columns": columns,
+        "shuffle_buffer": max(4096, 4 * _step_rows(config, info)),
+    }
+    if cached:
+        import ray.data
+
+        # Blocks in file order: the row indices of raymb.order are positions in the files.
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        dataset = ray.data.read_parquet(list(info.files), filesystem=info.filesystem)
+        dataset = dataset.select_columns(columns).materialize()
+        spec["refs"] = dataset.to_arrow_refs()
+    return spec
+
+
+def _step_rows(config: Config, info: DatasetInfo) -> int:
+    G = config.train.global_batch_size
+    return info.num_rows if G == "all" else G
+
+
+def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: Path, callbacks=()):
+    """The TorchTrainer of a run: its workers, storage, failures, checkpoints."""
+    # Ray passes the setting on to the controller that fit() starts.
+    os.environ.setdefault(POLL_ENV, str(POLL_S))
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -218,9 +222,8 @@ def make_trainer(
                 checkpoint_score_attribute=config.checkpoint.metric,
                 checkpoint_score_order=config.checkpoint.mode,
             ),
-            callbacks=[MetricsCsv(str(run_dir / "metrics.csv"))],
+            callbacks=list(callbacks),
         ),
-        datasets=datasets,
     )
 
 

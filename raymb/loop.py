@@ -1,7 +1,9 @@
 """The per-worker training loop: what each Ray Train worker runs, top to bottom.
 
-train_step -> report (metrics, and a checkpoint when due) -> validate at each epoch's end.
-Every rank reports at the same steps: ray.train.report is a barrier.
+next step's rows (raymb.feed) -> train_step -> a metrics entry; when a checkpoint is due
+(checkpoint.every_steps, an epoch's end at least checkpoint.min_interval_s after the last,
+the end): validate, then report with the checkpoint. Every rank checkpoints and gathers
+metrics at the same steps: ray.train.report and the gathers are collectives.
 """
 
 from __future__ import annotations
@@ -18,28 +20,22 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.data.collate_fn import ArrowBatchCollateFn
 
 from raymb import checkpoint as ckpt
-from raymb.columns import table_to_tensors
 from raymb.config import Config
 from raymb.errors import CheckpointError
 from raymb.evaluate import batch_sums
+from raymb.feed import train_source, val_batches
+from raymb.metrics import Entry, Ledger
 from raymb.models import build_model
 from raymb.optim import build_optimizer, build_scheduler
 from raymb.plan import Plan
 from raymb.step import train_step
 from raymb.sync import build_sync
 
-
-class Collate(ArrowBatchCollateFn):
-    """Arrow batch -> (features, label) tensors, in Ray Data's prefetch threads."""
-
-    def __init__(self, features: str | list[str], label: str) -> None:
-        self.features, self.label = features, label
-
-    def __call__(self, batch):
-        return table_to_tensors(batch, self.features, self.label)
+POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 0.2
+"""How often Ray Train's controller polls the workers: a report waits for the next poll (every
+2 s by default, the whole cost of a checkpoint of a small model). The driver sets it."""
 
 
 @dataclass
@@ -63,26 +59,11 @@ class Progress:
     stopped_early: bool = False
 
 
-class Window:
-    """Sums between two reports, turned into one row of metrics."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
-        self.rows = 0
-        self.steps = 0
-        self.step_s = 0.0
-        self.wait_s = 0.0
-        self.started = time.perf_counter()
-
-
 def train_loop(payload: dict) -> None:
     config = Config.from_dict(payload["config"])
     plan = Plan(**payload["plan"])
-    faults = Faults(config, Path(payload["run_dir"]))
+    run_dir = Path(payload["run_dir"])
+    faults = Faults(config, run_dir)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -109,28 +90,36 @@ def train_loop(payload: dict) -> None:
     if saved_sync is not None:
         sync.load_state_dict(saved_sync)
     sync.comm.bytes = progress.bytes_allreduced
-    collate = Collate(config.data.features, config.data.label)
-    train_data = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("val") if payload["has_val"] else None
-    window = Window(device)
+    features, label = config.data.features, config.data.label
+    source = train_source(payload["train"], features, label, plan, rank, world)
+    val_rows = max(plan.microbatch, 1024)
+    val = val_batches(payload["val"], features, label, rank, world, val_rows)
+    ledger = Ledger(run_dir / "metrics.csv" if rank == 0 else None, world, device)
+    if ledger.csv is not None:
+        ledger.csv.truncate_after(progress.step)  # rows a resumed run will write again
+    # Skipping a step needs every worker's verdict each step; aborting is decided from the
+    # losses when they are gathered, before any checkpoint.
+    check_each_step = config.train.on_nan == "skip"
+    # Under grad sync a checkpoint changes no number, so epoch-end ones can be thinned by time;
+    # under param/diloco one averages the workers, so it stays tied to the step.
+    floor_s = config.checkpoint.min_interval_s if config.train.sync == "grad" else 0.0
+    last_checkpoint = time.monotonic()
+
+    def gather() -> None:
+        bad = ledger.gather()
+        if bad is not None:
+            raise FloatingPointError(
+                f"raymb: non-finite loss or gradient at step {bad}; the last checkpoint is "
+                "intact. Set train.on_nan=skip to drop such steps"
+            )
 
     def report(with_checkpoint: bool) -> None:
-        loss, rows = _all_sum(torch.stack([window.loss.float(), _t(window.rows, device)]))
-        elapsed = time.perf_counter() - window.started
+        nonlocal last_checkpoint
+        gather()
         progress.bytes_allreduced = sync.comm.bytes
         metrics = {
-            "step": progress.step,
-            "epoch": progress.epoch,
-            "train_loss": (loss / rows).item() if rows else None,
-            "val_loss": progress.val_loss,
-            "val_accuracy": progress.val_accuracy,
-            "lr": scheduler.get_last_lr()[0],
-            "samples": progress.samples,
-            "samples_per_s": rows.item() / elapsed if elapsed > 0 else 0.0,
-            "step_time_s": window.step_s / max(1, window.steps),
-            "data_wait_s": window.wait_s / max(1, window.steps),
-            "bytes_allreduced": progress.bytes_allreduced,
-            "skipped_steps": progress.skipped_steps,
+            **_row(progress, scheduler, sync),
+            "train_loss": ledger.report_train_loss(),
             "train_seconds": progress.train_seconds,
             "resumed_from_steps": list(progress.resumed_from_steps),
             "stopped_early": progress.stopped_early,
@@ -144,28 +133,20 @@ def train_loop(payload: dict) -> None:
                 _save(Path(tmp), rank, model, optimizer, scheduler, sync, progress, config, plan)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
-        window.reset()
+        last_checkpoint = time.monotonic()
 
     if _finished(progress, plan):  # a finished run started again: report where it ended
         report(with_checkpoint=False)
         return
 
+    m = plan.microbatch
     while not _finished(progress, plan):
-        batches = iter(
-            train_data.iter_torch_batches(
-                batch_size=plan.microbatch, collate_fn=collate, prefetch_batches=2
-            )
-        )
-        for _ in range(progress.step_in_epoch * plan.step_rows // plan.microbatch):
-            next(batches)  # microbatches this epoch already trained on before the resume
+        steps = source.steps(progress.epoch, progress.step_in_epoch)
         while progress.step_in_epoch < plan.steps_per_epoch and not _finished(progress, plan):
             waited = time.perf_counter()
-            microbatches = [
-                (x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                for x, y in (
-                    next(batches) for _ in range(plan.microbatches_in_step(progress.step_in_epoch))
-                )
-            ]
+            x, y = next(steps)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            microbatches = [(x[i : i + m], y[i : i + m]) for i in range(0, len(y), m)]
             faults.before_step(progress.step + 1, rank, microbatches)
             started = time.perf_counter()
             rows = plan.rows_in_step(progress.step_in_epoch)
@@ -178,23 +159,11 @@ def train_loop(payload: dict) -> None:
                 classify=plan.classify,
                 grad_clip=config.optim.grad_clip,
                 bf16=config.train.precision == "bf16",
+                check_finite=check_each_step,
             )
-            if not stepped:
-                if config.train.on_nan == "abort":
-                    raise FloatingPointError(
-                        f"raymb: non-finite loss or gradient at step {progress.step + 1} "
-                        f"(rank {rank}); the last checkpoint is intact. Set train.on_nan=skip "
-                        "to drop such steps"
-                    )
-                progress.skipped_steps += 1
-            else:
-                window.loss += loss
-                window.rows += rows
+            progress.skipped_steps += not stepped
             scheduler.step()
             done = time.perf_counter()
-            window.steps += 1
-            window.wait_s += started - waited
-            window.step_s += done - started
             progress.train_seconds += done - waited
             progress.step += 1
             progress.step_in_epoch += 1
@@ -202,28 +171,64 @@ def train_loop(payload: dict) -> None:
 
             epoch_end = progress.step_in_epoch == plan.steps_per_epoch
             if epoch_end:
-                if next(batches, None) is not None:
-                    raise RuntimeError("raymb: the step plan missed rows of this worker's shard")
                 progress.epoch += 1
                 progress.step_in_epoch = 0
             every = config.checkpoint.every_steps
-            due = epoch_end or _finished(progress, plan) or (every and progress.step % every == 0)
+            due = _finished(progress, plan) or bool(every and progress.step % every == 0)
+            if epoch_end and not due:
+                due = _agree(time.monotonic() - last_checkpoint >= floor_s, device)
             if due:
                 sync.consolidate(net, optimizer)  # one model to validate and to save
-                if val_data is not None:
-                    # Each epoch's end, and every checkpoint: "best by val_loss" needs a val_loss.
-                    progress.val_loss, progress.val_accuracy = _validate(
-                        model, val_data, collate, plan, device
-                    )
-            if due or progress.step % config.train.log_every == 0:
-                report(with_checkpoint=bool(due))
+                if val is not None:
+                    # "Best by val_loss" needs a val_loss at every checkpoint.
+                    progress.val_loss, progress.val_accuracy = _validate(model, val, plan, device)
+            ledger.add(
+                Entry(
+                    row=_row(progress, scheduler, sync),
+                    loss=loss if stepped else None,
+                    rows=rows,
+                    step_s=done - started,
+                    wait_s=started - waited,
+                    ended=done,
+                    logged=due or progress.step % config.train.log_every == 0,
+                )
+            )
+            if due:
+                report(with_checkpoint=True)
+            elif ledger.due:
+                gather()
             if epoch_end:
-                break  # the next epoch needs a new iterator over the shard
+                break
+
+
+def _row(progress: Progress, scheduler, sync) -> dict:
+    """The counters of a metrics row, as they stand after a step."""
+    return {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "val_loss": progress.val_loss,
+        "val_accuracy": progress.val_accuracy,
+        "lr": scheduler.get_last_lr()[0],
+        "samples": progress.samples,
+        "bytes_allreduced": sync.comm.bytes,
+        "skipped_steps": progress.skipped_steps,
+    }
+
+
+def _agree(flag: bool, device) -> bool:
+    """Rank 0's verdict, on every worker (a decision by the clock must not differ)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    box = torch.tensor([float(flag)], device=device)
+    dist.broadcast(box, src=0)
+    return bool(box.item())
 
 
 class Faults:
     """fault.* for tests and drills: each fault fires once per run directory (a marker file
-    records it), so the replacement worker trains on."""
+    records it), so the replacement worker trains on. A real kill can also lose the newest
+    checkpoint if Ray Train's controller had not taken its report yet; the run then resumes,
+    just as exactly, from the one before."""
 
     def __init__(self, config: Config, run_dir: Path) -> None:
         self.config, self.run_dir = config.fault, run_dir
@@ -232,6 +237,9 @@ class Faults:
         if rank != self.config.rank:
             return
         if step == self.config.kill_worker_at_step and self._first(f"kill-at-step-{step}"):
+            # A report waits in a queue until Ray Train's controller polls the workers; give
+            # it time to take the latest checkpoint, so the drill resumes from a known step.
+            time.sleep(5 * float(os.environ.get(POLL_ENV, 2.0)))
             print(f"raymb: fault.kill_worker_at_step={step}: killing rank {rank}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         if step == self.config.nan_at_step and self._first(f"nan-at-step-{step}"):
@@ -270,11 +278,11 @@ def _finished(progress: Progress, plan: Plan) -> bool:
 
 
 @torch.no_grad()
-def _validate(model, data, collate, plan: Plan, device) -> tuple[float, float | None]:
+def _validate(model, batches, plan: Plan, device) -> tuple[float | None, float | None]:
     """Mean loss (and accuracy for classifiers) over the validation set, all workers."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for x, y in data.iter_torch_batches(batch_size=max(plan.microbatch, 1024), collate_fn=collate):
+    for x, y in batches:
         sums += batch_sums(model, x.to(device), y.to(device), plan.classify)
     model.train()
     loss, hits, rows = _all_sum(sums).tolist()
@@ -287,10 +295,6 @@ def _all_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
-
-
-def _t(value, device) -> torch.Tensor:
-    return torch.tensor(float(value), device=device)
 
 
 def _save(directory, rank, model, optimizer, scheduler, sync, progress, config, plan) -> None:

@@ -50,10 +50,19 @@ import torch.distributed as dist
 from raymb import checkpoint as ckpt
 from raymb.columns import table_to_tensors
 from raymb.config import Config
-from raymb.driver import Result, _first_line, _summary, connect, latest_checkpoint, make_trainer
+from raymb.driver import (
+    ReportsToCsv,
+    Result,
+    _first_line,
+    _summary,
+    connect,
+    latest_checkpoint,
+    make_trainer,
+)
 from raymb.errors import CheckpointError, ConfigError, DataError, RaymbError
 from raymb.models import build_model, correct, summed_loss
 from raymb.optim import build_optimizer, build_scheduler
+from raymb.order import rank_rows
 from raymb.schema import PARQUET_SUFFIX, DatasetInfo, check_dataset, resolve_files
 from raymb.step import train_step
 from raymb.sync import build_sync
@@ -120,13 +129,6 @@ def step_sizes(rows: int, global_batch: int | str) -> list[int]:
     if global_batch == "all" or rows == 0:
         return [rows] if rows else []
     return [min(global_batch, rows - s) for s in range(0, rows, global_batch)]
-
-
-def rank_rows(start: int, n: int, world: int, rank: int) -> slice:
-    """Rank's contiguous part of the step's rows [start, start + n): sizes differ by <= 1."""
-    base, extra = divmod(n, world)
-    first = start + rank * base + min(rank, extra)
-    return slice(first, first + base + (rank < extra))
 
 
 # The worker loop.
@@ -462,7 +464,8 @@ def follow(
         "poll_s": min(0.5, max(0.05, idle_timeout / 10)),
         "stop_file": str(stop_file),
     }
-    trainer = make_trainer(config, follow_loop, loop_config, cpus, run_dir)
+    callbacks = [ReportsToCsv(run_dir / "metrics.csv")]
+    trainer = make_trainer(config, follow_loop, loop_config, cpus, run_dir, callbacks)
     started = time.perf_counter()
     try:
         result = _fit_stopping_on_sigint(trainer, stop_file)

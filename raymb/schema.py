@@ -37,6 +37,8 @@ class DatasetInfo:
     label_kind: str  # "int" (classification) or "float" (regression)
     num_classes: int | None  # max label + 1 for int labels, else None
     filesystem: pafs.FileSystem = field(repr=False)  # pass to readers for non-local paths
+    file_rows: tuple[int, ...] = ()  # rows of each file, in the order of `files`
+    bytes: int = 0  # uncompressed size of the files' columns, from their footers
 
 
 def resolve_files(path: str, *, what: str = "data.train") -> tuple[list[str], pafs.FileSystem]:
@@ -97,11 +99,15 @@ def check_dataset(
     dims: tuple[int, str] | None = None  # (d, first file) to compare later files against
     kind: tuple[str, str] | None = None
     max_label: int | None = None
+    file_rows: list[int] = []
+    size = 0
     for f in files:
         pf = _open(fs, f, what)
         schema, meta = pf.schema_arrow, pf.metadata
         prefix = f"{what}: {f}"
         num_rows += meta.num_rows
+        file_rows.append(meta.num_rows)
+        size += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
 
         # The footer answers the types; one read of the columns answers the rest.
         label_type = _field(schema, label, prefix, "label").type
@@ -168,6 +174,8 @@ def check_dataset(
         label_kind=kind[0],
         num_classes=None if max_label is None else max_label + 1,
         filesystem=fs,
+        file_rows=tuple(file_rows),
+        bytes=size,
     )
 
 

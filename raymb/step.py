@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +22,7 @@ def train_step(
     classify: bool,
     grad_clip: float | None = None,
     bf16: bool = False,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, bool]:
     """Accumulate gradients over this worker's microbatches and take one optimizer step.
 
@@ -31,23 +32,30 @@ def train_step(
     gradient is then the mean over exactly the samples in the step, whatever the split.
 
     Returns this worker's summed (unnormalised) loss, detached, on its device, and whether
-    the step was taken: when any worker's gradient is not finite, no worker steps.
+    the step was taken: with `check_finite`, when any worker's gradient is not finite, no
+    worker steps (a gradient norm and a device sync each step; without it the caller checks
+    the returned losses).
     """
     optimizer.zero_grad(set_to_none=True)
     divisor = sync.step_samples(rows)
     total = None
     last = len(microbatches) - 1
+    scale = _scale(divisor, microbatches[0][0].device)
     for i, (x, y) in enumerate(microbatches):
-        with sync.microbatch(model, last=i == last), _autocast(x.device, bf16):
-            loss = summed_loss(model(x), y, classify).float()
-            (loss / divisor).backward()
+        with sync.microbatch(model, last=i == last):
+            if bf16:
+                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                    loss = summed_loss(model(x), y, classify).float()
+            else:
+                loss = summed_loss(model(x), y, classify)
+            loss.backward(scale)  # the gradient of loss / divisor, without another op
         total = loss.detach() if total is None else total + loss.detach()
-    params = [p for p in model.parameters() if p.grad is not None]
+    norm = None
     if grad_clip is not None:
-        norm = nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        norm = nn.utils.get_total_norm([p.grad for p in params])
-    if not sync.finite(norm):
+        norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    elif check_finite:
+        norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if check_finite and not sync.finite(norm):
         optimizer.zero_grad(set_to_none=True)
         return total, False
     optimizer.step()
@@ -55,7 +63,7 @@ def train_step(
     return total, True
 
 
-def _autocast(device: torch.device, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+@functools.lru_cache(maxsize=64)
+def _scale(divisor: float, device: torch.device) -> torch.Tensor:
+    """1 / divisor as a 0-d float32 tensor: the seed of backward(), made once per value."""
+    return torch.full((), 1.0 / divisor, device=device)

@@ -186,25 +186,32 @@ def test_non_finite_loss_skipped_on_every_worker(linear_data, runs):
 
 
 def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, runs):
-    # 1024 rows, "all": 2 workers x k=2 microbatches of 256, and 4 workers x k=1 (4 workers on
-    # this 2-core machine: raymb must leave Ray Data a CPU, or the run hangs).
+    # 1024 rows, "all", 30 epochs: W=2 x k=2 microbatches of 256, W=1 x k=4 of 256 and W=2 x
+    # k=4 of 128. The data is read once: the 29 epochs after the first cost seconds.
     common = (
         "train.global_batch_size=all",
-        "train.microbatch_size=256",
-        "train.epochs=3",
+        "train.epochs=30",
         "optim.momentum=0.0",
         "optim.lr=0.5",
         "data.val=none",
         "checkpoint.metric=train_loss",
     )
+    splits = ((2, 256), (1, 256), (2, 128))
     results = [
-        _train(runs, linear_data, f"run.name=full-w{w}", f"scale.workers={w}", *common)
-        for w in (2, 4)
+        _train(
+            runs,
+            linear_data,
+            f"run.name=full-w{w}-m{m}",
+            f"scale.workers={w}",
+            f"train.microbatch_size={m}",
+            *common,
+        )
+        for w, m in splits
     ]
-    assert [r.summary["steps"] for r in results] == [3, 3]
+    assert [r.summary["steps"] for r in results] == [30, 30, 30]
     models = [load_model(r.checkpoint)[0] for r in results]
 
-    # Independent reference: three steps of plain gradient descent on all rows at once.
+    # Independent reference: 30 steps of plain gradient descent on all rows at once.
     import pyarrow.parquet as pq
 
     table = pq.read_table(linear_data / "train")
@@ -213,13 +220,38 @@ def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, runs):
     torch.manual_seed(0)
     init = torch.nn.Linear(1, 1)  # raymb seeds train.seed=0 before building the model
     w, b = init.weight.detach().clone(), init.bias.detach().clone()
-    for _ in range(3):
+    for _ in range(30):
         err = (x @ w.T).squeeze(-1) + b - y
         w = w - 0.5 * (2 * err[:, None] * x).mean(0, keepdim=True)
         b = b - 0.5 * (2 * err).mean(0, keepdim=True)
     for model in models:
         torch.testing.assert_close(model.weight.detach(), w, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model.bias.detach(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_data_killed_and_resumed_ends_as_the_cached_run(linear_data, runs):
+    # data.cache=false streams every epoch through Ray Data; shuffle "files" draws the same
+    # file order as the cached path, so the rows, and the numbers, are the same. One epoch,
+    # checkpoints at 10 and 16: each streamed pass starts Ray Data reads in the workers
+    # (seconds each on this machine).
+    files = (*COMMON, "data.shuffle=files", "train.epochs=1", "checkpoint.every_steps=10")
+    cached = _train(runs, linear_data, "run.name=files-cached", "data.cache=true", *files)
+    streamed = _train(
+        runs,
+        linear_data,
+        "run.name=files-streamed-killed",
+        "data.cache=false",
+        *files,
+        "fault.kill_worker_at_step=13",
+        "fault.rank=1",
+        "scale.max_failures=1",
+    )
+    assert streamed.summary["resumed_from_steps"] == [10]
+    _same_model(streamed, cached)
+    want, got = _losses(cached), _losses(streamed)
+    assert sorted(got) == list(range(1, 17))
+    for step in range(1, 17):
+        assert got[step] == pytest.approx(want[step], rel=1e-6), step
 
 
 def _overfitting_data(out: Path) -> Path:

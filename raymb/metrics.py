@@ -1,0 +1,164 @@
+"""metrics.csv: one row per logged step, gathered on the workers without a barrier per row.
+
+Every step leaves an `Entry` on each worker; every `Ledger.every` steps (tuned so that this
+happens about once a second) the workers all-reduce their entries' losses in one message,
+turn them into rows, and rank 0 appends the rows to metrics.csv. ray.train.report, a barrier
+through the Ray Train controller, is left for checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+COLUMNS = (
+    "step",
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+    "samples",
+    "samples_per_s",
+    "step_time_s",
+    "data_wait_s",
+    "bytes_allreduced",
+    "skipped_steps",
+)
+FLUSH_S = 1.0
+"""About how often the workers gather their entries into rows."""
+
+
+@dataclass
+class Entry:
+    """One step as this worker saw it; `loss` is its summed loss (None when skipped)."""
+
+    row: dict[str, Any]
+    loss: torch.Tensor | None
+    rows: int
+    step_s: float
+    wait_s: float
+    ended: float
+    logged: bool
+
+
+class Ledger:
+    """Entries since the last gather, and the window of steps the next row sums up."""
+
+    def __init__(self, csv_path: Path | None, world: int, device: torch.device) -> None:
+        self.csv = MetricsCsv(csv_path) if csv_path is not None else None
+        self.world, self.device = world, device
+        self.entries: list[Entry] = []
+        self.every = 1
+        self.since = time.perf_counter()
+        self._reset_window(self.since)
+        self.report_loss, self.report_rows = 0.0, 0
+
+    def _reset_window(self, started: float) -> None:
+        self.w_loss, self.w_rows, self.w_steps = 0.0, 0, 0
+        self.w_step_s = self.w_wait_s = 0.0
+        self.w_started = started
+
+    def add(self, entry: Entry) -> None:
+        self.entries.append(entry)
+
+    @property
+    def due(self) -> bool:
+        return len(self.entries) >= self.every
+
+    def gather(self) -> int | None:
+        """All-reduce the entries' losses (a collective: every worker calls it at the same
+        step) and write their rows; return the first step whose loss is not finite, if any."""
+        entries, self.entries = self.entries, []
+        if not entries:
+            return None
+        elapsed = time.perf_counter() - self.since
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        values = torch.stack(
+            [*(zero if e.loss is None else e.loss.double() for e in entries), _t(elapsed, self)]
+        )
+        if self.world > 1:
+            dist.all_reduce(values)
+        *losses, elapsed = values.tolist()
+        # The next gather after about FLUSH_S, judged by the workers' mean time: all agree.
+        per_step = elapsed / self.world / len(entries)
+        self.every = max(1, min(100_000, int(FLUSH_S / per_step) if per_step > 0 else 100_000))
+        self.since = time.perf_counter()
+        bad = next((e.row["step"] for e, v in zip(entries, losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            return bad
+        rows = []
+        for entry, loss in zip(entries, losses):
+            if entry.loss is not None:
+                n = entry.rows * self.world
+                self.w_loss += loss
+                self.w_rows += n
+                self.report_loss += loss
+                self.report_rows += n
+            self.w_steps += 1
+            self.w_step_s += entry.step_s
+            self.w_wait_s += entry.wait_s
+            if entry.logged:
+                rows.append(self._row(entry))
+                self._reset_window(entry.ended)
+        if self.csv is not None and rows:
+            self.csv.append(rows)
+        return None
+
+    def _row(self, entry: Entry) -> dict[str, Any]:
+        took = entry.ended - self.w_started
+        steps = max(1, self.w_steps)
+        return {
+            **entry.row,
+            "train_loss": self.w_loss / self.w_rows if self.w_rows else None,
+            "samples_per_s": self.w_rows / took if took > 0 else 0.0,
+            "step_time_s": self.w_step_s / steps,
+            "data_wait_s": self.w_wait_s / steps,
+        }
+
+    def report_train_loss(self) -> float | None:
+        """Mean loss over the steps since the last call (what a checkpoint's report shows)."""
+        loss = self.report_loss / self.report_rows if self.report_rows else None
+        self.report_loss, self.report_rows = 0.0, 0
+        return loss
+
+
+class MetricsCsv:
+    """Appends rows to metrics.csv; `truncate_after` drops the rows of steps a resumed run
+    will train again, so the file holds each step once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
+
+
+def _t(value: float, ledger: Ledger) -> torch.Tensor:
+    return torch.tensor(float(value), dtype=torch.float64, device=ledger.device)

@@ -1,0 +1,54 @@
+"""Which rows each worker trains on in each step: a pure function of (seed, epoch, step, rank, W).
+
+An epoch's order is a permutation of the training set's row indices drawn from (seed,
+epoch) alone, by its own generator (the training RNG is left untouched). The epoch uses its
+first W·(N // W) rows; step s takes the next rows of the order (G of them, or fewer for the
+short last step), and worker r of W trains on the r-th contiguous slice of the step's rows.
+Nothing depends on timing, on how Ray Data split blocks, or on whether the run was resumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+SHUFFLES = ("rows", "files", "none")
+
+
+def epoch_order(shuffle: str, seed: int, epoch: int, file_rows: Sequence[int]) -> torch.Tensor:
+    """Row indices (int64) of one epoch, in the order it trains on them.
+
+    `file_rows` is the row count of each file, in the files' sorted order: the rows of file i
+    are the indices after those of files 0..i-1.
+    """
+    total = sum(file_rows)
+    if shuffle == "none":
+        return torch.arange(total)
+    generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    if shuffle == "rows":
+        return torch.randperm(total, generator=generator)
+    starts = torch.tensor([0, *file_rows]).cumsum(0)
+    files = torch.randperm(len(file_rows), generator=generator).tolist()
+    return torch.cat([torch.arange(int(starts[f]), int(starts[f + 1])) for f in files])
+
+
+def worker_rows(
+    order: torch.Tensor, step_in_epoch: int, step_rows: int, rows: int, rank: int, world: int
+) -> torch.Tensor:
+    """Indices worker `rank` trains on in a step: `rows` of them (the plan's rows for this
+    worker in this step), the rank-th slice of the step's W·rows rows of the order."""
+    first = step_in_epoch * step_rows * world + rank * rows
+    return order[first : first + rows]
+
+
+def rank_rows(start: int, n: int, world: int, rank: int) -> slice:
+    """Rank's contiguous part of rows [start, start + n) split W ways: sizes differ by <= 1."""
+    base, extra = divmod(n, world)
+    first = start + rank * base + min(rank, extra)
+    return slice(first, first + base + (rank < extra))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Distinct, well-spread seeds for every (seed, epoch); fits torch's 64-bit seed.
+    return (seed * 1_000_003 + epoch * 7_919 + 0x5EED) % (2**63)
