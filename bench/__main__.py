@@ -12,14 +12,16 @@ from bench.harness import RESULTS, save
 
 BENCHMARKS = {
     "loop": "raymb's train_step (1 worker, k=1, data in memory) vs a hand-written torch loop",
-    "ingest": "Ray Data read_parquet -> iter_torch_batches rows/s; the trainer's data-wait share",
+    "ingest": "cached source and Ray Data rows/s; the trainer's data-wait share, shuffle cost",
+    "epochs": "20 epochs: raymb train vs a hand-written DDP script; per-epoch overhead",
     "scaling": "samples/s of the mlp on 1, 2 and 4 workers; per-step all-reduce time",
     "startup": "`raymb train` to its first step vs a minimal TorchTrainer script",
     "microbatch": "the same global batch with k = 1, 4, 16 microbatches: samples/s, memory",
     "strategies": "train.sync grad vs param (H=1,4,16) vs diloco (H=16,64): loss, bytes, time",
 }
-# startup starts Ray in subprocesses, so it runs first, before `all` holds a session.
-ORDER = ("loop", "startup", "ingest", "scaling", "microbatch", "strategies")
+# startup and epochs start Ray in subprocesses, so they run first, before `all` holds a
+# session.
+ORDER = ("loop", "startup", "epochs", "ingest", "scaling", "microbatch", "strategies")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ epochs on a 1,536-row, 64-feature, 10-class set, 2 workers (gloo): wall time fro
 exit, time to the first step, and steady samples/s after the first epoch.
 
 Part 2: raymb's per-epoch overhead with its defaults (2 workers, G = 64) on a 1,024-row
-set: (wall of N epochs - wall of N/9 epochs) / (extra epochs) - the steps' own compute.
+set: (wall of N epochs - wall of N/9 epochs) / (extra epochs) - the steps' own compute;
+and the throughput (samples over fit wall time) lost to a metrics row every step.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from bench.harness import alternate, dataset, median, ray_session, target, train
 
 HERE = Path(__file__).resolve().parent
 WORKERS, GLOBAL_BATCH, LR = 2, 64, 0.001
-STEADY_TARGET, OVERHEAD_TARGET = 0.8, 0.1
+STEADY_TARGET, OVERHEAD_TARGET, LOG_TARGET = 0.8, 0.1, 0.05
 
 
 def run(quick: bool) -> dict:
@@ -53,6 +54,12 @@ def run(quick: bool) -> dict:
     ratio = rows[1]["steady_samples_per_s"] / rows[0]["steady_samples_per_s"]
     rows[1]["steady_ratio"] = ratio
     rows.append({"program": "raymb per-epoch overhead (s)", "overhead_s": overhead["per_epoch"]})
+    rows.append(
+        {
+            "program": "raymb: throughput lost to log_every = 1 (vs 1000)",
+            "overhead_s": overhead["log_every_1_cost"],
+        }
+    )
     return {
         "description": f"{epochs} epochs of an mlp [64, 64] with Adam (lr {LR}), "
         f"{WORKERS} gloo workers, G={GLOBAL_BATCH}, on 1,536 rows x 64 features, 10 classes; "
@@ -82,6 +89,12 @@ def run(quick: bool) -> dict:
                 overhead["per_epoch"],
                 f"<= {OVERHEAD_TARGET}",
                 overhead["per_epoch"] <= OVERHEAD_TARGET,
+            ),
+            target(
+                "log_every = 1: share of throughput lost (samples / fit wall time)",
+                overhead["log_every_1_cost"],
+                f"<= {LOG_TARGET}",
+                overhead["log_every_1_cost"] <= LOG_TARGET,
             ),
         ],
         "notes": [
@@ -169,11 +182,22 @@ def _overhead(tmp: Path, quick: bool) -> dict:
     generate("linear", data, rows=1024 + 256, shards=4, seed=1)
     walls: dict[int, list[float]] = {long: [], short: []}
     compute: dict[int, list[float]] = {long: [], short: []}
+    logged: dict[int, list[float]] = {1: [], 1000: []}
     with ray_session():
         for rep, epochs in alternate((short, long), 1 if quick else 2):
             result = train_run(data, tmp / "runs", f"e{epochs}-{rep}", [f"train.epochs={epochs}"])
             walls[epochs].append(result["summary"]["wall_s"])
             compute[epochs].append(_step_seconds(result["metrics"]))
+        # A metrics row every step against one every 1000: what log_every = 1 costs.
+        for rep, every in alternate((1, 1000), 1 if quick else 2):
+            result = train_run(
+                data,
+                tmp / "runs",
+                f"log{every}-{rep}",
+                [f"train.epochs={long}", f"train.log_every={every}"],
+            )
+            summary = result["summary"]
+            logged[every].append(summary["samples"] / summary["wall_s"])
     extra = long - short
     wall = median(walls[long]) - median(walls[short])
     steps = median(compute[long]) - median(compute[short])
@@ -183,6 +207,7 @@ def _overhead(tmp: Path, quick: bool) -> dict:
         "per_epoch": (wall - steps) / extra,
         "wall_long_s": median(walls[long]),
         "wall_short_s": median(walls[short]),
+        "log_every_1_cost": 1 - median(logged[1]) / median(logged[1000]),
     }
 
 

@@ -158,7 +158,9 @@ class TrainSection:
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16: forward and loss under bfloat16 autocast (parameters and gradients stay fp32)."""
     deterministic: bool = True
-    """Same data order and random draws on every run and resume (exact resumption)."""
+    """The row order is always a function of train.seed and the epoch; true also makes torch
+    pick deterministic kernels where it has them (torch.use_deterministic_algorithms, warning
+    where it has none), so runs repeat bitwise on GPUs too."""
     on_nan: Literal["abort", "skip"] = "abort"
     """A non-finite loss on any worker: abort the run (the last checkpoint stays), or skip
     that step on every worker and count it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,12 @@ from ray.train.torch import TorchTrainer
 from raymb import plot, progress
 from raymb.checkpoint import claim_run
 from raymb.config import Config
-from raymb.errors import ConfigError, RaymbError
-from raymb.loop import POLL_ENV, POLL_S, train_loop
-from raymb.metrics import COLUMNS, MetricsCsv
+from raymb.errors import ConfigError, DataError, RaymbError
+from raymb.loop import train_loop
+from raymb.metrics import COLUMNS
 from raymb.plan import Plan
 from raymb.schema import DatasetInfo, check_dataset
+from raymb.worker import POLL_ENV, POLL_S
 
 METRIC_COLUMNS = COLUMNS  # the columns of metrics.csv
 CACHE_SHARE = 0.25
@@ -44,31 +46,18 @@ class Result:
         return self.summary["checkpoint"]
 
 
-class ReportsToCsv(ray.train.UserCallback):
-    """Appends rank 0's metrics of every report to metrics.csv (runs on the controller), for
-    loops that report each row (--follow); after a resume the rows past the resumed step are
-    dropped first, so the file holds each step once."""
-
-    def __init__(self, path: Path) -> None:
-        self.csv = MetricsCsv(path)
-        self.seen_resumes = -1
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        row = metrics[0]
-        resumes = row.get("resumed_from_steps", [])
-        if resumes and len(resumes) != self.seen_resumes:
-            self.csv.truncate_after(resumes[-1])
-        self.seen_resumes = len(resumes)
-        self.csv.append([row])
-
-
 def prepare(config: Config) -> tuple[Plan, Any, Any]:
     """Check the data against the config; nothing is started or written."""
     features, label = config.data.features, config.data.label
-    train_info = check_dataset(config.data.train, features, label, what="data.train")
+    # The feature values are checked by the workers' first read (raymb.feed).
+    train_info = check_dataset(
+        config.data.train, features, label, what="data.train", scan_features=False
+    )
     val_info = None
     if config.data.val is not None:
-        val_info = check_dataset(config.data.val, features, label, what="data.val")
+        val_info = check_dataset(
+            config.data.val, features, label, what="data.val", scan_features=False
+        )
         if (val_info.num_features, val_info.label_kind) != (
             train_info.num_features,
             train_info.label_kind,
@@ -127,6 +116,7 @@ def train(config: Config, *, address: str | None = None) -> Result:
     plan, train_info, val_info = prepare(config)
     storage = str(Path(config.run.storage_path).expanduser().resolve())
     run_dir = Path(storage) / config.run.name
+    fresh = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     claim_run(run_dir, config)  # a resumed run must fit its checkpoints
     cpus = connect(config, address)
@@ -135,7 +125,7 @@ def train(config: Config, *, address: str | None = None) -> Result:
         "config": config.to_dict(),
         "plan": plan.to_dict(),
         "train": data_spec(train_info, config, cached),
-        "val": data_spec(val_info, config, cached) if val_info is not None else None,
+        "val": data_spec(val_info, config, cached, "data.val") if val_info else None,
         "run_dir": str(run_dir),
     }
     trainer = make_trainer(config, train_loop, loop_config, cpus, run_dir)
@@ -145,6 +135,11 @@ def train(config: Config, *, address: str | None = None) -> Result:
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         latest = latest_checkpoint(run_dir)
+        bad_data = _data_error(e)
+        if bad_data is not None:  # found by the workers' first read: nothing to keep
+            if fresh and latest is None:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise DataError(bad_data) from None
         kept = (
             f"latest checkpoint: {latest} (run again with run.name={config.run.name!r} to resume)"
             if latest
@@ -170,7 +165,9 @@ def use_cache(config: Config, infos: list[DatasetInfo | None]) -> bool:
     return size <= CACHE_SHARE * room and rows * config.scale.workers <= CACHE_SHARE * room
 
 
-def data_spec(info: DatasetInfo, config: Config, cached: bool) -> dict[str, Any]:
+def data_spec(
+    info: DatasetInfo, config: Config, cached: bool, what: str = "data.train"
+) -> dict[str, Any]:
     """What a worker needs to read a dataset (raymb.feed): the materialized blocks, or the
     files to stream."""
     features = config.data.features
@@ -183,6 +180,8 @@ def data_spec(info: DatasetInfo, config: Config, cached: bool) -> dict[str, Any]
         "files": list(info.files),
         "filesystem": info.filesystem,
         "columns": columns,
+        "what": what,
+        "scan": columns[:-1],  # the features: check_dataset read the labels
         "shuffle_buffer": max(4096, 4 * _step_rows(config, info)),
     }
     if cached:
@@ -201,7 +200,7 @@ def _step_rows(config: Config, info: DatasetInfo) -> int:
     return info.num_rows if G == "all" else G
 
 
-def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: Path, callbacks=()):
+def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: Path):
     """The TorchTrainer of a run: its workers, storage, failures, checkpoints."""
     # Ray passes the setting on to the controller that fit() starts.
     os.environ.setdefault(POLL_ENV, str(POLL_S))
@@ -222,7 +221,6 @@ def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: 
                 checkpoint_score_attribute=config.checkpoint.metric,
                 checkpoint_score_order=config.checkpoint.mode,
             ),
-            callbacks=list(callbacks),
         ),
     )
 
@@ -265,6 +263,15 @@ def _summary(result, wall_s: float, config: Config) -> dict[str, Any]:
         "skipped_steps": m.get("skipped_steps", 0),
         "stopped_early": stopped_early,
     }
+
+
+def _data_error(error: BaseException) -> str | None:
+    """The message of a DataError a worker raised, from Ray's wrapped traceback."""
+    marker = f"{DataError.__name__}: "
+    for line in str(error).splitlines():
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
+    return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -12,6 +12,8 @@ of an epoch from step `start` on):
   so which rows it trains on never depends on how Ray Data handed out blocks.
 
 The validation set is split rank::W, so every row is evaluated once across the workers.
+Both sources check the feature values (nulls, NaN, inf) as they first read them, naming the
+file: the driver's check before Ray starts reads only footers and labels.
 """
 
 from __future__ import annotations
@@ -20,22 +22,27 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 import torch
 
 from raymb.columns import table_to_tensors
+from raymb.errors import DataError
 from raymb.order import _epoch_seed, epoch_order, rank_rows, worker_rows
 from raymb.plan import Plan
+from raymb.schema import check_values
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+PATH = "path"
+"""The column Ray Data's include_paths adds: which file a streamed row came from."""
 
 
 class CachedSource:
     """The whole set as tensors in this worker; each step is an index gather."""
 
     def __init__(self, spec: dict[str, Any], features, label, plan: Plan, rank: int, world: int):
-        self.x, self.y = _tensors(spec["refs"], features, label)
+        self.x, self.y = _tensors(spec, features, label)
         self.file_rows = spec["file_rows"]
         self.shuffle, self.seed = spec["shuffle"], spec["seed"]
         self.plan, self.rank, self.world = plan, rank, world
@@ -63,11 +70,7 @@ class StreamedSource:
         if spec["shuffle"] != "none":
             order = epoch_order("files", spec["seed"], epoch, [1] * len(files)).tolist()
             files = [files[i] for i in order]
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
-        dataset = ray.data.read_parquet(
-            files, filesystem=spec["filesystem"], override_num_blocks=len(files)
-        )
-        dataset = dataset.select_columns(spec["columns"])
+        dataset = _stream(spec, files)
         shuffle = {}
         if spec["shuffle"] == "rows":
             shuffle = dict(
@@ -85,6 +88,7 @@ class StreamedSource:
                 break  # the fewer than W rows no worker trains on this epoch
             if s < start:
                 continue  # trained on before the resume
+            check_batch(table, spec)
             rows = plan.rows_in_step(s)
             part = table.slice(self.rank * rows, rows)
             yield table_to_tensors(part, self.features, self.label)
@@ -103,7 +107,7 @@ def val_batches(
     if spec is None:
         return None
     if spec["cached"]:
-        x, y = _tensors(spec["refs"], features, label)
+        x, y = _tensors(spec, features, label)
         x, y = x[rank::world], y[rank::world]
         return [(x[i : i + rows], y[i : i + rows]) for i in range(0, len(y), rows)]
     return _StreamedVal(spec, features, label, rank, world, rows)
@@ -116,18 +120,46 @@ class _StreamedVal:
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
-        dataset = ray.data.read_parquet(list(spec["files"]), filesystem=spec["filesystem"])
-        dataset = dataset.select_columns(spec["columns"])
+        dataset = _stream(spec, list(spec["files"]))
         for table in dataset.iter_batches(
             batch_size=self.rows * self.world, batch_format="pyarrow"
         ):
+            check_batch(table, spec)
             part = rank_rows(0, table.num_rows, self.world, self.rank)
             if part.stop > part.start:
                 table = table.slice(part.start, part.stop - part.start)
                 yield table_to_tensors(table, self.features, self.label)
 
 
-def _tensors(refs: list, features, label) -> Batch:
-    tables = ray.get(list(refs))
+def _stream(spec: dict[str, Any], files: list[str]) -> ray.data.Dataset:
+    """The files as one Ray Data stream in this order, each row with its file's path."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    dataset = ray.data.read_parquet(
+        files, filesystem=spec["filesystem"], override_num_blocks=len(files), include_paths=True
+    )
+    return dataset.select_columns([*spec["columns"], PATH])
+
+
+def check_batch(table: pa.Table, spec: dict[str, Any]) -> None:
+    """The feature values of streamed rows (check_dataset left them to this first read):
+    a DataError names the file, counting the bad rows of this batch."""
+    columns = spec["scan"]
+    try:
+        check_values(table, columns, "")
+    except DataError:
+        for path in pc.unique(table.column(PATH)).to_pylist():
+            rows = table.filter(pc.equal(table.column(PATH), path))
+            check_values(rows, columns, f"{spec['what']}: {path}")
+        raise
+
+
+def _tensors(spec: dict[str, Any], features, label) -> Batch:
+    """The materialized blocks as tensors, their feature values checked file by file (the
+    blocks are in file order)."""
+    tables = ray.get(list(spec["refs"]))
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    start = 0
+    for path, rows in zip(spec["files"], spec["file_rows"]):
+        check_values(table.slice(start, rows), spec["scan"], f"{spec['what']}: {path}")
+        start += rows
     return table_to_tensors(table, features, label)

@@ -39,7 +39,8 @@ FLUSH_S = 1.0
 
 @dataclass
 class Entry:
-    """One step as this worker saw it; `loss` is its summed loss (None when skipped)."""
+    """One step as this worker saw it: `loss` is its summed loss (None when skipped), `rows`
+    the step's rows on all workers."""
 
     row: dict[str, Any]
     loss: torch.Tensor | None
@@ -98,11 +99,10 @@ class Ledger:
         rows = []
         for entry, loss in zip(entries, losses):
             if entry.loss is not None:
-                n = entry.rows * self.world
                 self.w_loss += loss
-                self.w_rows += n
+                self.w_rows += entry.rows
                 self.report_loss += loss
-                self.report_rows += n
+                self.report_rows += entry.rows
             self.w_steps += 1
             self.w_step_s += entry.step_s
             self.w_wait_s += entry.wait_s

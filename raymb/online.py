@@ -20,22 +20,24 @@ one per worker, in microbatches of m. Every worker takes every step (one with no
 empty batch), so the gradient all-reduce always pairs up and each step's gradient is the
 mean over exactly its rows: the parameters equal one process taking the same steps.
 
-Ray Data is not used: files are small and arrive one at a time, so each worker reads the
-file with pyarrow (the whole file, then its rows); rank 0 lists DIR and broadcasts what to
-do next, so every worker agrees. Nothing waits in a collective for long: rank 0 sends a
-"wait" every half second or so while idle.
+The arriving files are small and come one at a time, so each worker reads the file with
+pyarrow (the whole file, then its rows); data.val is read once by Ray Data, as for `raymb
+train`. Rank 0 lists DIR and broadcasts what to do next, so every worker agrees. Nothing
+waits in a collective for long: rank 0 sends a "wait" every half second or so while idle.
+Steps, metrics, validation and checkpoints are raymb.worker's, as for `raymb train`: any
+train.sync (under param/diloco a checkpoint after each file averages the workers; a worker
+with no row in a step steps on zero gradients, which momentum still moves).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,28 +46,25 @@ import pyarrow.parquet as pq
 import ray
 import ray.train
 import ray.train.torch
-import torch
 import torch.distributed as dist
 
 from raymb import checkpoint as ckpt
 from raymb.columns import table_to_tensors
-from raymb.config import Config
+from raymb.config import CheckpointSection, Config, DataSection
 from raymb.driver import (
-    ReportsToCsv,
     Result,
     _first_line,
     _summary,
     connect,
+    data_spec,
     latest_checkpoint,
     make_trainer,
 )
-from raymb.errors import CheckpointError, ConfigError, DataError, RaymbError
-from raymb.models import build_model, correct, summed_loss
-from raymb.optim import build_optimizer, build_scheduler
+from raymb.errors import ConfigError, DataError, RaymbError
+from raymb.feed import val_batches
 from raymb.order import rank_rows
-from raymb.schema import PARQUET_SUFFIX, DatasetInfo, check_dataset, resolve_files
-from raymb.step import train_step
-from raymb.sync import build_sync
+from raymb.schema import PARQUET_SUFFIX, DatasetInfo, check_dataset
+from raymb.worker import Shape, Worker
 
 STOP_FILE = "STOP"
 """In the run directory: the workers stop after the file in hand when it appears."""
@@ -134,97 +133,23 @@ def step_sizes(rows: int, global_batch: int | str) -> list[int]:
 # The worker loop.
 
 
-@dataclass
-class Progress:
-    """What a checkpoint carries besides model and optimizer."""
-
-    step: int = 0
-    samples: int = 0
-    train_seconds: float = 0.0
-    bytes_allreduced: int = 0
-    resumed_from_steps: list[int] = field(default_factory=list)
-    train_loss: float | None = None
-    val_loss: float | None = None
-    val_accuracy: float | None = None
-    skipped_steps: int = 0
-    files: list[list] = field(default_factory=list)
-    """[name, rows] of every file trained on, in order."""
-
-
-@dataclass
-class Window:
-    """Sums between two reports: one row of metrics."""
-
-    loss: Any = 0.0  # a tensor once a step has run: read only when reporting
-    rows: int = 0
-    steps: int = 0
-    step_s: float = 0.0
-    wait_s: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
-
-
 def follow_loop(payload: dict) -> None:
     """What each Ray Train worker runs: agree on the next file, train one pass, checkpoint."""
     config = Config.from_dict(payload["config"])
     dims = payload["dims"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-
-    torch.manual_seed(config.train.seed)
-    model = build_model(config.model, dims["in_features"], dims["out_features"]).to(device)
-    optimizer = build_optimizer(config.optim, model.parameters())
-    scheduler = build_scheduler(config.optim, optimizer, 1)  # constant or step: no total needed
-    progress = Progress()
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as directory:
-            _restore(Path(directory), model, optimizer, scheduler, progress)
-        progress.resumed_from_steps.append(progress.step)
-        if rank == 0:
-            print(f"raymb: resumed at step {progress.step}, {len(progress.files)} files in")
-    sync = build_sync(config.train.sync, world, device)
-    net = sync.wrap(model)
-    sync.comm.bytes = progress.bytes_allreduced
-    classify = dims["classify"]
-    val = _read_val(config, rank, world) if config.data.val is not None else None
+    features, label = config.data.features, config.data.label
+    val = val_batches(payload["val"], features, label, rank, world, 4096)
+    shape = Shape(dims["in_features"], dims["out_features"], dims["classify"], world)
+    # constant or step schedules only: they need no total
+    worker = Worker(config, shape, Path(payload["run_dir"]), mode="follow", total_steps=1, val=val)
+    progress, device = worker.progress, worker.device
+    if worker.resumed and rank == 0:
+        print(f"raymb: resumed at step {progress.step}, {len(progress.files)} files in")
     fs, root = open_directory(payload["directory"])
     consumed = {name for name, _ in progress.files}
     G, m = config.train.global_batch_size, config.microbatch()
-    window = Window()
-
-    def report(*, with_checkpoint: bool) -> None:
-        nonlocal window
-        sums = torch.tensor([float(window.loss), float(window.rows)], device=device)
-        loss, rows = _all_sum(sums).tolist()
-        if rows:
-            progress.train_loss = loss / rows
-        elapsed = time.perf_counter() - window.started
-        progress.bytes_allreduced = sync.comm.bytes
-        metrics = {
-            "step": progress.step,
-            "epoch": len(progress.files),  # online: the files consumed
-            "train_loss": progress.train_loss,
-            "val_loss": progress.val_loss,
-            "val_accuracy": progress.val_accuracy,
-            "lr": scheduler.get_last_lr()[0],
-            "samples": progress.samples,
-            "samples_per_s": rows / elapsed if rows and elapsed > 0 else 0.0,
-            "step_time_s": window.step_s / max(1, window.steps),
-            "data_wait_s": window.wait_s / max(1, window.steps),
-            "bytes_allreduced": progress.bytes_allreduced,
-            "train_seconds": progress.train_seconds,
-            "resumed_from_steps": list(progress.resumed_from_steps),
-            "skipped_steps": progress.skipped_steps,
-            "files_consumed": len(progress.files),
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if with_checkpoint and rank == 0:
-                _save(Path(tmp), model, optimizer, scheduler, progress, config, dims)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
-        window = Window()
 
     warned: set[str] = set()
     idle_since = time.monotonic()
@@ -244,10 +169,8 @@ def follow_loop(payload: dict) -> None:
 
         name, rows = decision["name"], decision["rows"]
         waited = time.perf_counter()
-        if not window.steps:
-            window.started = waited  # throughput counts training, not idling
         table = pq.read_table(f"{root}/{name}", filesystem=fs, columns=_columns(config))
-        x, y = table_to_tensors(table, config.data.features, config.data.label)
+        x, y = table_to_tensors(table, features, label)
         if len(y) != rows:
             raise DataError(f"--follow: {name} changed while being read ({len(y)} != {rows} rows)")
         x, y = x.to(device), y.to(device)
@@ -259,28 +182,16 @@ def follow_loop(payload: dict) -> None:
             # A worker with no row in this step still takes part with an empty batch: the
             # gradient all-reduce needs every worker's backward.
             batches = [(xs[j : j + m], ys[j : j + m]) for j in range(0, len(ys), m)] or [(xs, ys)]
-            began = time.perf_counter()
-            loss, taken = _step(net, optimizer, batches, n, world, sync, config, classify)
-            scheduler.step()
-            done = time.perf_counter()
-            window.loss = window.loss + loss
-            window.rows += len(ys)
-            window.steps += 1
-            window.wait_s += began - waited
-            window.step_s += done - began
-            progress.train_seconds += done - waited
-            progress.step += 1
-            progress.samples += n
-            progress.skipped_steps += not taken
+            wait_s = time.perf_counter() - waited
+            loss, taken, step_s = worker.step(batches, len(ys), uneven=True)
             start += n
-            waited = done
-            if i + 1 < len(sizes) and progress.step % config.train.log_every == 0:
-                report(with_checkpoint=False)
-        progress.files.append([name, rows])
-        consumed.add(name)
-        if val is not None:
-            progress.val_loss, progress.val_accuracy = _validate(model, val, classify, device)
-        report(with_checkpoint=True)
+            last = i + 1 == len(sizes)
+            if last:  # the checkpoint after the file records it
+                progress.files.append([name, rows])
+                progress.epoch = len(progress.files)
+                consumed.add(name)
+            worker.record(loss, taken, n, step_s=step_s, wait_s=wait_s, due=last)
+            waited = time.perf_counter()
         idle_since = time.monotonic()
 
 
@@ -335,91 +246,9 @@ def _broadcast(decision: dict | None, world: int) -> dict:
     return decision
 
 
-def _step(net, optimizer, microbatches, step_rows: int, world: int, sync, config, classify):
-    """train_step with every microbatch's loss divided by the rows of the step, all workers.
-
-    train_step divides by sync.step_samples(rows), rows * world under grad sync, which
-    assumes the same rows on every worker; here the last step of a file may split unevenly
-    (37 rows: 19 and 18), so every worker passes the step's mean share, step_rows / world.
-    """
-    loss, taken = train_step(
-        net,
-        optimizer,
-        microbatches,
-        step_rows / world,
-        sync=sync,
-        classify=classify,
-        grad_clip=config.optim.grad_clip,
-    )
-    if not taken and config.train.on_nan == "abort":
-        raise RaymbError("non-finite loss or gradient: the run stopped at its last checkpoint")
-    return loss, taken
-
-
-def _all_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
 def _columns(config: Config) -> list[str]:
     features = config.data.features
     return [*([features] if isinstance(features, str) else features), config.data.label]
-
-
-def _read_val(config: Config, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This worker's rows (rank::world) of data.val, read once."""
-    files, fs = resolve_files(config.data.val, what="data.val")
-    table = pq.ParquetDataset(files, filesystem=fs).read(columns=_columns(config))
-    x, y = table_to_tensors(table, config.data.features, config.data.label)
-    return x[rank::world], y[rank::world]
-
-
-@torch.no_grad()
-def _validate(model, val, classify: bool, device) -> tuple[float | None, float | None]:
-    """Mean loss (and accuracy for classifiers) over data.val, all workers."""
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    x_all, y_all = val
-    for i in range(0, len(y_all), 4096):
-        x, y = x_all[i : i + 4096].to(device), y_all[i : i + 4096].to(device)
-        out = model(x)
-        sums[0] += summed_loss(out, y, classify).double()
-        sums[1] += correct(out, y).double() if classify else 0.0
-        sums[2] += len(y)
-    model.train()
-    loss, hits, rows = _all_sum(sums).tolist()
-    if rows == 0:
-        return None, None
-    return loss / rows, (hits / rows if classify else None)
-
-
-def _save(directory: Path, model, optimizer, scheduler, progress, config, dims) -> None:
-    payload = ckpt.model_payload(
-        model, config.to_dict(), dims["in_features"], dims["out_features"], dims["classify"]
-    )
-    state = {
-        "format": "raymb",
-        "mode": "follow",
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "progress": asdict(progress),
-    }
-    ckpt.atomic_save(payload, directory / ckpt.MODEL_FILE)
-    ckpt.atomic_save(state, directory / ckpt.STATE_FILE)
-
-
-def _restore(directory: Path, model, optimizer, scheduler, progress: Progress) -> None:
-    state = ckpt.read(directory / ckpt.STATE_FILE)
-    if state.get("mode") != "follow":
-        raise CheckpointError(
-            f"{directory}: this run was not started with --follow; use another run.name"
-        )
-    model.load_state_dict(ckpt.read(directory / ckpt.MODEL_FILE)["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    for key, value in state["progress"].items():
-        setattr(progress, key, value)
 
 
 # The driver.
@@ -433,6 +262,7 @@ def follow(
 
     With no complete file in `directory` within `idle_timeout`, nothing starts: DataError.
     """
+    config = _without_demo_val(config)
     _check_config(config, idle_timeout)
     fs, root = open_directory(directory)
     location = root if "://" not in str(directory) else str(directory)
@@ -459,13 +289,14 @@ def follow(
     loop_config = {
         "config": config.to_dict(),
         "dims": dims,
+        "run_dir": str(run_dir),
+        "val": data_spec(val_info, config, True, "data.val") if val_info else None,
         "directory": location,
         "idle_timeout": float(idle_timeout),
         "poll_s": min(0.5, max(0.05, idle_timeout / 10)),
         "stop_file": str(stop_file),
     }
-    callbacks = [ReportsToCsv(run_dir / "metrics.csv")]
-    trainer = make_trainer(config, follow_loop, loop_config, cpus, run_dir, callbacks)
+    trainer = make_trainer(config, follow_loop, loop_config, cpus, run_dir)
     started = time.perf_counter()
     try:
         result = _fit_stopping_on_sigint(trainer, stop_file)
@@ -478,20 +309,32 @@ def follow(
         stop_file.unlink(missing_ok=True)
     summary = _summary(result, time.perf_counter() - started, config)
     metrics = result.metrics or {}
-    summary["files_consumed"] = metrics.get("files_consumed", 0)
+    summary["files_consumed"] = metrics.get("epoch", 0)  # the epochs of --follow are files
     summary["stop_reason"] = "interrupted" if stopped else "idle"
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return Result(run_dir=run_dir, summary=summary)
+
+
+def _without_demo_val(config: Config) -> Config:
+    """--follow trains on DIR, not data.train: a config that sets neither data.train nor
+    data.val means no validation, not the demo set that data.val defaults to (and the best
+    checkpoint is then the one of lowest train_loss, unless checkpoint.metric says else)."""
+    default = DataSection()
+    if (config.data.train, config.data.val) != (default.train, default.val):
+        return config
+    checkpoint = config.checkpoint
+    if checkpoint.metric == CheckpointSection().metric:
+        checkpoint = dataclasses.replace(checkpoint, metric="train_loss")
+    data = dataclasses.replace(config.data, val=None)
+    return dataclasses.replace(config, data=data, checkpoint=checkpoint)
 
 
 def _check_config(config: Config, idle_timeout: float) -> None:
     if not idle_timeout > 0:
         raise ConfigError(f"--idle-timeout must be > 0 seconds, got {idle_timeout}")
     unsupported = (
-        ("train.sync", config.train.sync, config.train.sync != "grad"),
         ("train.microbatch_size", "auto", config.train.microbatch_size == "auto"),
         ("optim.schedule", "cosine", config.optim.schedule == "cosine"),
-        ("train.precision", config.train.precision, config.train.precision != "fp32"),
     )
     for key, value, bad in unsupported:
         if bad:

@@ -6,7 +6,8 @@ A dataset is a file, a directory (every `*.parquet` below it), a glob, or a URI 
 columns; the label is an integer (classification) or floating (regression) column.
 Each file's footer answers the column types; the feature and label columns are then read
 once, a batch at a time, and scanned with pyarrow.compute for nulls, NaN and inf, list
-lengths and the range of integer labels.
+lengths and the range of integer labels. Training defers the feature scan to the workers'
+own read of the data (`check_values`), so a large set is not read an extra time up front.
 """
 
 from __future__ import annotations
@@ -78,9 +79,19 @@ def resolve_files(path: str, *, what: str = "data.train") -> tuple[list[str], pa
 
 
 def check_dataset(
-    path: str, features: str | list[str], label: str, *, what: str = "data.train"
+    path: str,
+    features: str | list[str],
+    label: str,
+    *,
+    what: str = "data.train",
+    scan_features: bool = True,
 ) -> DatasetInfo:
-    """Resolve `path` and check every file's features and label columns; raise DataError."""
+    """Resolve `path` and check every file's features and label columns; raise DataError.
+
+    With `scan_features=False` the feature values (nulls, NaN, inf) are left to whoever
+    reads them next (the training workers' first pass, `check_values`): only the footers and
+    the label column are read here, and list columns of variable length for their widths.
+    """
     if isinstance(features, str):
         feature_cols = [features]
     else:
@@ -135,12 +146,17 @@ def check_dataset(
                         "(a list of names means one scalar column each)"
                     )
 
-        scans = _scan(pf, [*feature_cols, label], prefix)
-        for c in [*feature_cols, label]:
-            scans[c].check(c, prefix)
+        variable = isinstance(features, str) and not pa.types.is_fixed_size_list(
+            schema.field(features).type
+        )
+        scanned = [*(feature_cols if scan_features or variable else []), label]
+        scans = _scan(pf, scanned, prefix)
+        for c in scanned:
+            scans[c].check(c, prefix, values=scan_features or c == label)
 
         if isinstance(features, str):
-            d = _list_width(schema.field(features).type, scans[features], features, prefix)
+            scan = scans.get(features, _ColumnScan())  # a fixed-size list: the type says
+            d = _list_width(schema.field(features).type, scan, features, prefix)
         else:
             d = len(feature_cols)
         if d is not None and dims is not None and d != dims[0]:
@@ -211,7 +227,9 @@ class _ColumnScan:
             if lo is not None:
                 self.range = _widen(self.range, lo, hi)
 
-    def check(self, col: str, prefix: str) -> None:
+    def check(self, col: str, prefix: str, *, values: bool = True) -> None:
+        if not values:
+            return  # read for its lengths only
         if self.nulls:
             raise DataError(f"{prefix}: column {col!r} has {self.nulls} null values, expected none")
         if self.nonfinite_rows:
@@ -220,6 +238,16 @@ class _ColumnScan:
                 f"{prefix}: {n} row{'s' if n != 1 else ''} with NaN or inf in {col!r}, "
                 "expected finite numbers"
             )
+
+
+def check_values(table: pa.Table, columns: list[str], prefix: str) -> None:
+    """The nulls, NaN and inf check of check_dataset, on rows already read (one file's, or
+    a batch of them): a DataError naming `prefix` and the column."""
+    for c in columns:
+        scan = _ColumnScan()
+        for chunk in table.column(c).chunks:
+            scan.add(chunk)
+        scan.check(c, prefix)
 
 
 def _scan(pf: pq.ParquetFile, cols: list[str], prefix: str) -> dict[str, _ColumnScan]:

@@ -23,13 +23,15 @@ def train_step(
     grad_clip: float | None = None,
     bf16: bool = False,
     check_finite: bool = True,
+    uneven: bool = False,
 ) -> tuple[torch.Tensor, bool]:
     """Accumulate gradients over this worker's microbatches and take one optimizer step.
 
-    `rows` is this worker's samples in the step. Each microbatch contributes
-    sum(loss_i) / sync.step_samples(rows): the samples of the step on all workers under
-    gradient all-reduce, this worker's own under local SGD. With the summing all-reduce the
-    gradient is then the mean over exactly the samples in the step, whatever the split.
+    `rows` is this worker's samples in the step (with `uneven`, the workers' may differ).
+    Each microbatch contributes sum(loss_i) / sync.step_samples(rows): the samples of the
+    step on all workers under gradient all-reduce, this worker's own under local SGD. With
+    the summing all-reduce the gradient is then the mean over exactly the samples in the
+    step, whatever the split.
 
     Returns this worker's summed (unnormalised) loss, detached, on its device, and whether
     the step was taken: with `check_finite`, when any worker's gradient is not finite, no
@@ -37,7 +39,7 @@ def train_step(
     the returned losses).
     """
     optimizer.zero_grad(set_to_none=True)
-    divisor = sync.step_samples(rows)
+    divisor = sync.step_samples(rows, uneven=uneven)
     total = None
     last = len(microbatches) - 1
     scale = _scale(divisor, microbatches[0][0].device)

@@ -61,7 +61,7 @@ class Sync(Protocol):
     """True when workers' optimizer states differ, so each worker checkpoints its own."""
 
     def wrap(self, model: nn.Module) -> nn.Module: ...
-    def step_samples(self, rows: int) -> int: ...
+    def step_samples(self, rows: int, *, uneven: bool = False) -> int: ...
     def microbatch(self, model: nn.Module, last: bool) -> ContextManager: ...
     def finite(self, grad_norm: torch.Tensor) -> bool: ...
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
@@ -98,8 +98,13 @@ class GradSync:
         ddp.register_comm_hook(self.comm, _sum_and_count)
         return ddp
 
-    def step_samples(self, rows: int) -> int:
-        return rows * self.world_size
+    def step_samples(self, rows: int, *, uneven: bool = False) -> int:
+        """The step's rows on all workers: W x rows, or all-reduced when they may differ."""
+        if not uneven or self.world_size == 1:
+            return rows * self.world_size
+        total = torch.tensor([float(rows)], device=self.device)
+        dist.all_reduce(total)
+        return int(total.item())
 
     def microbatch(self, model: nn.Module, last: bool) -> ContextManager:
         if last or not isinstance(model, DistributedDataParallel):
@@ -171,8 +176,10 @@ class ParamSync:
         # Buffers are averaged, not copied from rank 0 at each forward.
         return self.grad.wrap(model, broadcast_buffers=False)
 
-    def step_samples(self, rows: int) -> int:
-        return self.grad.step_samples(rows) if self.in_warmup else rows
+    def step_samples(self, rows: int, *, uneven: bool = False) -> int:
+        if self.in_warmup:
+            return self.grad.step_samples(rows, uneven=uneven)
+        return max(rows, 1)  # a worker with no row in a step steps on zero gradients
 
     def microbatch(self, model: nn.Module, last: bool) -> ContextManager:
         if self.in_warmup:

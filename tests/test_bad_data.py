@@ -98,31 +98,11 @@ def _ragged(d: Path) -> list[str]:
     return []
 
 
-def _nan_features(d: Path) -> list[str]:
-    # Rows 1, 4 and 6 hold a NaN, an inf and a -inf: 3 rows, whichever value is bad.
-    flat = _with_nonfinite(np.arange(2 * ROWS), [3, 8, 13])
-    feats = pa.FixedSizeListArray.from_arrays(pa.array(flat), 2)
-    _write(d / "data" / "a.parquet", pa.table({**_good(), "features": feats}))
-    return []
-
-
 def _inf_labels(d: Path) -> list[str]:
     _write(d / "data" / "a.parquet", pa.table(_good()))
     labels = pa.array(_with_nonfinite(np.zeros(ROWS), [2, 5]))
     _write(d / "data" / "b.parquet", pa.table({**_good(), "label": labels}))
     return []
-
-
-def _nan_scalar_column(d: Path) -> list[str]:
-    table = pa.table(
-        {
-            "x1": np.arange(ROWS, dtype=np.float64),
-            "x2": _with_nonfinite(np.arange(ROWS), [0]),
-            "y": np.zeros(ROWS, dtype=np.float32),
-        }
-    )
-    _write(d / "data" / "a.parquet", table)
-    return ['--set=data.features=["x1", "x2"]', "--set=data.label=y"]
 
 
 def _nan_in_val(d: Path) -> list[str]:
@@ -213,9 +193,7 @@ CASES = {
     "misnamed-column": Case(_misnamed_column, ("a.parquet", "no feature column 'feats'")),
     "wrong-dtype": Case(_wrong_dtype, ("a.parquet", "label column 'label'", "string")),
     "ragged-features": Case(_ragged, ("a.parquet", "column 'features' is ragged")),
-    "nan-inf-features": Case(_nan_features, ("a.parquet: 3 rows with NaN or inf in 'features'",)),
     "inf-labels": Case(_inf_labels, ("b.parquet: 2 rows with NaN or inf in 'label'",)),
-    "nan-scalar-column": Case(_nan_scalar_column, ("a.parquet: 1 row with NaN or inf in 'x2'",)),
     "nan-in-val": Case(_nan_in_val, ("data.val:", "v.parquet: 1 row with NaN or inf in 'label'")),
     "more-workers-than-rows": Case(
         _more_workers_than_rows, ("data.train has 8 rows, fewer than scale.workers=16",)

@@ -49,7 +49,16 @@ def test_help_lists_every_benchmark():
         [sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    for name in ("loop", "ingest", "scaling", "startup", "microbatch", "strategies", "all"):
+    for name in (
+        "loop",
+        "ingest",
+        "epochs",
+        "scaling",
+        "startup",
+        "microbatch",
+        "strategies",
+        "all",
+    ):
         assert name in proc.stdout
 
 
@@ -71,6 +80,18 @@ def test_startup(tmp_path):
         assert 0 < row["first_step_s"] <= row["total_s"]
         assert _positive(row["driver_peak_rss_mb"]) and _positive(row["worker_peak_rss_mb"])
     assert _positive(raymb["ratio"])
+
+
+@pytest.mark.ray
+def test_epochs(tmp_path):
+    # Before the module's Ray session: it launches both programs, then runs raymb in its own.
+    payload = _run("epochs", tmp_path)
+    script, raymb, overhead, logging = payload["rows"]
+    for row in (script, raymb):
+        assert 0 < row["first_step_s"] < row["wall_s"]
+        assert _positive(row["steady_samples_per_s"])
+    assert _positive(raymb["steady_ratio"]) and math.isfinite(overhead["overhead_s"])
+    assert math.isfinite(logging["overhead_s"])
 
 
 @pytest.fixture(scope="module")

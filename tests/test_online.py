@@ -160,6 +160,38 @@ def test_arriving_files_are_trained_exactly_once_across_a_restart(ray_session, t
     assert steps == sorted(set(steps)) and steps[-1] == 32
 
 
+@pytest.mark.ray
+def test_local_sgd_with_follow(ray_session, tmp_path):
+    # train.sync = "param" with H = 1 and plain SGD is gradient all-reduce when every step
+    # splits evenly (G = 8 over 2 workers, files of 16 and 24 rows): the single-process
+    # reference again. No data.val and no data.train: no validation, metric train_loss.
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for i, (name, rows) in enumerate([("a.parquet", 16), ("b.parquet", 24)]):
+        _write(incoming, name, rows, seed=20 + i)
+    config = load_config(
+        None,
+        [
+            f"run.storage_path={tmp_path / 'runs'}",
+            "run.name=param",
+            "data.features=features",
+            "scale.workers=2",
+            f"train.global_batch_size={G}",
+            "train.sync=param",
+            "train.average_every=1",
+            "optim.momentum=0.0",
+            f"optim.lr={LR}",
+        ],
+    )
+    result = follow(config, incoming, idle_timeout=2)
+    assert result.summary["files_consumed"] == 2 and result.summary["steps"] == 5
+    assert result.summary["val_loss"] is None
+    model, _ = load_model(result.summary["checkpoint"])
+    w, b = _reference(incoming, ["a.parquet", "b.parquet"])
+    torch.testing.assert_close(model.weight.detach(), w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.bias.detach(), b, rtol=1e-5, atol=1e-6)
+
+
 def test_nothing_arriving_is_a_one_line_error(tmp_path):
     started = time.monotonic()
     with pytest.raises(DataError, match="no complete \\*.parquet file arrived within 1 s"):

@@ -15,6 +15,7 @@ import torch
 
 from raymb import RaymbError, load_config
 from raymb.checkpoint import load_model
+from raymb.errors import DataError
 from raymb.synth import generate
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -252,6 +253,55 @@ def test_streamed_data_killed_and_resumed_ends_as_the_cached_run(linear_data, ru
     assert sorted(got) == list(range(1, 17))
     for step in range(1, 17):
         assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+
+@pytest.mark.parametrize(
+    "cache,columns,expected",
+    [
+        ("true", "features", "b.parquet: 3 rows with NaN or inf in 'features'"),
+        ("false", '["x1", "x2"]', "b.parquet: 3 rows with NaN or inf in 'x2'"),
+    ],
+)
+def test_bad_feature_values_stop_the_first_read_with_one_line(
+    ray_session, tmp_path, cache, columns, expected
+):
+    # Before Ray starts only footers and labels are read; the workers' first read of the
+    # features (cached or streamed) finds rows 1, 4 and 6 of b.parquet: NaN, inf and -inf.
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "train"
+    data.mkdir()
+    for name, bad in (("a.parquet", []), ("b.parquet", [1, 4, 6])):
+        x = np.arange(16, dtype=np.float32).reshape(8, 2)
+        for row, value in zip(bad, (float("nan"), float("inf"), -float("inf"))):
+            x[row, 1] = value
+        table = pa.table(
+            {
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 2),
+                "x1": x[:, 0],
+                "x2": x[:, 1],
+                "label": np.zeros(8, dtype=np.float32),
+            }
+        )
+        pq.write_table(table, data / name)
+    storage = tmp_path / "runs"
+    with pytest.raises(DataError) as info:
+        _train(
+            storage,
+            tmp_path,
+            "run.name=bad",
+            f"data.features={columns}",
+            f"data.cache={cache}",
+            "data.shuffle=none",
+            "data.val=none",
+            "checkpoint.metric=train_loss",
+            "train.global_batch_size=16",
+        )
+    message = str(info.value)
+    assert expected in message and message.startswith("data.train: ") and "\n" not in message
+    assert not (storage / "bad").exists()  # a fresh run that found bad data leaves nothing
 
 
 def _overfitting_data(out: Path) -> Path:
