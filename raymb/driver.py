@@ -268,10 +268,8 @@ def _summary(result, wall_s: float, config: Config) -> dict[str, Any]:
 def _data_error(error: BaseException) -> str | None:
     """The message of a DataError a worker raised, from Ray's wrapped traceback."""
     marker = f"{DataError.__name__}: "
-    for line in str(error).splitlines():
-        if marker in line:
-            return line.split(marker, 1)[1].strip()
-    return None
+    found = [line for line in str(error).splitlines() if marker in line]
+    return found[-1].split(marker, 1)[1].strip() if found else None  # the last one raised
 
 
 def _first_line(error: BaseException) -> str:

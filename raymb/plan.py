@@ -1,8 +1,8 @@
 """The step plan: how a worker's shard of an epoch divides into steps and microbatches.
 
-Ray Train gives every worker the same number of rows (streaming_split with equal=True drops
-fewer than W leftover rows), so every worker can work out the size of each step, the short
-last one included, without communicating.
+Every worker trains on the same number of rows an epoch (raymb.order takes W·⌊N/W⌋ rows of
+each epoch's order), so every worker can work out the size of each step, the short last one
+included, without communicating.
 """
 
 from __future__ import annotations
