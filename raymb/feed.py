@@ -29,7 +29,7 @@ import torch
 
 from raymb.columns import table_to_tensors
 from raymb.errors import DataError
-from raymb.order import _epoch_seed, epoch_order, rank_rows, worker_rows
+from raymb.order import epoch_order, epoch_seed, rank_rows, worker_rows
 from raymb.plan import Plan
 from raymb.schema import check_values
 
@@ -54,7 +54,7 @@ class CachedSource:
             rows = worker_rows(
                 order, s, plan.step_rows, plan.rows_in_step(s), self.rank, self.world
             )
-            yield self.x[rows], self.y[rows]
+            yield self.x.index_select(0, rows), self.y.index_select(0, rows)
 
 
 class StreamedSource:
@@ -75,7 +75,7 @@ class StreamedSource:
         if spec["shuffle"] == "rows":
             shuffle = dict(
                 local_shuffle_buffer_size=spec["shuffle_buffer"],
-                local_shuffle_seed=_epoch_seed(spec["seed"], epoch) % 2**32,
+                local_shuffle_seed=epoch_seed(spec["seed"], epoch) % 2**32,
             )
         batches = dataset.iter_batches(
             batch_size=plan.step_rows * self.world,

@@ -25,7 +25,7 @@ def epoch_order(shuffle: str, seed: int, epoch: int, file_rows: Sequence[int]) -
     total = sum(file_rows)
     if shuffle == "none":
         return torch.arange(total)
-    generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     if shuffle == "rows":
         return torch.randperm(total, generator=generator)
     starts = torch.tensor([0, *file_rows]).cumsum(0)
@@ -49,6 +49,6 @@ def rank_rows(start: int, n: int, world: int, rank: int) -> slice:
     return slice(first, first + base + (rank < extra))
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    # Distinct, well-spread seeds for every (seed, epoch); fits torch's 64-bit seed.
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's order: distinct for every (seed, epoch) below a million epochs."""
     return (seed * 1_000_003 + epoch * 7_919 + 0x5EED) % (2**63)
