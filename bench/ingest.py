@@ -162,8 +162,10 @@ def run(quick: bool) -> dict:
             "Ray Train worker for the trainer row.",
             f"Trainer: {summary['steps']} steps; waited {wait * 1e3:.3f} ms per step for "
             f"batches against {step * 1e3:.3f} ms of compute after the first report window; "
-            f"the first window (Ray Data's start-up) waited {first['data_wait_s'] * 1e3:.1f} "
-            "ms per step on average.",
+            f"the first window waited {first['data_wait_s'] * 1e3:.1f} ms per step on average.",
+            "Shuffle cost: steady samples/s of the trainer with data.shuffle = rows against "
+            f"none: {shuffle_cost:+.1%} ({trainers['rows']['steady_samples_per_s']:,.0f} vs "
+            f"{trainers['none']['steady_samples_per_s']:,.0f}).",
         ],
     }
 

@@ -23,12 +23,10 @@ from raymb.checkpoint import claim_run
 from raymb.config import Config
 from raymb.errors import ConfigError, DataError, RaymbError
 from raymb.loop import train_loop
-from raymb.metrics import COLUMNS
 from raymb.plan import Plan
 from raymb.schema import DatasetInfo, check_dataset
 from raymb.worker import POLL_ENV, POLL_S
 
-METRIC_COLUMNS = COLUMNS  # the columns of metrics.csv
 CACHE_SHARE = 0.25
 """data.cache = "auto" caches when the data takes at most this share of Ray's object store
 and of the memory Ray may use."""

@@ -1,9 +1,9 @@
 """What the driver shows while a run trains and after: a progress bar, and the result table.
 
-`watch` tails metrics.csv (the controller appends one row per report) in a background
-thread. On a terminal it redraws one line with `\\r`; elsewhere (a log file, a Ray job's
-output) it prints a plain line at most every `line_every` seconds, and only when a new row
-has arrived. After a resume the controller rewrites metrics.csv without the rows past the
+`watch` tails metrics.csv (rank 0 appends the rows it gathers, about once a second) in a
+background thread. On a terminal it redraws one line with `\\r`; elsewhere (a log file, a
+Ray job's output) it prints a plain line at most every `line_every` seconds, and only when a
+new row has arrived. After a resume rank 0 rewrites metrics.csv without the rows past the
 resumed step: the tail notices the new file and starts over.
 """
 

@@ -26,13 +26,12 @@ import torch
 from raymb import Config
 from raymb.checkpoint import MODEL_FILE, atomic_save, model_payload
 from raymb.cli import main
-from raymb.driver import METRIC_COLUMNS
 from raymb.evaluate import batch_sums
+from raymb.metrics import COLUMNS
 from raymb.progress import Tail, format_summary, watch
 
 pytestmark = pytest.mark.timeout(60)
 
-COLUMNS = METRIC_COLUMNS
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -56,7 +55,7 @@ def metric_row(step: int, val: bool = False) -> dict:
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
-    """As the driver's MetricsCsv: csv.DictWriter, header on first write."""
+    """As raymb.metrics.MetricsCsv: csv.DictWriter, header on first write."""
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
