@@ -18,6 +18,7 @@ file: the driver's check before Ray starts reads only footers and labels.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -163,4 +164,8 @@ def _tensors(spec: dict[str, Any], features, label) -> Batch:
     for path, rows in zip(spec["files"], spec["file_rows"]):
         check_values(table.slice(start, rows), spec["scan"], f"{spec['what']}: {path}")
         start += rows
-    return table_to_tensors(table, features, label)
+    # The blocks are read-only shared memory; the tensors over them are only ever gathered
+    # from (index_select copies), so torch's warning about writing to them does not apply.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return table_to_tensors(table, features, label)
