@@ -7,6 +7,11 @@ import pyarrow as pa
 import torch
 
 
+def column_names(features: str | list[str], label: str) -> list[str]:
+    """The columns a dataset is read for: the feature column(s), then the label."""
+    return [*([features] if isinstance(features, str) else features), label]
+
+
 def table_to_tensors(
     table: pa.Table, features: str | list[str], label: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from raymb import plot, progress
 from raymb.checkpoint import claim_run
+from raymb.columns import column_names
 from raymb.config import Config
 from raymb.errors import ConfigError, DataError, RaymbError
 from raymb.loop import train_loop
@@ -168,8 +169,7 @@ def data_spec(
 ) -> dict[str, Any]:
     """What a worker needs to read a dataset (raymb.feed): the materialized blocks, or the
     files to stream."""
-    features = config.data.features
-    columns = [*([features] if isinstance(features, str) else features), config.data.label]
+    columns = column_names(config.data.features, config.data.label)
     spec = {
         "cached": cached,
         "shuffle": config.data.shuffle,

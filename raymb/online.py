@@ -49,7 +49,7 @@ import ray.train.torch
 import torch.distributed as dist
 
 from raymb import checkpoint as ckpt
-from raymb.columns import table_to_tensors
+from raymb.columns import column_names, table_to_tensors
 from raymb.config import CheckpointSection, Config, DataSection
 from raymb.driver import (
     Result,
@@ -169,7 +169,9 @@ def follow_loop(payload: dict) -> None:
 
         name, rows = decision["name"], decision["rows"]
         waited = time.perf_counter()
-        table = pq.read_table(f"{root}/{name}", filesystem=fs, columns=_columns(config))
+        table = pq.read_table(
+            f"{root}/{name}", filesystem=fs, columns=column_names(features, label)
+        )
         x, y = table_to_tensors(table, features, label)
         if len(y) != rows:
             raise DataError(f"--follow: {name} changed while being read ({len(y)} != {rows} rows)")
@@ -244,11 +246,6 @@ def _broadcast(decision: dict | None, world: int) -> dict:
         dist.broadcast_object_list(box, src=0)
         decision = box[0]
     return decision
-
-
-def _columns(config: Config) -> list[str]:
-    features = config.data.features
-    return [*([features] if isinstance(features, str) else features), config.data.label]
 
 
 # The driver.
