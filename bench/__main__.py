@@ -12,6 +12,7 @@ from bench.harness import RESULTS, save
 
 BENCHMARKS = {
     "loop": "raymb's train_step (1 worker, k=1, data in memory) vs a hand-written torch loop",
+    "models": "tokens/s of the gpt, images/s of the cnn: train_step vs a hand-written loop",
     "ingest": "cached source and Ray Data rows/s; the trainer's data-wait share, shuffle cost",
     "epochs": "20 epochs: raymb train vs a hand-written DDP script; per-epoch overhead",
     "scaling": "samples/s of the mlp on 1, 2 and 4 workers; per-step all-reduce time",
@@ -21,7 +22,7 @@ BENCHMARKS = {
 }
 # startup and epochs start Ray in subprocesses, so they run first, before `all` holds a
 # session.
-ORDER = ("loop", "startup", "epochs", "ingest", "scaling", "microbatch", "strategies")
+ORDER = ("loop", "models", "startup", "epochs", "ingest", "scaling", "microbatch", "strategies")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,16 @@ def test_loop(tmp_path):
     assert len(payload["targets"]) == 2
 
 
+def test_models(tmp_path):
+    payload = _run("models", tmp_path)
+    assert [r["unit"] for r in payload["rows"]] == ["tokens", "images"]
+    for row in payload["rows"]:
+        assert _positive(row["torch_rate"]) and _positive(row["raymb_rate"])
+        assert _positive(row["ratio"]) and _positive(row["peak_rss_mb"])
+        assert row["max_param_diff"] < 1e-4  # the same math on the same batches
+    assert len(payload["targets"]) == 2
+
+
 @pytest.mark.ray
 def test_startup(tmp_path):
     payload = _run("startup", tmp_path)

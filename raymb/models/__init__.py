@@ -1,30 +1,41 @@
-"""Model zoo: linear, mlp, or a user's own `package.module:factory`, and the task's loss."""
+"""Model registry: linear, mlp, cnn, gpt, or a user's own `package.module:factory`; the loss.
+
+One file per family (mlp.py: linear and mlp; cnn.py; gpt.py). A model is built for one row's
+shape: (d,) flat features, (C, H, W) images, (T,) token blocks.
+"""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from raymb.config import ModelSection
 from raymb.errors import ConfigError
+from raymb.models import cnn, gpt, mlp
+
+__all__ = ["build_model", "correct", "load_factory", "summed_loss"]
+
+FAMILIES = {"linear": mlp.build, "mlp": mlp.build, "cnn": cnn.build, "gpt": gpt.build}
 
 
-def build_model(section: ModelSection, in_features: int, out_features: int) -> nn.Module:
-    """The model of `model.name` for d inputs and the task's outputs (1, or the classes)."""
-    if section.name == "linear":
-        return nn.Linear(in_features, out_features)
-    if section.name == "mlp":
-        layers: list[nn.Module] = []
-        width = in_features
-        for hidden in section.hidden:
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
-        layers.append(nn.Linear(width, out_features))
-        return nn.Sequential(*layers)
+def build_model(
+    section: ModelSection, input_shape: int | Sequence[int], out_features: int
+) -> nn.Module:
+    """The model of `model.name` for rows of `input_shape` (d, or a shape such as (d,),
+    (C, H, W) or (T,)) and the task's outputs (1, the classes, or the vocabulary size).
+
+    A custom factory is called as factory(d, out_features) for flat rows ((d,) or an int)
+    and factory(input_shape, out_features), a tuple, for tensor rows.
+    """
+    shape = (input_shape,) if isinstance(input_shape, int) else tuple(map(int, input_shape))
+    family = FAMILIES.get(section.name)
+    if family is not None:
+        return family(section, shape, out_features)
     factory = load_factory(section.name)
-    model = factory(in_features, out_features)
+    model = factory(shape[0] if len(shape) == 1 else shape, out_features)
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model.name {section.name!r} returned {type(model).__name__}, not a torch.nn.Module"
@@ -46,12 +57,18 @@ def load_factory(name: str):
 
 
 def summed_loss(output: torch.Tensor, target: torch.Tensor, classify: bool) -> torch.Tensor:
-    """Sum over the microbatch of the per-sample loss: cross-entropy, or squared error."""
+    """Sum over the microbatch of the per-sample loss: cross-entropy, or squared error.
+
+    A classifier's output may be (B, T, V) for targets (B, T) (language modelling): the sum
+    of the cross-entropy of every token.
+    """
     if classify:
+        if output.dim() > 2:
+            output, target = output.reshape(-1, output.shape[-1]), target.reshape(-1)
         return nn.functional.cross_entropy(output, target, reduction="sum")
     return nn.functional.mse_loss(output.reshape(target.shape), target, reduction="sum")
 
 
 def correct(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Number of argmax predictions equal to the label."""
+    """Number of argmax predictions equal to the label (of tokens, for (B, T, V) outputs)."""
     return (output.argmax(dim=-1) == target).sum()
