@@ -20,6 +20,7 @@ import torch
 from raymb.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
+    from raymb.columns import Inputs
     from raymb.config import Config
 
 MODEL_FILE = "model.pt"
@@ -70,17 +71,37 @@ def read(path: str | Path) -> dict[str, Any]:
 
 
 def model_payload(
-    model: torch.nn.Module, config: dict, in_features: int, out_features: int, classify: bool
+    model: torch.nn.Module,
+    config: dict,
+    in_features: int,
+    out_features: int,
+    classify: bool,
+    *,
+    inputs: dict | None = None,
+    tokenizer: dict | None = None,
 ) -> dict[str, Any]:
-    """What model.pt holds: enough to rebuild and load the model without the run."""
+    """What model.pt holds: enough to rebuild and load the model without the run (and, for
+    a language model, to encode a prompt and decode its continuation)."""
     return {
         "format": "raymb",
         "config": config,
         "in_features": in_features,
         "out_features": out_features,
         "classify": classify,
+        "inputs": inputs,
+        "tokenizer": tokenizer,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+
+
+def payload_inputs(payload: dict[str, Any]) -> Inputs:
+    """The model's raymb.columns.Inputs (a checkpoint from before tensor columns: flat)."""
+    from raymb.columns import Inputs
+
+    if payload.get("inputs"):
+        return Inputs.from_dict(payload["inputs"])
+    task = "classify" if payload["classify"] else "regress"
+    return Inputs(task=task, shape=(payload["in_features"],))
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -102,7 +123,8 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         )
     try:
         config = Config.from_dict(payload["config"])
-        model = build_model(config.model, payload["in_features"], payload["out_features"])
+        shape = payload_inputs(payload).model_shape
+        model = build_model(config.model, shape, payload["out_features"])
     except ConfigError as e:
         raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
     load_state(model, payload["state_dict"], path, config.model.name)
@@ -125,9 +147,7 @@ def check_compatible(saved_config: dict, config: Config, path: str | Path) -> No
         raise CheckpointError(f"{path}: not a raymb run record (no [model] in its config)")
     saved_model = saved_config["model"]
     now = config.to_dict()
-    model_keys = ["model.name"]
-    if saved_model.get("name") == "mlp":
-        model_keys.append("model.hidden")  # the other models ignore it
+    model_keys = ["model.name", *_MODEL_SHAPE_KEYS.get(saved_model.get("name"), ())]
     if saved_model.get("num_classes") is not None and now["model"]["num_classes"] is not None:
         model_keys.append("model.num_classes")  # unset: max label + 1, known from the data only
     differ = [
@@ -175,7 +195,20 @@ def claim_run(run_dir: Path, config: Config) -> None:
 # Keys besides the model's that a run's checkpoints depend on: the columns decide the
 # model's inputs and what it learns; the sync strategy, the optimizer and the number of
 # workers decide what state.pt and the workers' files hold.
-_RUN_KEYS = ("data.features", "data.label", "train.sync", "optim.name", "scale.workers")
+_RUN_KEYS = (
+    "data.features",
+    "data.label",
+    "data.task",
+    "train.sync",
+    "optim.name",
+    "scale.workers",
+)
+# The keys that shape each built-in model (the others ignore them).
+_MODEL_SHAPE_KEYS = {
+    "mlp": ("model.hidden",),
+    "cnn": ("model.widths", "model.norm"),
+    "gpt": ("model.depth", "model.width", "model.heads", "model.block_size"),
+}
 _UNKNOWN = object()  # a key an older run.json does not have: nothing to compare
 
 
@@ -191,9 +224,10 @@ def _get(config: dict, key: str, *default: Any) -> Any:
 
 def _describe_model(model: dict) -> str:
     text = repr(model.get("name"))
-    extra = []
-    if model.get("name") == "mlp":
-        extra.append(f"hidden {model.get('hidden')}")
+    extra = [
+        f"{key.split('.')[1]} {model.get(key.split('.')[1])}"
+        for key in _MODEL_SHAPE_KEYS.get(model.get("name"), ())
+    ]
     if model.get("num_classes") is not None:
         extra.append(f"num_classes {model['num_classes']}")
     return text + (f" ({', '.join(extra)})" if extra else "")

@@ -1,4 +1,4 @@
-"""The `raymb` command line: train, gen-data, eval, predict, plot."""
+"""The `raymb` command line: train, gen-data, prepare, eval, predict, plot."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from raymb.progress import format_summary
 
 DEFAULT_DATA = Path(DataSection().train).parent  # data/linear, made on first use
 IDLE_TIMEOUT = 60.0  # seconds, raymb train --follow
+SYNTHETIC_KINDS = ("images", "tokens")  # gen-data kinds in the prepared layout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,24 +73,43 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser(
         "gen-data",
         help="write a seeded synthetic parquet dataset",
-        description="Write OUT/train/*.parquet, OUT/val/*.parquet and "
-        "OUT/truth.json (the generating parameters).",
+        description="Write OUT/train/*.parquet and OUT/val/*.parquet: for linear, regression "
+        "and classification, with OUT/truth.json (the generating parameters); for images and "
+        "tokens, in the layout `raymb prepare` writes (OUT/raymb-data.json, the manifest), "
+        "into a new or empty OUT.",
     )
     g.add_argument(
         "kind",
-        choices=("linear", "regression", "classification"),
+        choices=("linear", "regression", "classification", *SYNTHETIC_KINDS),
         help="linear: y = 2x + 1 + noise; regression: y = x.w + b + noise with a known w; "
-        "classification: labels of a seeded linear teacher",
+        "classification: labels of a seeded linear teacher; images: uint8 3x16x16 images, "
+        "each class its own pattern, shifted, plus noise; tokens: blocks of bytes from a "
+        "seeded sparse Markov chain (the manifest gives its entropy, the lowest loss)",
     )
     g.add_argument("--out", required=True, metavar="DIR", help="output directory")
     g.add_argument(
-        "--rows", type=int, default=4096, help="total rows, train and val (default 4096)"
+        "--rows",
+        type=int,
+        default=4096,
+        help="training rows; validation adds round(rows x val-fraction) (default 4096)",
     )
     g.add_argument("--shards", type=int, default=4, help="train parquet files (default 4)")
     g.add_argument("--features", type=int, help="feature count (default: 1, 8 or 16 by kind)")
-    g.add_argument("--classes", type=int, default=3, help="classes, for classification (default 3)")
     g.add_argument(
-        "--noise", type=float, default=0.1, help="noise standard deviation (default 0.1)"
+        "--classes",
+        type=int,
+        help="classes, for classification (default 3) and images (default 10)",
+    )
+    g.add_argument(
+        "--noise",
+        type=float,
+        help="noise standard deviation (default 0.1; images: of pixel values in [0, 1], "
+        "default 0.25)",
+    )
+    g.add_argument(
+        "--block-size",
+        type=int,
+        help="tokens: tokens a model reads per row; each row holds block-size + 1 (default 32)",
     )
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument(
@@ -99,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
         help="fraction of rows held out for validation (default 0.2; 0 for none)",
     )
     g.set_defaults(func=_gen_data)
+
+    _add_prepare_parser(sub)
 
     e = sub.add_parser(
         "eval",
@@ -127,6 +149,40 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_predict)
 
+    sm = sub.add_parser(
+        "sample",
+        help="continue a prompt with a saved language model (the gpt)",
+        description="Encode --prompt with the tokenizer saved in the checkpoint, draw --tokens "
+        "tokens one at a time from the model (softmax of the logits / --temperature, within "
+        "the --top-k most likely), and print the continuation. Seeded: the same --seed prints "
+        "the same text. Runs in this process, without Ray.",
+    )
+    sm.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a checkpoint directory or its model.pt (summary.json's checkpoint)",
+    )
+    sm.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    sm.add_argument("--tokens", type=int, required=True, metavar="N", help="tokens to draw")
+    sm.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="divide the logits by T (default 1; 0: always the most likely token)",
+    )
+    sm.add_argument(
+        "--top-k", type=int, metavar="K", help="draw among the K most likely tokens only"
+    )
+    sm.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sm.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON line: the prompt, the drawn token ids and their text",
+    )
+    sm.set_defaults(func=_sample)
+
     pl = sub.add_parser(
         "plot",
         help="overlay the loss and throughput of runs in one figure (needs matplotlib)",
@@ -141,6 +197,104 @@ def _parser() -> argparse.ArgumentParser:
     )
     pl.set_defaults(func=_plot)
     return parser
+
+
+def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
+    prepare = sub.add_parser(
+        "prepare",
+        help="turn a folder of images, or text files, into a training set",
+        description="Write DIR/train/*.parquet, DIR/val/*.parquet and DIR/raymb-data.json "
+        "(the manifest: columns, shape, task, classes or vocabulary), so a config's "
+        'data.train = "DIR/train" is enough. Written into a temporary folder beside DIR and '
+        "renamed at the end: a failed run leaves nothing behind.",
+    )
+    kinds = prepare.add_subparsers(required=True, metavar="KIND")
+    i = kinds.add_parser(
+        "images",
+        help="class folders of PNG/JPEG files: ROOT/CLASS/*.png",
+        description="Images under ROOT/CLASS/ (labels in sorted class-name order, written to "
+        "DIR/classes.json) into columns image (uint8 tensor [C, H, W], channels first; "
+        "grayscale stays one channel unless the set mixes in colour) and label (int64).",
+    )
+    i.add_argument("root", metavar="ROOT", help="folder of class folders of images")
+    _add_prepare_common(i)
+    i.add_argument(
+        "--size",
+        nargs=2,
+        type=int,
+        metavar=("H", "W"),
+        help="resize every image to H x W (bilinear, aspect ratio not kept); without it, "
+        "all images must share one size",
+    )
+    i.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse an unreadable or non-image file instead of skipping it",
+    )
+    i.set_defaults(func=_prepare_images)
+    t = kinds.add_parser(
+        "text",
+        help="UTF-8 text files into blocks of tokens for a language model",
+        description="Tokenize the files (one stream, in the order given; a folder's files "
+        "sorted) and cut the stream into rows of block-size + 1 consecutive tokens (column "
+        "tokens, int32; the remainder dropped). The tokenizer goes into DIR.",
+    )
+    t.add_argument(
+        "paths",
+        nargs="+",
+        metavar="FILE_OR_DIR",
+        help="text files, or folders: every file below them (hidden ones skipped)",
+    )
+    _add_prepare_common(t)
+    t.add_argument(
+        "--block-size",
+        type=int,
+        required=True,
+        metavar="T",
+        help="tokens a model reads per row (its context); each row holds T + 1",
+    )
+    t.add_argument(
+        "--tokenizer",
+        choices=("bytes", "bpe"),
+        default="bytes",
+        help="bytes: one token per UTF-8 byte (256); bpe: a byte-level BPE trained on the "
+        "files, saved as DIR/tokenizer.json (default bytes)",
+    )
+    t.add_argument(
+        "--vocab-size",
+        type=int,
+        metavar="N",
+        help="--tokenizer bpe: the vocabulary size, >= 256 (default 4096)",
+    )
+    t.add_argument(
+        "--glob",
+        default="*",
+        metavar="PATTERN",
+        help="which files below a folder to read, e.g. '*.py' (default '*'); files named "
+        "directly are always read",
+    )
+    t.set_defaults(func=_prepare_text)
+
+
+def _add_prepare_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (new, or empty)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="fraction of rows held out for validation, at random (default 0.1; 0 for none)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="seed of the train/val split (default 0)"
+    )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        help="train parquet files; val gets half as many (default 4, more to keep files "
+        "under 256 MB)",
+    )
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -234,6 +388,26 @@ def _print_linear(checkpoint: str) -> None:
 
 
 def _gen_data(args: argparse.Namespace) -> int:
+    if args.kind in SYNTHETIC_KINDS:
+        from raymb.data.manifest import describe
+        from raymb.data.synthetic import generate_prepared
+
+        manifest = generate_prepared(
+            args.kind,
+            args.out,
+            rows=args.rows,
+            shards=args.shards,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            classes=args.classes,
+            noise=args.noise,
+            block_size=args.block_size,
+            features=args.features,
+        )
+        print(f"raymb: wrote {args.kind} data to {args.out}/ ({describe(manifest)})")
+        return 0
+    if args.block_size is not None:
+        raise RaymbError(f"gen-data {args.kind}: --block-size applies to tokens only")
     from raymb.synth import generate
 
     truth = generate(
@@ -242,13 +416,52 @@ def _gen_data(args: argparse.Namespace) -> int:
         rows=args.rows,
         shards=args.shards,
         features=args.features,
-        classes=args.classes,
-        noise=args.noise,
+        classes=3 if args.classes is None else args.classes,
+        noise=0.1 if args.noise is None else args.noise,
         seed=args.seed,
         val_fraction=args.val_fraction,
     )
     print(f"raymb: wrote {args.kind} data to {args.out}/ ({args.rows} rows)")
     print(json.dumps(truth))
+    return 0
+
+
+def _prepare_images(args: argparse.Namespace) -> int:
+    from raymb.data.images import prepare_images
+    from raymb.data.manifest import describe
+
+    manifest = prepare_images(
+        args.root,
+        args.out,
+        size=args.size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        shards=args.shards,
+        strict=args.strict,
+    )
+    if skipped := manifest["source"]["skipped"]:
+        example = manifest["source"]["skipped_examples"][0]
+        print(f"raymb: skipped {skipped} unreadable files, e.g. {example}", file=sys.stderr)
+    print(f"raymb: wrote {args.out}/ ({describe(manifest)})")
+    return 0
+
+
+def _prepare_text(args: argparse.Namespace) -> int:
+    from raymb.data.manifest import describe
+    from raymb.data.text import prepare_text
+
+    manifest = prepare_text(
+        args.paths,
+        args.out,
+        block_size=args.block_size,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        shards=args.shards,
+        glob=args.glob,
+    )
+    print(f"raymb: wrote {args.out}/ ({describe(manifest)})")
     return 0
 
 
@@ -265,6 +478,24 @@ def _predict(args: argparse.Namespace) -> int:
 
     written = predict(args.checkpoint, args.data, args.out)
     print(f"raymb: wrote {written['rows']} predictions to {written['out']}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from raymb.sample import sample
+
+    drawn = sample(
+        args.checkpoint,
+        args.prompt,
+        args.tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "tokens": drawn.tokens, "text": drawn.text}))
+    else:
+        print(args.prompt + drawn.text)
     return 0
 
 

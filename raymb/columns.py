@@ -1,27 +1,185 @@
-"""Arrow record batches to (features, label) tensors, without a copy where Arrow allows."""
+"""Arrow columns to tensors, and the collate that turns stored values into the model's input.
+
+A feature column holds a number per row (several scalar columns), a list of numbers, or a
+fixed-shape tensor: the Arrow fixed-shape tensor extension type, Ray Data's tensor types
+(read with or without Ray imported), or nested fixed-size lists. Values keep their stored
+type (uint8 images stay uint8 in a cache, four times smaller than float32); `Inputs.collate`
+makes floats of them (data.scale, data.mean, data.std) or, for language modelling, splits a
+token block into input and target, on the worker's device.
+"""
 
 from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+_RAY_TENSOR = b"ray.data.arrow_tensor"  # ray.data.arrow_tensor and ..._v2 (fixed shapes)
+_RAY_RAGGED = b"ray.data.arrow_variable_shaped_tensor"
+_EXT_NAME, _EXT_META = b"ARROW:extension:name", b"ARROW:extension:metadata"
 
-def column_names(features: str | list[str], label: str) -> list[str]:
-    """The columns a dataset is read for: the feature column(s), then the label."""
-    return [*([features] if isinstance(features, str) else features), label]
+
+class ShapeError(ValueError):
+    """A column whose rows cannot have one fixed shape (the schema check names the file)."""
+
+
+def column_names(features: str | list[str], label: str | None) -> list[str]:
+    """The columns a dataset is read for: the feature column(s), then the label (if any)."""
+    names = [features] if isinstance(features, str) else list(features)
+    return names if label is None else [*names, label]
+
+
+def feature_shape(field: pa.Field) -> tuple[tuple[int, ...] | None, pa.DataType]:
+    """(one row's shape, value type) of a list or tensor column; the shape is None for a
+    variable-length list, whose length only the rows tell. ShapeError for other nestings."""
+    t = field.type
+    meta = field.metadata or {}
+    if isinstance(t, pa.FixedShapeTensorType):
+        return tuple(t.shape), t.value_type
+    if isinstance(t, pa.ExtensionType) and hasattr(t, "shape"):  # Ray's, with Ray imported
+        shape = getattr(t, "shape", None)
+        if shape is None or any(s is None for s in shape):
+            raise ShapeError("a variable-shaped (ragged) tensor column")
+        return tuple(shape), _leaf_type(t.storage_type)
+    name = meta.get(_EXT_NAME, b"")
+    if name.startswith(_RAY_RAGGED):
+        raise ShapeError("a variable-shaped (ragged) tensor column")
+    if name.startswith(_RAY_TENSOR):  # Ray's tensor type, read without Ray: shape in metadata
+        return tuple(json.loads(meta[_EXT_META])), _leaf_type(t)
+    if pa.types.is_fixed_size_list(t):
+        inner = t.value_type
+        if pa.types.is_fixed_size_list(inner):
+            rest, leaf = feature_shape(pa.field("item", inner))
+            return (t.list_size, *rest), leaf
+        if _is_list(inner):
+            raise ShapeError("lists of variable length inside a fixed-size list")
+        return (t.list_size,), inner
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        if _is_list(t.value_type):
+            raise ShapeError(
+                "nested lists of variable length (use fixed-size lists or a tensor type)"
+            )
+        return None, t.value_type
+    raise ShapeError(f"type {t}")
+
+
+def flat_values(array: pa.Array) -> pa.Array:
+    """Every value of a list or tensor column's rows, in row-major order (slices respected)."""
+    if isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    while _is_list(array.type):
+        array = array.flatten()
+    return array
+
+
+def column_array(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...] | None) -> np.ndarray:
+    """A list or tensor column as a (rows, *shape) array of its stored type (shape None: the
+    rows' common length)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    rows = len(column)
+    values = flat_values(column).to_numpy(zero_copy_only=False)
+    return values.reshape(rows, *(shape if shape is not None else (-1,)))
 
 
 def table_to_tensors(
-    table: pa.Table, features: str | list[str], label: str
+    table: pa.Table, features: str | list[str], label: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features as float32 (rows, d); labels as int64 (classes) or float32 (regression)."""
+    """(features, label) as tensors. Features: (rows, *shape), integers as stored, floats as
+    float32; several scalar columns as float32 (rows, d). Label: int64 (classes) or float32
+    (regression); no label (language modelling): an empty (rows, 0) tensor."""
     if isinstance(features, str):
-        column = table.column(features).combine_chunks()
-        flat = column.flatten().to_numpy(zero_copy_only=False)
-        x = flat.reshape(len(column), -1)
+        field = table.schema.field(features)
+        shape, _ = feature_shape(field)
+        x = column_array(table.column(features), shape)
+        if np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float32, copy=False)
     else:
-        x = np.stack([table.column(c).to_numpy() for c in features], axis=1)
-    y = table.column(label).to_numpy()
-    y = y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y)
+        x = np.stack([table.column(c).to_numpy() for c in features], axis=1).astype(np.float32)
+    if label is None:
+        y = np.zeros((table.num_rows, 0), np.int64)
+    else:
+        y = table.column(label).to_numpy()
+        y = y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
+    # Arrow's buffers are read-only; nothing writes to these tensors in place (the collate
+    # and index_select make new ones), so torch's warning about that does not apply.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the model takes, and how a batch of stored values becomes it."""
+
+    task: str
+    """classify, regress or lm."""
+    shape: tuple[int, ...]
+    """One row's stored feature shape ((d,), (C, H, W), (T + 1,) for token blocks)."""
+    scale: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        """One row's shape as the model sees it: a block of T + 1 tokens feeds T."""
+        return (self.shape[0] - 1,) if self.task == "lm" else self.shape
+
+    @property
+    def units_per_row(self) -> int:
+        """What the loss is a mean over, per row: its T tokens for lm, else the row."""
+        return self.shape[0] - 1 if self.task == "lm" else 1
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.shape)
+
+    def collate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored values (already on the device) to the model's input and target."""
+        if self.task == "lm":
+            tokens = x.long()
+            return tokens[:, :-1], tokens[:, 1:]
+        if x.dtype != torch.float32:
+            x = x.float()
+        if self.scale is not None:
+            x = x * self.scale
+        if self.mean is not None:
+            view = (1, -1) + (1,) * (x.dim() - 2)  # per channel: dim 1, channels first
+            mean = torch.tensor(self.mean, device=x.device).view(view)
+            std = torch.tensor(self.std, device=x.device).view(view)
+            x = (x - mean) / std
+        return x, y
+
+    def to_dict(self) -> dict:
+        return {
+            "task": self.task,
+            "shape": list(self.shape),
+            "scale": self.scale,
+            "mean": None if self.mean is None else list(self.mean),
+            "std": None if self.std is None else list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Inputs:
+        return cls(
+            task=d["task"],
+            shape=tuple(d["shape"]),
+            scale=d.get("scale"),
+            mean=None if d.get("mean") is None else tuple(d["mean"]),
+            std=None if d.get("std") is None else tuple(d["std"]),
+        )
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _leaf_type(t: pa.DataType) -> pa.DataType:
+    while _is_list(t):
+        t = t.value_type
+    return t

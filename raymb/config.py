@@ -63,24 +63,92 @@ class DataSection:
     false streams every epoch through Ray Data; auto: cache when it fits comfortably (a
     quarter of Ray's object store and of its memory)."""
 
+    task: Literal["auto", "classify", "regress", "lm"] = "auto"
+    """auto: classify for an integer label, regress for a floating one; lm: language
+    modelling on a column of token blocks (input = block[:-1], target = block[1:], the loss a
+    mean over tokens; data.label is not read). A prepared folder's manifest sets it."""
+    scale: float | None = None
+    """Multiply the feature values by this in the collate (e.g. 1/255 for uint8 images; a
+    prepared image folder's manifest sets it)."""
+    mean: list[float] | None = None
+    """Per-channel mean subtracted after data.scale (channels first), with data.std."""
+    std: list[float] | None = None
+    """Per-channel standard deviation divided by after data.mean."""
+
     def __post_init__(self) -> None:
         _require(self.features != [], "data.features", "a column name or a non-empty list of names")
+        _require(self.scale is None or self.scale > 0, "data.scale", "> 0")
+        _require(
+            (self.mean is None) == (self.std is None),
+            "data.mean",
+            "set together with data.std (one value per channel each)",
+        )
+        if self.mean is not None:
+            _require(
+                len(self.mean) == len(self.std) and len(self.mean) > 0,
+                "data.std",
+                f"as many values as data.mean ({len(self.mean)})",
+            )
+            _require(all(s > 0 for s in self.std), "data.std", "positive values")
+        _require(
+            self.task != "lm" or isinstance(self.features, str),
+            "data.features",
+            'one column of token blocks when data.task = "lm"',
+        )
 
 
 @dataclass(**_FROZEN)
 class ModelSection:
     name: str = "linear"
-    """linear, mlp, or package.module:factory (called as factory(in_features, out_features))."""
+    """linear, mlp, cnn, gpt, or package.module:factory (called as factory(in_features,
+    out_features) for flat features, factory(input_shape, out_features) for tensor columns;
+    out_features is the vocabulary size for data.task = "lm")."""
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     """Hidden layer widths of the mlp."""
     num_classes: int | None = None
     """Classes of a classifier; unset: max label + 1."""
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    """cnn: channels of each residual stage (each stage after the first halves the image)."""
+    norm: Literal["batch", "group"] = "batch"
+    """cnn: BatchNorm (statistics depend on how a step is cut into microbatches: the
+    equivalence contract does not hold) or GroupNorm (exact)."""
+    depth: int = 4
+    """gpt: transformer blocks."""
+    width: int = 128
+    """gpt: embedding width (a multiple of model.heads)."""
+    heads: int = 4
+    """gpt: attention heads."""
+    block_size: int | None = None
+    """gpt: longest context (positions); unset: the data's block (tokens per row - 1)."""
+    dropout: float = 0.0
+    """gpt: dropout rate (0 keeps the equivalence contract exact)."""
 
     def __post_init__(self) -> None:
-        builtin = self.name in ("linear", "mlp")
-        _require(builtin or ":" in self.name, "model.name", "linear, mlp or package.module:factory")
+        builtin = self.name in BUILTIN_MODELS
+        _require(
+            builtin or ":" in self.name,
+            "model.name",
+            ", ".join(BUILTIN_MODELS) + " or package.module:factory",
+        )
         _require(all(h > 0 for h in self.hidden), "model.hidden", "positive layer widths")
         _require(self.num_classes is None or self.num_classes >= 2, "model.num_classes", ">= 2")
+        _require(
+            bool(self.widths) and all(w > 0 for w in self.widths),
+            "model.widths",
+            "a non-empty list of positive channel counts",
+        )
+        _require(self.depth > 0, "model.depth", "> 0")
+        _require(self.heads > 0, "model.heads", "> 0")
+        _require(
+            self.width > 0 and self.width % self.heads == 0,
+            "model.width",
+            f"a positive multiple of model.heads={self.heads}",
+        )
+        _require(self.block_size is None or self.block_size > 0, "model.block_size", "> 0")
+        _require(0 <= self.dropout < 1, "model.dropout", "in [0, 1)")
+
+
+BUILTIN_MODELS = ("linear", "mlp", "cnn", "gpt")
 
 
 @dataclass(**_FROZEN)
@@ -332,6 +400,8 @@ class Config:
                 raise ConfigError(f"unknown config section [{name}]; known: {', '.join(hints)}")
             if not isinstance(table, dict):
                 raise ConfigError(f"[{name}] must be a table of keys, got {table!r}")
+            if name == "data" and isinstance(table.get("train"), str):
+                table = _with_manifest(table)
             if name == "data" and "train" in table and "val" not in table:
                 table = {**table, "val": None}  # never validate a user's model on the demo set
             sections[name] = _build_section(name, hints[name], table)
@@ -339,6 +409,26 @@ class Config:
             return cls(**sections)
         except TypeError as e:  # pragma: no cover - guarded by _build_section
             raise ConfigError(str(e)) from None
+
+
+def _with_manifest(table: dict[str, Any]) -> dict[str, Any]:
+    """The [data] keys a prepared folder's manifest gives, under the ones the config sets."""
+    from raymb.data.manifest import data_defaults, find_manifest
+    from raymb.errors import DataError
+
+    try:
+        found = find_manifest(table["train"])
+    except DataError as e:
+        raise ConfigError(f"data.train: {e}") from None
+    if found is None:
+        return table
+    folder, manifest = found
+    defaults = data_defaults(manifest)
+    val = folder / "val"
+    train = Path(table["train"]).expanduser().resolve()
+    if train == (folder / "train").resolve() and val.is_dir():
+        defaults["val"] = str(val)  # the folder's own validation split
+    return {**defaults, **table}
 
 
 def _build_section(section: str, cls: type, table: dict[str, Any]) -> Any:
@@ -461,13 +551,22 @@ def to_toml(config: Config) -> str:
     return "\n".join(lines)
 
 
+# Where a value gives up a promise, --print-config says so next to it.
+_NOTES = {
+    ("model", "norm", '"batch"'): "BatchNorm's statistics depend on how a step is cut into "
+    'microbatches: the equivalence contract holds with norm = "group", not with batch',
+}
+
+
 def _toml_table(name: str, table: dict[str, Any], lines: list[str]) -> None:
     lines.append(f"[{name}]")
     nested = {k: v for k, v in table.items() if isinstance(v, dict)}
     for key, value in table.items():
         if key in nested:
             continue
-        lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
+        line = f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}"
+        note = _NOTES.get((name, key, _toml_value(value)))
+        lines.append(line if note is None else f"{line}  # {note}")
     lines.append("")
     for key, value in nested.items():
         _toml_table(f"{name}.{key}", value, lines)

@@ -14,18 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from raymb import plot, progress
 from raymb.checkpoint import claim_run
-from raymb.columns import column_names
+from raymb.columns import Inputs, column_names
 from raymb.config import Config
+from raymb.data.manifest import find_manifest
 from raymb.errors import ConfigError, DataError, RaymbError
 from raymb.loop import train_loop
 from raymb.plan import Plan
-from raymb.schema import DatasetInfo, check_dataset
+from raymb.schema import DatasetInfo, check_dataset, describe_shape
 from raymb.worker import POLL_ENV, POLL_S
 
 CACHE_SHARE = 0.25
@@ -47,44 +49,114 @@ class Result:
 
 def prepare(config: Config) -> tuple[Plan, Any, Any]:
     """Check the data against the config; nothing is started or written."""
-    features, label = config.data.features, config.data.label
+    data = config.data
+    label = None if data.task == "lm" else data.label
     # The feature values are checked by the workers' first read (raymb.feed).
     train_info = check_dataset(
-        config.data.train, features, label, what="data.train", scan_features=False
+        data.train, data.features, label, what="data.train", scan_features=False, task=data.task
     )
     val_info = None
-    if config.data.val is not None:
+    if data.val is not None:
         val_info = check_dataset(
-            config.data.val, features, label, what="data.val", scan_features=False
+            data.val, data.features, label, what="data.val", scan_features=False, task=data.task
         )
-        if (val_info.num_features, val_info.label_kind) != (
-            train_info.num_features,
+        if (val_info.feature_shape, val_info.label_kind) != (
+            train_info.feature_shape,
             train_info.label_kind,
         ):
             raise ConfigError(
-                f"data.val has {val_info.num_features} features and {val_info.label_kind} labels; "
-                f"data.train has {train_info.num_features} and {train_info.label_kind}"
+                f"data.val has {describe_shape(val_info, data.features)} and "
+                f"{val_info.label_kind} labels; data.train has "
+                f"{describe_shape(train_info, data.features)} and {train_info.label_kind}"
             )
     if config.checkpoint.metric.startswith("val_") and val_info is None:
         raise ConfigError(
             f"checkpoint.metric={config.checkpoint.metric!r} needs data.val; set data.val "
             "or checkpoint.metric=train_loss"
         )
-    classes = None
-    if train_info.label_kind == "int":
-        seen = max(train_info.num_classes, val_info.num_classes if val_info else 0)
-        classes = config.model.num_classes or seen
-        if classes < seen:
-            raise ConfigError(f"model.num_classes={classes} but the labels go up to {seen - 1}")
-    elif config.checkpoint.metric == "val_accuracy":
-        raise ConfigError("checkpoint.metric='val_accuracy' needs integer (class) labels")
+    inputs = Inputs(
+        task=_task(config, train_info),
+        shape=train_info.feature_shape,
+        scale=data.scale,
+        mean=None if data.mean is None else tuple(data.mean),
+        std=None if data.std is None else tuple(data.std),
+    )
+    _check_model_fits(config, inputs, train_info)
     plan = Plan.build(
         config,
         num_rows=train_info.num_rows,
-        in_features=train_info.num_features,
-        num_classes=classes,
+        inputs=inputs,
+        out_features=_out_features(config, inputs.task, train_info, val_info),
     )
     return plan, train_info, val_info
+
+
+def _task(config: Config, info: DatasetInfo) -> str:
+    """data.task, with "auto" resolved by the label's type; a label that cannot serve it is a
+    one-line error."""
+    task, label = config.data.task, config.data.label
+    if task == "lm":
+        return task
+    kind = "classify" if info.label_kind == "int" else "regress"
+    if task not in ("auto", kind):
+        wanted = "an integer" if task == "classify" else "a floating"
+        raise ConfigError(
+            f'data.task = "{task}" needs {wanted} label column; data.train\'s {label!r} is '
+            f"{'integer' if kind == 'classify' else 'floating'}"
+        )
+    if kind == "regress" and config.checkpoint.metric == "val_accuracy":
+        raise ConfigError("checkpoint.metric='val_accuracy' needs integer (class) labels")
+    return kind
+
+
+def _out_features(config: Config, task: str, train: DatasetInfo, val: DatasetInfo | None) -> int:
+    """Classes (model.num_classes, or max label + 1), the vocabulary (lm), or 1."""
+    if task == "regress":
+        return 1
+    if task == "lm":
+        seen = max(i.value_range[1] for i in (train, val) if i is not None and i.value_range) + 1
+        found = find_manifest(config.data.train)
+        vocab = config.model.num_classes or (found and found[1].get("vocab_size")) or seen
+        if vocab < seen:
+            raise ConfigError(
+                f"the vocabulary has {vocab} tokens but data.train's token ids go up to {seen - 1}"
+            )
+        return vocab
+    seen = max(train.num_classes, val.num_classes if val else 0)
+    found = find_manifest(config.data.train)  # a class may have no row in these splits
+    classes = config.model.num_classes or max(seen, (found and found[1].get("num_classes")) or 0)
+    if classes < seen:
+        raise ConfigError(f"model.num_classes={classes} but the labels go up to {seen - 1}")
+    return classes
+
+
+def _check_model_fits(config: Config, inputs: Inputs, info: DatasetInfo) -> None:
+    """The built-in models against the data's shape and task, in one line before Ray starts."""
+    name, shape, rows = config.model.name, inputs.shape, describe_shape(info, config.data.features)
+    if inputs.task == "lm" and (len(shape) != 1 or shape[0] < 2):
+        raise ConfigError(
+            f'data.task = "lm" needs blocks of at least 2 token ids; data.train has {rows}'
+        )
+    if inputs.task == "lm" and name in ("linear", "mlp", "cnn"):
+        raise ConfigError(
+            f'model.name = {name} does not take token ids (data.task = "lm"): use gpt'
+        )
+    if name == "cnn" and len(shape) != 3:
+        raise ConfigError(f"model.name = cnn needs image rows [C, H, W]; data.train has {rows}")
+    if name == "gpt":
+        if inputs.task != "lm":
+            raise ConfigError('model.name = gpt needs data.task = "lm" (token blocks)')
+        block = config.model.block_size
+        if block is not None and block < inputs.model_shape[0]:
+            raise ConfigError(
+                f"model.block_size={block} is shorter than data.train's blocks "
+                f"({inputs.model_shape[0]} tokens of input per row): raise it or unset it"
+            )
+    if inputs.mean is not None and len(inputs.mean) != shape[0]:
+        raise ConfigError(
+            f"data.mean has {len(inputs.mean)} values; data.train's rows have {shape[0]} "
+            f"channels ({rows})"
+        )
 
 
 def connect(config: Config, address: str | None) -> float:
@@ -120,9 +192,15 @@ def train(config: Config, *, address: str | None = None) -> Result:
     claim_run(run_dir, config)  # a resumed run must fit its checkpoints
     cpus = connect(config, address)
     cached = use_cache(config, [train_info, val_info])
+    print(
+        f"raymb: data.train: {train_info.num_rows} rows, "
+        f"{describe_shape(train_info, config.data.features)}, task {plan.inputs['task']}",
+        flush=True,
+    )
     loop_config = {
         "config": config.to_dict(),
         "plan": plan.to_dict(),
+        "tokenizer": tokenizer_spec(config),
         "train": data_spec(train_info, config, cached),
         "val": data_spec(val_info, config, cached, "data.val") if val_info else None,
         "run_dir": str(run_dir),
@@ -152,6 +230,16 @@ def train(config: Config, *, address: str | None = None) -> Result:
     return Result(run_dir=run_dir, summary=summary)
 
 
+def tokenizer_spec(config: Config) -> dict | None:
+    """The tokenizer of a prepared text folder, to keep with the model (raymb sample)."""
+    found = find_manifest(config.data.train) if config.data.task == "lm" else None
+    if found is None or not found[1].get("tokenizer"):
+        return None
+    from raymb.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(found[0]).spec
+
+
 def use_cache(config: Config, infos: list[DatasetInfo | None]) -> bool:
     """data.cache, with "auto" resolved against what the cluster holds."""
     if config.data.cache != "auto":
@@ -160,8 +248,14 @@ def use_cache(config: Config, infos: list[DatasetInfo | None]) -> bool:
     resources = ray.cluster_resources()
     room = min(resources.get("object_store_memory", 0), resources.get("memory", 0))
     # Each worker also keeps the rows as float32 tensors.
-    rows = sum(i.num_rows * (i.num_features + 2) * 4 for i in infos if i is not None)
+    rows = sum(i.num_rows * (i.num_features * _itemsize(i) + 8) for i in infos if i is not None)
     return size <= CACHE_SHARE * room and rows * config.scale.workers <= CACHE_SHARE * room
+
+
+def _itemsize(info: DatasetInfo) -> int:
+    """Bytes a feature value takes in a worker's cache: as stored, floats as float32."""
+    kind = np.dtype(info.feature_type) if info.feature_type in np.sctypeDict else np.float32
+    return 4 if np.issubdtype(kind, np.floating) else np.dtype(kind).itemsize
 
 
 def data_spec(
@@ -169,7 +263,9 @@ def data_spec(
 ) -> dict[str, Any]:
     """What a worker needs to read a dataset (raymb.feed): the materialized blocks, or the
     files to stream."""
-    columns = column_names(config.data.features, config.data.label)
+    label = None if config.data.task == "lm" else config.data.label
+    columns = column_names(config.data.features, label)
+    features = columns[: len(columns) - (label is not None)]
     spec = {
         "cached": cached,
         "shuffle": config.data.shuffle,
@@ -179,7 +275,7 @@ def data_spec(
         "filesystem": info.filesystem,
         "columns": columns,
         "what": what,
-        "scan": columns[:-1],  # the features: check_dataset read the labels
+        "scan": features,  # check_dataset read the labels
         "shuffle_buffer": max(4096, 4 * _step_rows(config, info)),
     }
     if cached:

@@ -6,6 +6,7 @@ pass (raymb.loop) adds it up across workers, `evaluate` across the files of a da
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raymb.checkpoint import load_model
+from raymb.checkpoint import load_model, payload_inputs
 from raymb.columns import table_to_tensors
 from raymb.config import Config
 from raymb.errors import DataError
@@ -25,41 +26,76 @@ from raymb.schema import DatasetInfo, check_dataset
 def batch_sums(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classify: bool
 ) -> torch.Tensor:
-    """(summed loss, correct predictions, rows) of one batch, as float64 on x's device."""
+    """(summed loss, correct predictions, rows) of one batch, as float64 on x's device; for a
+    language model the loss and hits are per token and "rows" counts tokens."""
     out = model(x)
     hits = correct(out, y).double() if classify else torch.zeros((), dtype=torch.float64)
     return torch.stack(
         [
             summed_loss(out, y, classify).double(),
             hits.to(x.device),
-            torch.tensor(float(len(y)), dtype=torch.float64, device=x.device),
+            torch.tensor(float(y.numel()), dtype=torch.float64, device=x.device),
         ]
     )
 
 
 def evaluate(checkpoint: str, data: str, batch_rows: int = 65536) -> dict[str, Any]:
-    """Mean loss over every row (and accuracy for classifiers)."""
+    """Mean loss over every row (and accuracy for classifiers; per token, with perplexity
+    and bits per byte, for a language model)."""
     model, payload = load_model(checkpoint)
     config = Config.from_dict(payload["config"])
-    info = check_dataset(data, config.data.features, config.data.label, what="--data")
+    inputs = payload_inputs(payload)
+    label = None if inputs.task == "lm" else config.data.label
+    info = check_dataset(data, config.data.features, label, what="--data", task=inputs.task)
     check_fits(info, payload, data)
     classify = payload["classify"]
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     for _, batch in read_batches(info, batch_rows):
-        x, y = table_to_tensors(batch, config.data.features, config.data.label)
+        x, y = inputs.collate(*table_to_tensors(batch, config.data.features, label))
         sums += batch_sums(model, x, y, classify)
     loss, hits, rows = sums.tolist()
-    return {"loss": loss / rows, "accuracy": hits / rows if classify else None, "rows": int(rows)}
+    result = {"loss": loss / rows, "accuracy": hits / rows if classify else None}
+    if inputs.task == "lm":
+        extra = lm_metrics(loss / rows, inputs.task, payload.get("tokenizer"))
+        result.update({k.removeprefix("val_"): v for k, v in extra.items()})
+        result["tokens"] = int(rows)
+        rows = info.num_rows
+    return {**result, "rows": int(rows)}
+
+
+def lm_metrics(loss: float | None, task: str, tokenizer: dict | None) -> dict[str, Any]:
+    """Language modelling: val_perplexity (exp of the loss in nats per token) and, for the
+    bytes tokenizer (a token is a byte), val_bits_per_byte; nothing for other tasks."""
+    if task != "lm":
+        return {}
+    per_byte = tokenizer is not None and tokenizer.get("kind") == "bytes"
+    return {
+        "val_perplexity": None if loss is None else math.exp(min(loss, 700.0)),
+        "val_bits_per_byte": loss / math.log(2) if loss is not None and per_byte else None,
+    }
 
 
 def check_fits(info: DatasetInfo, payload: dict[str, Any], data: str) -> None:
-    """The data has the model's feature width and, if labelled, its kind of label."""
-    if info.num_features != payload["in_features"]:
-        raise DataError(
-            f"--data: {data} has {info.num_features} features per row; the model takes "
-            f"{payload['in_features']}"
+    """The data has the model's feature shape and, if labelled, its kind of label."""
+    inputs = payload_inputs(payload)
+    if info.num_features != payload["in_features"] or (
+        len(inputs.shape) > 1 and info.feature_shape != inputs.shape
+    ):
+        have = (
+            f"{info.num_features} features per row"
+            if len(info.feature_shape) == 1
+            else f"rows of shape {list(info.feature_shape)}"
         )
+        want = payload["in_features"] if len(inputs.shape) == 1 else list(inputs.shape)
+        raise DataError(f"--data: {data} has {have}; the model takes {want}")
+    if inputs.task == "lm":
+        if info.value_range is not None and info.value_range[1] >= payload["out_features"]:
+            raise DataError(
+                f"--data: {data} has token ids up to {info.value_range[1]}; the model's "
+                f"vocabulary has {payload['out_features']}"
+            )
+        return
     classify = payload["classify"]
     if (info.label_kind == "int") != classify:
         raise DataError(

@@ -18,7 +18,6 @@ file: the driver's check before Ray starts reads only footers and labels.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -164,8 +163,4 @@ def _tensors(spec: dict[str, Any], features, label) -> Batch:
     for path, rows in zip(spec["files"], spec["file_rows"]):
         check_values(table.slice(start, rows), spec["scan"], f"{spec['what']}: {path}")
         start += rows
-    # The blocks are read-only shared memory; the tensors over them are only ever gathered
-    # from (index_select copies), so torch's warning about writing to them does not apply.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return table_to_tensors(table, features, label)
+    return table_to_tensors(table, features, label)  # over the blocks' shared memory

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ray.train
 
+from raymb.columns import Inputs
 from raymb.config import Config
 from raymb.feed import train_source, val_batches
 from raymb.plan import Plan
@@ -28,9 +29,11 @@ def train_loop(payload: dict) -> None:
     faults = Faults(config, run_dir)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    features, label = config.data.features, config.data.label
+    features = config.data.features
+    label = None if config.data.task == "lm" else config.data.label
     val = val_batches(payload["val"], features, label, rank, world, max(plan.microbatch, 1024))
-    shape = Shape(plan.in_features, plan.out_features, plan.classify, plan.workers)
+    inputs = Inputs.from_dict(plan.inputs)
+    shape = Shape(inputs, plan.out_features, plan.workers, payload.get("tokenizer"))
     worker = Worker(config, shape, run_dir, mode="epochs", total_steps=plan.total_steps, val=val)
     progress, device = worker.progress, worker.device
     if worker.resumed and rank == 0:
@@ -47,6 +50,7 @@ def train_loop(payload: dict) -> None:
             waited = time.perf_counter()
             x, y = next(steps)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = inputs.collate(x, y)
             microbatches = [(x[i : i + m], y[i : i + m]) for i in range(0, len(y), m)]
             faults.before_step(progress.step + 1, rank, microbatches)
             wait_s = time.perf_counter() - waited

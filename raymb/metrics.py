@@ -25,6 +25,8 @@ COLUMNS = (
     "train_loss",
     "val_loss",
     "val_accuracy",
+    "val_perplexity",
+    "val_bits_per_byte",
     "lr",
     "samples",
     "samples_per_s",
@@ -40,7 +42,7 @@ FLUSH_S = 1.0
 @dataclass
 class Entry:
     """One step as this worker saw it: `loss` is its summed loss (None when skipped), `rows`
-    the step's rows on all workers."""
+    the step's rows on all workers, `units` what the loss is a mean over (rows, or tokens)."""
 
     row: dict[str, Any]
     loss: torch.Tensor | None
@@ -49,6 +51,8 @@ class Entry:
     wait_s: float
     ended: float
     logged: bool
+    units: int = 0
+    """0: the rows."""
 
 
 class Ledger:
@@ -61,10 +65,10 @@ class Ledger:
         self.every = 1
         self.since = time.perf_counter()
         self._reset_window(self.since)
-        self.report_loss, self.report_rows = 0.0, 0
+        self.report_loss, self.report_units = 0.0, 0
 
     def _reset_window(self, started: float) -> None:
-        self.w_loss, self.w_rows, self.w_steps = 0.0, 0, 0
+        self.w_loss, self.w_rows, self.w_units, self.w_steps = 0.0, 0, 0, 0
         self.w_step_s = self.w_wait_s = 0.0
         self.w_started = started
 
@@ -98,11 +102,12 @@ class Ledger:
             return bad
         rows = []
         for entry, loss in zip(entries, losses):
+            self.w_rows += entry.rows
             if entry.loss is not None:
                 self.w_loss += loss
-                self.w_rows += entry.rows
+                self.w_units += entry.units or entry.rows
                 self.report_loss += loss
-                self.report_rows += entry.rows
+                self.report_units += entry.units or entry.rows
             self.w_steps += 1
             self.w_step_s += entry.step_s
             self.w_wait_s += entry.wait_s
@@ -118,7 +123,7 @@ class Ledger:
         steps = max(1, self.w_steps)
         return {
             **entry.row,
-            "train_loss": self.w_loss / self.w_rows if self.w_rows else None,
+            "train_loss": self.w_loss / self.w_units if self.w_units else None,
             "samples_per_s": self.w_rows / took if took > 0 else 0.0,
             "step_time_s": self.w_step_s / steps,
             "data_wait_s": self.w_wait_s / steps,
@@ -126,8 +131,8 @@ class Ledger:
 
     def report_train_loss(self) -> float | None:
         """Mean loss over the steps since the last call (what a checkpoint's report shows)."""
-        loss = self.report_loss / self.report_rows if self.report_rows else None
-        self.report_loss, self.report_rows = 0.0, 0
+        loss = self.report_loss / self.report_units if self.report_units else None
+        self.report_loss, self.report_units = 0.0, 0
         return loss
 
 

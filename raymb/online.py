@@ -49,7 +49,7 @@ import ray.train.torch
 import torch.distributed as dist
 
 from raymb import checkpoint as ckpt
-from raymb.columns import column_names, table_to_tensors
+from raymb.columns import Inputs, column_names, table_to_tensors
 from raymb.config import CheckpointSection, Config, DataSection
 from raymb.driver import (
     Result,
@@ -141,7 +141,8 @@ def follow_loop(payload: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     features, label = config.data.features, config.data.label
     val = val_batches(payload["val"], features, label, rank, world, 4096)
-    shape = Shape(dims["in_features"], dims["out_features"], dims["classify"], world)
+    inputs = Inputs.from_dict(dims["inputs"])
+    shape = Shape(inputs, dims["out_features"], world)
     # constant or step schedules only: they need no total
     worker = Worker(config, shape, Path(payload["run_dir"]), mode="follow", total_steps=1, val=val)
     progress, device = worker.progress, worker.device
@@ -175,7 +176,7 @@ def follow_loop(payload: dict) -> None:
         x, y = table_to_tensors(table, features, label)
         if len(y) != rows:
             raise DataError(f"--follow: {name} changed while being read ({len(y)} != {rows} rows)")
-        x, y = x.to(device), y.to(device)
+        x, y = inputs.collate(x.to(device), y.to(device))
         sizes = step_sizes(rows, G)
         start = 0
         for i, n in enumerate(sizes):
@@ -360,6 +361,8 @@ def _wait_for_first_file(fs, root: str, idle_timeout: float, shown: str) -> str:
 
 
 def _dims(config: Config, info: DatasetInfo, name: str) -> dict[str, Any]:
+    if config.data.task == "lm":
+        raise ConfigError('--follow does not train language models (data.task = "lm") yet')
     classify = info.label_kind == "int"
     if classify and config.model.num_classes is None:
         raise ConfigError(
@@ -372,6 +375,13 @@ def _dims(config: Config, info: DatasetInfo, name: str) -> dict[str, Any]:
         "in_features": info.num_features,
         "out_features": config.model.num_classes if classify else 1,
         "classify": classify,
+        "inputs": Inputs(
+            task="classify" if classify else "regress",
+            shape=info.feature_shape,
+            scale=config.data.scale,
+            mean=None if config.data.mean is None else tuple(config.data.mean),
+            std=None if config.data.std is None else tuple(config.data.std),
+        ).to_dict(),
     }
     _check_fits(info, dims, what=f"--follow: {name}")
     return dims

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from raymb.columns import Inputs
 from raymb.config import Config
 from raymb.errors import DataError
 
@@ -27,12 +28,13 @@ class Plan:
     max_steps: int | None
     in_features: int
     out_features: int
+    """Classes, the vocabulary (lm), or 1 (regression)."""
     classify: bool
+    inputs: dict
+    """raymb.columns.Inputs, as a dict: the task, the rows' shape, the collate's scaling."""
 
     @classmethod
-    def build(
-        cls, config: Config, *, num_rows: int, in_features: int, num_classes: int | None
-    ) -> Plan:
+    def build(cls, config: Config, *, num_rows: int, inputs: Inputs, out_features: int) -> Plan:
         if ":" in config.model.name:
             # Import the user's model factory now: a typo costs one line, not a Ray start.
             # (Imported here: the plan itself needs no torch.)
@@ -48,8 +50,7 @@ class Plan:
             )
         m = config.microbatch()
         if m is None:  # train.microbatch_size = "auto"
-            out = num_classes if num_classes is not None else 1
-            m = auto_microbatch(config, rows, in_features, out)
+            m = auto_microbatch(config, rows, inputs, out_features)
         if m > rows:
             raise DataError(
                 f"train.microbatch_size={m} is larger than a worker's shard of data.train "
@@ -63,7 +64,6 @@ class Plan:
                 f"but each of the {W} workers gets {rows} rows of data.train: lower "
                 "train.global_batch_size or scale.workers"
             )
-        classify = num_classes is not None
         return cls(
             workers=W,
             rows_per_worker=rows,
@@ -71,9 +71,10 @@ class Plan:
             step_rows=step_rows,
             epochs=config.train.epochs,
             max_steps=config.train.max_steps,
-            in_features=in_features,
-            out_features=num_classes if classify else 1,
-            classify=classify,
+            in_features=inputs.in_features,
+            out_features=out_features,
+            classify=inputs.task != "regress",
+            inputs=inputs.to_dict(),
         )
 
     @property
@@ -96,35 +97,37 @@ class Plan:
         return asdict(self)
 
 
-def activation_bytes_per_sample(config: Config, in_features: int, out_features: int) -> int:
+def activation_bytes_per_sample(config: Config, inputs: Inputs, out_features: int) -> int:
     """Estimated training memory one sample costs: every module's output kept for the
     backward pass, and its gradient, in float32 (measured on a 2-row probe forward)."""
     import torch
 
     from raymb.models import build_model
 
-    model = build_model(config.model, in_features, out_features)
-    elements = [in_features]
+    shape = inputs.model_shape
+    model = build_model(config.model, shape, out_features)
+    elements = [math.prod(shape)]
 
     def count(module, inputs, output) -> None:
         if torch.is_tensor(output):
             elements.append(output[0].numel())
 
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    probe = torch.zeros(2, *shape, dtype=torch.long if inputs.task == "lm" else torch.float32)
     with torch.no_grad():
-        model(torch.zeros(2, in_features))
+        model(probe)
     for hook in hooks:
         hook.remove()
     return 2 * 4 * sum(elements)
 
 
-def auto_microbatch(config: Config, rows: int, in_features: int, out_features: int) -> int:
+def auto_microbatch(config: Config, rows: int, inputs: Inputs, out_features: int) -> int:
     """train.microbatch_size = "auto" on a CPU: the largest m whose activations fit
     train.memory_budget and that keeps the step exact (k = G / (W·m) whole)."""
     fits = max(
         1,
         config.train.memory_budget_bytes()
-        // activation_bytes_per_sample(config, in_features, out_features),
+        // activation_bytes_per_sample(config, inputs, out_features),
     )
     G = config.train.global_batch_size
     if G == "all":

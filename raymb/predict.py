@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raymb.checkpoint import load_model
+from raymb.checkpoint import load_model, payload_inputs
 from raymb.columns import table_to_tensors
 from raymb.config import Config
 from raymb.errors import DataError
@@ -30,6 +30,12 @@ def predict(checkpoint: str, data: str, out: str | Path, batch_rows: int = 65536
     """Write the predictions of the model in `checkpoint` for every row of `data` to `out`."""
     model, payload = load_model(checkpoint)
     config = Config.from_dict(payload["config"])
+    inputs = payload_inputs(payload)
+    if inputs.task == "lm":
+        raise DataError(
+            f"{checkpoint}: a language model; continue a prompt with raymb sample, or measure "
+            "it with raymb eval"
+        )
     features, label = config.data.features, config.data.label
     feature_cols = [features] if isinstance(features, str) else list(features)
     info, labelled = _dataset(data, features, label)
@@ -49,11 +55,12 @@ def predict(checkpoint: str, data: str, out: str | Path, batch_rows: int = 65536
             if not labelled:  # table_to_tensors reads a label; predictions never look at it
                 source = table.append_column(label, pa.array(np.zeros(len(table), np.float32)))
             x, _ = table_to_tensors(source, features, label)
-            if x.shape[1] != payload["in_features"]:
-                raise DataError(
-                    f"--data: {path}: {x.shape[1]} features per row; the model takes "
-                    f"{payload['in_features']}"
-                )
+            if tuple(x.shape[1:]) != inputs.shape:
+                have, want = list(x.shape[1:]), list(inputs.shape)
+                if len(want) == 1:
+                    have, want = f"{x[0].numel()} features per row", want[0]
+                raise DataError(f"--data: {path}: {have}; the model takes {want}")
+            x, _ = inputs.collate(x, x)
             result = _with_predictions(table, feature_cols, model(x), payload["classify"])
             if writer is None:
                 writer = pq.ParquetWriter(tmp, result.schema)

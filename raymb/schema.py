@@ -13,14 +13,17 @@ own read of the data (`check_values`), so a large set is not read an extra time 
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raymb.columns import ShapeError, feature_shape, flat_values
 from raymb.errors import ConfigError, DataError
 
 PARQUET_SUFFIX = ".parquet"
@@ -40,6 +43,9 @@ class DatasetInfo:
     filesystem: pafs.FileSystem = field(repr=False)  # pass to readers for non-local paths
     file_rows: tuple[int, ...] = ()  # rows of each file, in the order of `files`
     bytes: int = 0  # uncompressed size of the files' columns, from their footers
+    feature_shape: tuple[int, ...] = ()  # one row's features: (d,), (C, H, W), (T + 1,)
+    feature_type: str = "float32"  # the stored value type of a list or tensor column
+    value_range: tuple[int, int] | None = None  # integer features (token ids): (min, max)
 
 
 def resolve_files(path: str, *, what: str = "data.train") -> tuple[list[str], pafs.FileSystem]:
@@ -81,16 +87,20 @@ def resolve_files(path: str, *, what: str = "data.train") -> tuple[list[str], pa
 def check_dataset(
     path: str,
     features: str | list[str],
-    label: str,
+    label: str | None,
     *,
     what: str = "data.train",
     scan_features: bool = True,
+    task: str = "auto",
 ) -> DatasetInfo:
     """Resolve `path` and check every file's features and label columns; raise DataError.
 
+    A feature column is a list of numbers (fixed-size, or of equal length in every row) or a
+    fixed-shape tensor (see raymb.columns); `label` None (data.task = "lm") reads no label.
     With `scan_features=False` the feature values (nulls, NaN, inf) are left to whoever
     reads them next (the training workers' first pass, `check_values`): only the footers and
-    the label column are read here, and list columns of variable length for their widths.
+    the label column are read here, list columns of variable length for their widths, and
+    token ids (lm) for their range.
     """
     if isinstance(features, str):
         feature_cols = [features]
@@ -102,14 +112,16 @@ def check_dataset(
             )
         if len(set(feature_cols)) != len(feature_cols):
             raise ConfigError(f"data.features: duplicate column names in {feature_cols}")
-    if label in feature_cols:
+    if label is not None and label in feature_cols:
         raise ConfigError(f"data.label: column {label!r} is also listed in data.features")
 
     files, fs = resolve_files(path, what=what)
     num_rows = 0
-    dims: tuple[int, str] | None = None  # (d, first file) to compare later files against
+    dims: tuple[tuple[int, ...], str] | None = None  # (shape, first file) to compare against
     kind: tuple[str, str] | None = None
     max_label: int | None = None
+    value_range: tuple[int, int] | None = None
+    value_type = "float32"
     file_rows: list[int] = []
     size = 0
     for f in files:
@@ -121,22 +133,30 @@ def check_dataset(
         size += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
 
         # The footer answers the types; one read of the columns answers the rest.
-        label_type = _field(schema, label, prefix, "label").type
-        file_kind = _label_kind(label_type)
-        if file_kind is None:
-            raise DataError(
-                f"{prefix}: label column {label!r} has type {label_type}, "
-                "expected an integer (classification) or floating (regression) type"
-            )
-        if kind is not None and file_kind != kind[0]:
-            raise DataError(
-                f"{prefix}: label column {label!r} has type {label_type}, "
-                f"expected {'an integer' if kind[0] == 'int' else 'a floating'} type "
-                f"as in {kind[1]}"
-            )
-        kind = kind or (file_kind, f)
+        if label is not None:
+            label_type = _field(schema, label, prefix, "label").type
+            file_kind = _label_kind(label_type)
+            if file_kind is None:
+                raise DataError(
+                    f"{prefix}: label column {label!r} has type {label_type}, "
+                    "expected an integer (classification) or floating (regression) type"
+                )
+            if kind is not None and file_kind != kind[0]:
+                raise DataError(
+                    f"{prefix}: label column {label!r} has type {label_type}, "
+                    f"expected {'an integer' if kind[0] == 'int' else 'a floating'} type "
+                    f"as in {kind[1]}"
+                )
+            kind = kind or (file_kind, f)
+        shape: tuple[int, ...] | None = (len(feature_cols),)
         if isinstance(features, str):
-            _check_list_type(_field(schema, features, prefix, "feature").type, features, prefix)
+            shape, leaf = _feature_layout(_field(schema, features, prefix, "feature"), prefix)
+            value_type = str(leaf)
+            if task == "lm" and not pa.types.is_integer(leaf):
+                raise DataError(
+                    f'{prefix}: data.task = "lm" needs integer token ids, but column '
+                    f"{features!r} holds {leaf}"
+                )
         else:
             for c in feature_cols:
                 t = _field(schema, c, prefix, "feature").type
@@ -146,28 +166,29 @@ def check_dataset(
                         "(a list of names means one scalar column each)"
                     )
 
-        variable = isinstance(features, str) and not pa.types.is_fixed_size_list(
-            schema.field(features).type
-        )
-        scanned = [*(feature_cols if scan_features or variable else []), label]
+        reread = shape is None or task == "lm"  # for the widths, or the token ids' range
+        scanned = [*(feature_cols if scan_features or reread else []), *_opt(label)]
         scans = _scan(pf, scanned, prefix)
         for c in scanned:
             scans[c].check(c, prefix, values=scan_features or c == label)
 
-        if isinstance(features, str):
-            scan = scans.get(features, _ColumnScan())  # a fixed-size list: the type says
-            d = _list_width(schema.field(features).type, scan, features, prefix)
-        else:
-            d = len(feature_cols)
-        if d is not None and dims is not None and d != dims[0]:
+        if shape is None:  # a list of variable length: the rows tell
+            width = _list_width(scans[features], features, prefix)
+            shape = None if width is None else (width,)
+        if shape is not None and dims is not None and shape != dims[0]:
             raise DataError(
-                f"{prefix}: column {features!r} has {d} features per row, "
-                f"expected {dims[0]} as in {dims[1]}"
+                f"{prefix}: column {features!r} has {_width(shape)}, expected "
+                f"{_width(dims[0])} as in {dims[1]}"
             )
-        if d is not None:
-            dims = dims or (d, f)
+        if shape is not None:
+            dims = dims or (shape, f)
+        if task == "lm" and scans[features].range is not None:
+            lo, hi = scans[features].range
+            if lo < 0:
+                raise DataError(f"{prefix}: column {features!r} has negative token id {lo}")
+            value_range = _widen(value_range, lo, hi)
 
-        if file_kind == "int" and scans[label].range is not None:
+        if label is not None and file_kind == "int" and scans[label].range is not None:
             lo, hi = scans[label].range
             if lo < 0:
                 raise DataError(
@@ -182,17 +203,57 @@ def check_dataset(
             f"{what}: {path} is empty (0 rows in {n} parquet file{'s' if n != 1 else ''})"
         )
     assert dims is not None
-    assert kind is not None
     return DatasetInfo(
         files=tuple(files),
         num_rows=num_rows,
-        num_features=dims[0],
-        label_kind=kind[0],
+        num_features=math.prod(dims[0]),
+        label_kind="none" if kind is None else kind[0],
         num_classes=None if max_label is None else max_label + 1,
         filesystem=fs,
         file_rows=tuple(file_rows),
         bytes=size,
+        feature_shape=dims[0],
+        feature_type=value_type,
+        value_range=value_range,
     )
+
+
+def describe_shape(info: DatasetInfo, features: str | list[str]) -> str:
+    """The features as the schema check reports them: `image: uint8[3, 32, 32]`."""
+    if not isinstance(features, str):
+        return f"{len(features)} scalar columns"
+    return f"{features}: {info.feature_type}{_shape(info.feature_shape)}"
+
+
+def _feature_layout(field: pa.Field, prefix: str) -> tuple[tuple[int, ...] | None, pa.DataType]:
+    try:
+        shape, leaf = feature_shape(field)
+    except ShapeError as e:
+        hint = " (for scalar columns give a list of names)" if _is_number(field.type) else ""
+        raise DataError(
+            f"{prefix}: feature column {field.name!r} is {e}, expected a list of numbers or a "
+            f"fixed-shape tensor{hint}"
+        ) from None
+    if not _is_number(leaf):
+        raise DataError(
+            f"{prefix}: feature column {field.name!r} has type {field.type}, expected a list "
+            "of numbers or a fixed-shape tensor of numbers"
+        )
+    if shape is not None and math.prod(shape) < 1:
+        raise DataError(f"{prefix}: feature column {field.name!r} has 0 values per row")
+    return shape, leaf
+
+
+def _opt(label: str | None) -> list[str]:
+    return [] if label is None else [label]
+
+
+def _width(shape: tuple[int, ...]) -> str:
+    return f"{shape[0]} features per row" if len(shape) == 1 else f"rows of shape {_shape(shape)}"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
 
 
 @dataclass
@@ -206,18 +267,26 @@ class _ColumnScan:
 
     def add(self, values: pa.Array) -> None:
         t = values.type
+        if isinstance(t, pa.ExtensionType):
+            values, t = values.storage, t.storage_type
         if _is_list(t):
             self.nulls += values.null_count
-            flat = pc.list_flatten(values)
+            if pa.types.is_list(t) or pa.types.is_large_list(t):
+                lengths = pc.list_value_length(values)
+                lo, hi = (v.as_py() for v in pc.min_max(lengths).values())
+                if lo is not None:
+                    self.lengths = _widen(self.lengths, lo, hi)
+            flat = flat_values(values)
             self.nulls += flat.null_count
-            lo, hi = (v.as_py() for v in pc.min_max(pc.list_value_length(values)).values())
-            if lo is not None:
-                self.lengths = _widen(self.lengths, lo, hi)
-            if pa.types.is_floating(t.value_type) and not values.null_count:
+            if pa.types.is_floating(flat.type) and not values.null_count and len(flat):
                 # A row counts once however many of its values are NaN or inf.
-                bad = pc.invert(pc.is_finite(flat))
-                rows = pc.filter(pc.list_parent_indices(values), bad)
-                self.nonfinite_rows += pc.count_distinct(rows).as_py()
+                bad = np.flatnonzero(~np.isfinite(flat.to_numpy(zero_copy_only=False)))
+                if len(bad):
+                    self.nonfinite_rows += len(np.unique(_row_of(values, bad)))
+            elif pa.types.is_integer(flat.type) and len(flat):
+                lo, hi = (v.as_py() for v in pc.min_max(flat).values())
+                if lo is not None:
+                    self.range = _widen(self.range, lo, hi)
             return
         self.nulls += values.null_count
         if pa.types.is_floating(t):
@@ -332,30 +401,27 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
-def _check_list_type(t: pa.DataType, col: str, prefix: str) -> None:
-    if not _is_list(t) or not _is_number(t.value_type):
-        hint = " (for scalar columns give a list of names)" if _is_number(t) else ""
-        raise DataError(
-            f"{prefix}: feature column {col!r} has type {t}, expected a list of numbers{hint}"
-        )
-
-
-def _list_width(t: pa.DataType, scan: _ColumnScan, col: str, prefix: str) -> int | None:
-    """Values per row of a list column (all rows equal); None for an empty file's lists."""
-    if pa.types.is_fixed_size_list(t):
-        width = t.list_size
-    elif scan.lengths is None:
+def _list_width(scan: _ColumnScan, col: str, prefix: str) -> int | None:
+    """Values per row of a variable-length list column (all rows equal); None for an empty
+    file's lists."""
+    if scan.lengths is None:
         return None  # no rows to measure; other files decide the width
-    else:
-        lo, width = scan.lengths
-        if lo != width:
-            raise DataError(
-                f"{prefix}: column {col!r} is ragged: lengths {lo}..{width}, "
-                "expected a fixed length"
-            )
+    lo, width = scan.lengths
+    if lo != width:
+        raise DataError(
+            f"{prefix}: column {col!r} is ragged: lengths {lo}..{width}, expected a fixed length"
+        )
     if width < 1:
         raise DataError(f"{prefix}: feature column {col!r} has 0 values per row")
     return width
+
+
+def _row_of(values: pa.Array, flat_index: np.ndarray) -> np.ndarray:
+    """The rows that values at these positions of flat_values(values) belong to."""
+    if pa.types.is_fixed_size_list(values.type):
+        return flat_index // (len(flat_values(values)) // max(len(values), 1))
+    parents = pc.list_parent_indices(values).to_numpy()
+    return parents[flat_index]
 
 
 def _one_line(e: BaseException) -> str:

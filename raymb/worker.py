@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 from raymb import checkpoint as ckpt
+from raymb.columns import Inputs
 from raymb.config import Config
 from raymb.errors import CheckpointError
-from raymb.evaluate import batch_sums
+from raymb.evaluate import batch_sums, lm_metrics
 from raymb.feed import Batch
 from raymb.metrics import Entry, Ledger
 from raymb.models import build_model
@@ -65,10 +66,19 @@ class Progress:
 class Shape:
     """What the model is built for and what a checkpoint records of it."""
 
-    in_features: int
+    inputs: Inputs
     out_features: int
-    classify: bool
     workers: int
+    tokenizer: dict | None = None
+    """lm: the tokenizer's spec (raymb.data.tokenizer), kept with the model for sampling."""
+
+    @property
+    def in_features(self) -> int:
+        return self.inputs.in_features
+
+    @property
+    def classify(self) -> bool:
+        return self.inputs.task != "regress"
 
 
 class Worker:
@@ -89,7 +99,8 @@ class Worker:
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.train.seed)
-        self.model = build_model(config.model, shape.in_features, shape.out_features).to(device)
+        self.model = build_model(config.model, shape.inputs.model_shape, shape.out_features)
+        self.model.to(device)
         self.optimizer = build_optimizer(config.optim, self.model.parameters())
         self.scheduler = build_scheduler(config.optim, self.optimizer, total_steps)
         self.sync = build_sync(config, self.world, device)
@@ -130,7 +141,7 @@ class Worker:
             self.net,
             self.optimizer,
             microbatches,
-            rows,
+            rows * self.shape.inputs.units_per_row,  # the loss is a mean over tokens for lm
             sync=self.sync,
             classify=self.shape.classify,
             grad_clip=self.config.optim.grad_clip,
@@ -159,6 +170,7 @@ class Worker:
                 row=self._row(),
                 loss=loss if taken else None,
                 rows=rows,
+                units=rows * self.shape.inputs.units_per_row,
                 step_s=step_s,
                 wait_s=wait_s,
                 ended=time.perf_counter(),
@@ -208,12 +220,14 @@ class Worker:
 
     @torch.no_grad()
     def validate(self) -> tuple[float | None, float | None]:
-        """Mean loss (and accuracy for classifiers) over the validation set, all workers."""
+        """Mean loss (and accuracy for classifiers) over the validation set, all workers: per
+        token for lm."""
         model, device, classify = self.model, self.device, self.shape.classify
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         for x, y in self.val:
-            sums += batch_sums(model, x.to(device), y.to(device), classify)
+            x, y = self.shape.inputs.collate(x.to(device), y.to(device))
+            sums += batch_sums(model, x, y, classify)
         model.train()
         loss, hits, rows = all_sum(sums).tolist()
         if rows == 0:
@@ -228,6 +242,7 @@ class Worker:
             "epoch": p.epoch,
             "val_loss": p.val_loss,
             "val_accuracy": p.val_accuracy,
+            **lm_metrics(p.val_loss, self.shape.inputs.task, self.shape.tokenizer),
             "lr": self.scheduler.get_last_lr()[0],
             "samples": p.samples,
             "bytes_allreduced": self.sync.comm.bytes,
@@ -270,6 +285,8 @@ class Worker:
                 shape.in_features,
                 shape.out_features,
                 shape.classify,
+                inputs=shape.inputs.to_dict(),
+                tokenizer=shape.tokenizer,
             )
             ckpt.atomic_save(model_payload, directory / ckpt.MODEL_FILE)
             state = {

@@ -1,0 +1,2 @@
+"""Preparing datasets: images and text into parquet shards, their manifest, tokenizers, and
+seeded synthetic sets in the same layout."""

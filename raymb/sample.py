@@ -1,0 +1,83 @@
+"""`raymb sample`: continue a prompt with a saved language model, in this process.
+
+The checkpoint's model.pt keeps the tokenizer it was trained with (raymb.data.tokenizer), so
+sampling needs no data folder. Each new token is drawn from the softmax of the last
+position's logits divided by the temperature (0: the most likely token), restricted to the
+top k when asked, with a seeded generator: the same seed prints the same text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raymb.checkpoint import load_model, payload_inputs
+from raymb.config import Config
+from raymb.errors import CheckpointError, RaymbError
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt_tokens: list[int]
+    tokens: list[int]
+    """The continuation's token ids (as many as asked)."""
+    text: str
+    """The continuation, decoded."""
+
+
+@torch.no_grad()
+def sample(
+    checkpoint: str,
+    prompt: str,
+    tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> Sample:
+    """Draw `tokens` tokens after `prompt` from the model saved in `checkpoint`."""
+    from raymb.data.tokenizer import tokenizer_from_spec
+
+    if tokens < 1:
+        raise RaymbError(f"--tokens {tokens}: expected a positive number")
+    if temperature < 0:
+        raise RaymbError(f"--temperature {temperature:g}: expected 0 or more")
+    if top_k is not None and top_k < 1:
+        raise RaymbError(f"--top-k {top_k}: expected a positive number")
+    model, payload = load_model(checkpoint)
+    inputs = payload_inputs(payload)
+    if inputs.task != "lm":
+        raise CheckpointError(
+            f"{checkpoint}: not a language model (trained for {inputs.task}); use raymb predict"
+        )
+    if payload.get("tokenizer") is None:
+        raise CheckpointError(
+            f"{checkpoint}: the model was trained on token ids without a tokenizer (data not "
+            "made by raymb prepare text), so a text prompt cannot be encoded"
+        )
+    tokenizer = tokenizer_from_spec(payload["tokenizer"])
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise RaymbError("--prompt: empty; give at least one character to continue")
+    vocab = payload["out_features"]
+    if max(ids) >= vocab:
+        raise CheckpointError(f"{checkpoint}: the prompt has token ids the model does not know")
+    config = Config.from_dict(payload["config"])
+    context = config.model.block_size or inputs.model_shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    idx = torch.tensor([ids], dtype=torch.long)
+    for _ in range(tokens):
+        logits = model(idx[:, -context:])[:, -1, :].float()
+        if temperature == 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k < vocab:
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+        idx = torch.cat([idx, nxt], dim=1)
+    new = idx[0, len(ids) :].tolist()
+    return Sample(prompt_tokens=ids, tokens=new, text=tokenizer.decode(new))
