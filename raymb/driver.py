@@ -346,6 +346,7 @@ def _summary(result, wall_s: float, config: Config) -> dict[str, Any]:
         "train_loss": m.get("train_loss"),
         "val_loss": m.get("val_loss"),
         "val_accuracy": m.get("val_accuracy"),
+        **{k: m[k] for k in ("val_perplexity", "val_bits_per_byte") if k in m},
         "steps": m.get("step", 0),
         "samples": m.get("samples", 0),
         "samples_per_s": m["samples"] / m["train_seconds"] if m.get("train_seconds") else None,

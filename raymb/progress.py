@@ -233,6 +233,16 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
         ("train loss", _num(summary.get("train_loss"))),
         ("val loss", _num(summary.get("val_loss"))),
         ("val accuracy", _num(summary.get("val_accuracy"), ".4f")),
+        *(
+            [("val perplexity", _num(summary["val_perplexity"], ".3f"))]
+            if summary.get("val_perplexity") is not None  # language models
+            else []
+        ),
+        *(
+            [("val bits/byte", _num(summary["val_bits_per_byte"], ".4f"))]
+            if summary.get("val_bits_per_byte") is not None
+            else []
+        ),
         ("steps", steps),
         ("samples", f"{summary.get('samples', 0):,}"),
         *(
