@@ -23,15 +23,17 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from raymb.data.manifest import (
+from raymb.data.folder import (
     check_split_options,
     flat_array,
     new_folder,
     shard_bounds,
     split_rows,
     split_shards,
-    write_manifest,
     write_split,
+)
+from raymb.data.manifest import (
+    write_manifest,
 )
 from raymb.errors import ConfigError, DataError
 

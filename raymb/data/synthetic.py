@@ -24,14 +24,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raymb.data.images import CLASSES_FILE, image_manifest, image_table
-from raymb.data.manifest import (
+from raymb.data.folder import (
     check_split_options,
     new_folder,
     shard_bounds,
     split_shards,
-    write_manifest,
     write_split,
+)
+from raymb.data.images import CLASSES_FILE, image_manifest, image_table
+from raymb.data.manifest import (
+    write_manifest,
 )
 from raymb.data.text import text_manifest, token_table
 from raymb.data.tokenizer import BYTE_VOCAB

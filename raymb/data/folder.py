@@ -1,0 +1,105 @@
+"""Writing a prepared dataset folder (DIR/train, DIR/val, DIR/raymb-data.json): shared by
+`raymb prepare images|text` and `raymb gen-data images|tokens`.
+
+The folder is written into a hidden temporary sibling and renamed into place at the end,
+so a failed run leaves nothing; rows are split train/val by a seeded permutation and cut
+into shards of nearly equal size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymb.errors import ConfigError, DataError
+
+TARGET_FILE_BYTES = 256 * 2**20  # the default --shards keeps files below about this
+
+
+@contextmanager
+def new_folder(out: str | Path) -> Iterator[Path]:
+    """A temporary sibling of `out` to write into: renamed to `out` when the block ends,
+    removed when it raises, so a failed run leaves nothing behind. A non-empty `out` is
+    refused before any work."""
+    out = Path(out).expanduser()
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise DataError(f"--out {out}: exists and is not an empty folder; choose a new one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_split_options(val_fraction: float, seed: int, shards: int | None) -> None:
+    if not 0 <= val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in [0, 1) (got {val_fraction!r})")
+    if seed < 0:
+        raise ConfigError(f"--seed must be an integer >= 0 (got {seed!r})")
+    if shards is not None and shards < 1:
+        raise ConfigError(f"--shards must be >= 1 (got {shards!r})")
+
+
+def split_rows(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of train and val, each in a seeded random order: val gets
+    max(1, round(n * val_fraction)) rows when val_fraction > 0, train the rest."""
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+    if n - n_val < 1:
+        raise DataError(
+            f"only {n} row{'s' * (n != 1)}: too few for a train split beside "
+            f"--val-fraction {val_fraction:g} (add data or pass --val-fraction 0)"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return order[n_val:], order[:n_val]
+
+
+def split_shards(shards: int | None, rows: int, row_bytes: int, *, val: bool = False) -> int:
+    """Files for a split: --shards for train (default 4, or more to keep files under
+    TARGET_FILE_BYTES), half as many for val, never more than its rows."""
+    if shards is None:
+        shards = max(4, math.ceil(rows * row_bytes / TARGET_FILE_BYTES))
+    if val:
+        shards = max(1, shards // 2)
+    return max(1, min(shards, rows))
+
+
+def shard_bounds(rows: int, shards: int) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges of `shards` files whose sizes differ by at most one row."""
+    base, extra = divmod(rows, shards)
+    bounds, lo = [], 0
+    for i in range(shards):
+        hi = lo + base + (i < extra)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def flat_array(values: np.ndarray) -> pa.Array:
+    """A numpy array, flattened, as an Arrow array without a copy (pa.array and pa.table
+    import pandas, which costs `raymb prepare` over a second)."""
+    values = np.ascontiguousarray(values).reshape(-1)
+    dtype = pa.from_numpy_dtype(values.dtype)
+    return pa.Array.from_buffers(dtype, len(values), [None, pa.py_buffer(values)])
+
+
+def write_split(split_dir: Path, tables: Iterable[pa.Table]) -> dict[str, int]:
+    """Write each non-empty table as split_dir/part-NNNNN.parquet; the split's rows and files."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    rows = files = 0
+    for table in tables:
+        if table.num_rows:
+            pq.write_table(table, split_dir / f"part-{files:05d}.parquet")
+            rows, files = rows + table.num_rows, files + 1
+    return {"rows": rows, "files": files}
