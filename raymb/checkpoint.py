@@ -193,16 +193,9 @@ def claim_run(run_dir: Path, config: Config) -> None:
 
 
 # Keys besides the model's that a run's checkpoints depend on: the columns decide the
-# model's inputs and what it learns; the sync strategy, the optimizer and the number of
-# workers decide what state.pt and the workers' files hold.
-_RUN_KEYS = (
-    "data.features",
-    "data.label",
-    "data.task",
-    "train.sync",
-    "optim.name",
-    "scale.workers",
-)
+# model's inputs and what it learns; the sync strategy and the optimizer decide what
+# state.pt and the workers' files hold. (scale.workers may change: raymb.plan.)
+_RUN_KEYS = ("data.features", "data.label", "data.task", "train.sync", "optim.name")
 # The keys that shape each built-in model (the others ignore them).
 _MODEL_SHAPE_KEYS = {
     "mlp": ("model.hidden",),

@@ -51,9 +51,7 @@ class CachedSource:
         order = epoch_order(self.shuffle, self.seed, epoch, self.file_rows)
         plan = self.plan
         for s in range(start, plan.steps_per_epoch):
-            rows = worker_rows(
-                order, s, plan.step_rows, plan.rows_in_step(s), self.rank, self.world
-            )
+            rows = worker_rows(order, s, plan.step_total, plan.step_rows(s), self.rank, self.world)
             yield self.x.index_select(0, rows), self.y.index_select(0, rows)
 
 
@@ -78,20 +76,18 @@ class StreamedSource:
                 local_shuffle_seed=epoch_seed(spec["seed"], epoch) % 2**32,
             )
         batches = dataset.iter_batches(
-            batch_size=plan.step_rows * self.world,
+            batch_size=plan.step_total,
             batch_format="pyarrow",
             prefetch_batches=1,
             **shuffle,
         )
         for s, table in enumerate(batches):
-            if s >= plan.steps_per_epoch:
-                break  # the fewer than W rows no worker trains on this epoch
             if s < start:
                 continue  # trained on before the resume
             check_batch(table, spec)
-            rows = plan.rows_in_step(s)
-            part = table.slice(self.rank * rows, rows)
-            yield table_to_tensors(part, self.features, self.label)
+            part = rank_rows(0, table.num_rows, self.world, self.rank)
+            table = table.slice(part.start, part.stop - part.start)
+            yield table_to_tensors(table, self.features, self.label)
 
 
 def train_source(spec: dict[str, Any], features, label, plan: Plan, rank: int, world: int):

@@ -51,11 +51,14 @@ def train_loop(payload: dict) -> None:
             x, y = next(steps)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x, y = inputs.collate(x, y)
-            microbatches = [(x[i : i + m], y[i : i + m]) for i in range(0, len(y), m)]
+            # A worker without a row in a short last step still takes part (an empty batch):
+            # the gradient all-reduce needs every worker's backward.
+            microbatches = [(x[i : i + m], y[i : i + m]) for i in range(0, len(y), m)] or [(x, y)]
             faults.before_step(progress.step + 1, rank, microbatches)
             wait_s = time.perf_counter() - waited
-            rows = plan.rows_in_step(progress.step_in_epoch)
-            loss, taken, step_s = worker.step(microbatches, rows)
+            s = progress.step_in_epoch
+            rows = plan.rows_in_step(s, rank)
+            loss, taken, step_s = worker.step(microbatches, rows, uneven=not plan.even(s))
             progress.step_in_epoch += 1
 
             epoch_end = progress.step_in_epoch == plan.steps_per_epoch
@@ -66,7 +69,7 @@ def train_loop(payload: dict) -> None:
             due = _finished(progress, plan) or bool(every and progress.step % every == 0)
             if epoch_end and not due:
                 due = worker.epoch_end_due()
-            worker.record(loss, taken, rows * world, step_s=step_s, wait_s=wait_s, due=due)
+            worker.record(loss, taken, plan.step_rows(s), step_s=step_s, wait_s=wait_s, due=due)
             if epoch_end:
                 break
 

@@ -1,10 +1,10 @@
 """Which rows each worker trains on in each step: a pure function of (seed, epoch, step, rank, W).
 
 An epoch's order is a permutation of the training set's row indices drawn from (seed,
-epoch) alone, by its own generator (the training RNG is left untouched). The epoch uses its
-first W·(N // W) rows; step s takes the next rows of the order (G of them, or fewer for the
-short last step), and worker r of W trains on the r-th contiguous slice of the step's rows.
-Nothing depends on timing, on how Ray Data split blocks, or on whether the run was resumed.
+epoch) alone, by its own generator (the training RNG is left untouched). Step s takes the
+next G rows of the order (the short last step the rest), and worker r of W trains on the
+r-th of W near-equal contiguous slices of the step's rows. Nothing depends on timing, on how
+Ray Data split blocks, on whether the run was resumed, or on W.
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ def epoch_order(shuffle: str, seed: int, epoch: int, file_rows: Sequence[int]) -
 
 
 def worker_rows(
-    order: torch.Tensor, step_in_epoch: int, step_rows: int, rows: int, rank: int, world: int
+    order: torch.Tensor, step_in_epoch: int, step_total: int, rows: int, rank: int, world: int
 ) -> torch.Tensor:
-    """Indices worker `rank` trains on in a step: `rows` of them (the plan's rows for this
-    worker in this step), the rank-th slice of the step's W·rows rows of the order."""
-    first = step_in_epoch * step_rows * world + rank * rows
-    return order[first : first + rows]
+    """Indices worker `rank` of `world` trains on in a step: the rank-th of W near-equal
+    contiguous slices (sizes differ by at most one) of the step's `rows` rows, which follow
+    the `step_total` rows of each earlier step in the order. Which rows a step takes never
+    depends on W, so a run may resume with another number of workers and stay exact."""
+    return order[rank_rows(step_in_epoch * step_total, rows, world, rank)]
 
 
 def rank_rows(start: int, n: int, world: int, rank: int) -> slice:

@@ -1,8 +1,11 @@
-"""The step plan: how a worker's shard of an epoch divides into steps and microbatches.
+"""The step plan: how an epoch divides into steps, each step among the workers, and each
+worker's rows into microbatches.
 
-Every worker trains on the same number of rows an epoch (raymb.order takes W·⌊N/W⌋ rows of
-each epoch's order), so every worker can work out the size of each step, the short last one
-included, without communicating.
+Every epoch trains on all N rows of data.train in steps of G rows (the whole set for full
+batch; the last step may be short); worker r of W takes the r-th of W near-equal slices of
+each step (raymb.order). Which rows a step takes never depends on W, so a run resumed with
+another number of workers continues exactly. Every worker works out every step's sizes
+without communicating.
 """
 
 from __future__ import annotations
@@ -13,17 +16,18 @@ from dataclasses import asdict, dataclass
 from raymb.columns import Inputs
 from raymb.config import Config
 from raymb.errors import DataError
+from raymb.order import rank_rows
 
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
     workers: int
-    rows_per_worker: int
-    """Training rows each worker sees per epoch."""
+    num_rows: int
+    """N: rows an epoch trains on (all of data.train)."""
+    step_total: int
+    """G: rows of a full step on all workers (N for full batch)."""
     microbatch: int
     """m: rows per forward/backward."""
-    step_rows: int
-    """Rows per worker in a full step (k·m; the whole shard for full batch)."""
     epochs: int
     max_steps: int | None
     in_features: int
@@ -57,18 +61,17 @@ class Plan:
                 f"({rows} rows = {num_rows} rows // {W} workers): lower train.microbatch_size "
                 "or scale.workers"
             )
-        step_rows = rows if G == "all" else G // W
-        if step_rows > rows:
+        if G != "all" and G > num_rows:
             raise DataError(
-                f"train.global_batch_size={G} needs {step_rows} rows per worker per step, "
+                f"train.global_batch_size={G} needs {G // W} rows per worker per step, "
                 f"but each of the {W} workers gets {rows} rows of data.train: lower "
                 "train.global_batch_size or scale.workers"
             )
         return cls(
             workers=W,
-            rows_per_worker=rows,
+            num_rows=num_rows,
+            step_total=num_rows if G == "all" else G,
             microbatch=m,
-            step_rows=step_rows,
             epochs=config.train.epochs,
             max_steps=config.train.max_steps,
             in_features=inputs.in_features,
@@ -79,19 +82,26 @@ class Plan:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.rows_per_worker / self.step_rows)
+        return math.ceil(self.num_rows / self.step_total)
 
     @property
     def total_steps(self) -> int:
         steps = self.steps_per_epoch * self.epochs
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
-    def rows_in_step(self, step_in_epoch: int) -> int:
-        """Rows this worker trains on in step `step_in_epoch` (the last may be short)."""
-        return min(self.step_rows, self.rows_per_worker - step_in_epoch * self.step_rows)
+    def step_rows(self, step_in_epoch: int) -> int:
+        """Rows of step `step_in_epoch` on all workers (the last may be short)."""
+        return min(self.step_total, self.num_rows - step_in_epoch * self.step_total)
 
-    def microbatches_in_step(self, step_in_epoch: int) -> int:
-        return math.ceil(self.rows_in_step(step_in_epoch) / self.microbatch)
+    def rows_in_step(self, step_in_epoch: int, rank: int) -> int:
+        """Rows worker `rank` trains on in the step (the workers' differ by at most one)."""
+        part = rank_rows(0, self.step_rows(step_in_epoch), self.workers, rank)
+        return part.stop - part.start
+
+    def even(self, step_in_epoch: int) -> bool:
+        """Whether every worker has the same rows in the step (else the loss divisor, the
+        step's rows, is all-reduced)."""
+        return self.step_rows(step_in_epoch) % self.workers == 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -292,7 +292,7 @@ class Worker:
             state = {
                 "format": "raymb",
                 "mode": self.mode,
-                "workers": shape.workers,
+                "workers": self.world,
                 "optimizer": None if sync.per_worker_optimizer else optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "sync": sync.state_dict(),
@@ -317,20 +317,26 @@ class Worker:
         if state.get("mode", "epochs") != self.mode:
             how = "with --follow" if state.get("mode") == "follow" else "without --follow"
             raise CheckpointError(f"{directory}: this run was started {how}; use another run.name")
-        if state["workers"] != self.world:
-            raise CheckpointError(
-                f"{directory}: written by {state['workers']} workers; resume it with "
-                f"scale.workers={state['workers']} (or start a new run.name)"
+        written_by = state["workers"]
+        if written_by != self.world and self.rank == 0:
+            print(
+                f"raymb: resuming on {self.world} worker(s) a run checkpointed by {written_by}",
+                flush=True,
             )
-        worker = ckpt.read(directory / _worker_file(self.rank))
+        # A resize: under grad sync the optimizer state is one for all and the steps' rows do
+        # not depend on W, so nothing changes. Per-worker state (param, diloco) of a new
+        # worker r comes from worker r mod W_old; a new worker's random generators keep the
+        # seed of its rank.
+        worker = ckpt.read(directory / _worker_file(self.rank % written_by))
         self.optimizer.load_state_dict(state["optimizer"] or worker["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for key, value in state["progress"].items():
             setattr(self.progress, key, value)
-        torch.set_rng_state(worker["torch_rng"])
-        if worker["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(worker["cuda_rng"])
-        random.setstate(worker["python_rng"])
+        if self.rank < written_by:
+            torch.set_rng_state(worker["torch_rng"])
+            if worker["cuda_rng"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(worker["cuda_rng"])
+            random.setstate(worker["python_rng"])
         return state["sync"]
 
 

@@ -27,7 +27,7 @@ def test_auto_picks_the_largest_divisor_that_fits_by_hand():
     # 20 KiB = 20480 bytes holds 9 samples; the largest divisor of G/W = 64 up to 9 is 8.
     config = _config("train.microbatch_size=auto", "train.memory_budget=20KiB")
     plan = Plan.build(config, num_rows=1024, inputs=FLAT4, out_features=1)
-    assert plan.microbatch == 8 and plan.step_rows == 64
+    assert plan.microbatch == 8 and plan.step_total == 64
     roomy = _config("train.microbatch_size=auto", "train.memory_budget=1GiB")
     assert Plan.build(roomy, num_rows=1024, inputs=FLAT4, out_features=1).microbatch == 64
     full = _config(
@@ -47,10 +47,10 @@ def test_auto_and_a_fixed_microbatch_give_the_same_parameters():
         model = build_model(config.model, 4, 1)
         opt = build_optimizer(config.optim, model.parameters())
         for step in range(plan.steps_per_epoch):
-            rows = slice(step * plan.step_rows, (step + 1) * plan.step_rows)
+            rows = slice(step * plan.step_total, (step + 1) * plan.step_total)
             xs, ys = x[rows].split(plan.microbatch), y[rows].split(plan.microbatch)
             train_step(
-                model, opt, list(zip(xs, ys)), plan.step_rows, sync=GradSync(1), classify=False
+                model, opt, list(zip(xs, ys)), plan.step_total, sync=GradSync(1), classify=False
             )
         results.append((plan.microbatch, [p.detach() for p in model.parameters()]))
     (m_auto, auto), (m_fixed, fixed) = results

@@ -1,8 +1,10 @@
 """bench/ runs: every benchmark at its --quick size writes its JSON and table with sane values.
 
 That the benchmarks run, not how fast: no figure is compared with a target here. The
-Ray-based ones share one local Ray session; startup starts Ray in its own subprocesses, so
-it runs before that session exists (pytest runs a module's tests in file order).
+Ray-based ones (marked `bench`: about 8 minutes together, so an opt-in tier, `python3 run.py
+test -m bench`) share one local Ray session; startup starts Ray in its own subprocesses, so
+it runs before that session exists (pytest runs a module's tests in file order). The
+in-process ones (loop, models) run with the rest of the suite.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def test_models(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.bench
 def test_startup(tmp_path):
     payload = _run("startup", tmp_path)
     minimal, raymb = payload["rows"]
@@ -93,6 +96,7 @@ def test_startup(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.bench
 def test_epochs(tmp_path):
     # Before the module's Ray session: it launches both programs, then runs raymb in its own.
     payload = _run("epochs", tmp_path)
@@ -113,6 +117,7 @@ def ray_session():
 
 
 @pytest.mark.ray
+@pytest.mark.bench
 def test_ingest(ray_session, tmp_path):
     payload = _run("ingest", tmp_path)
     for row in payload["rows"]:
@@ -123,6 +128,7 @@ def test_ingest(ray_session, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.bench
 def test_scaling(ray_session, tmp_path):
     payload = _run("scaling", tmp_path)
     one, two = payload["rows"]
@@ -134,6 +140,7 @@ def test_scaling(ray_session, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.bench
 def test_microbatch(ray_session, tmp_path):
     payload = _run("microbatch", tmp_path)
     assert [r["k"] for r in payload["rows"]] == [1, 4]
@@ -142,6 +149,7 @@ def test_microbatch(ray_session, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.bench
 def test_strategies(ray_session, tmp_path):
     payload = _run("strategies", tmp_path)
     rows = {r["strategy"]: r for r in payload["rows"]}

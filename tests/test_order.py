@@ -53,18 +53,20 @@ def test_none_is_the_file_order():
     assert epoch_order("none", 7, 3, FILES).tolist() == list(range(16))
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_workers_split_each_step_and_the_steps_do_not_depend_on_the_workers(world):
-    # 16 rows, G = 8: two steps. Worker r takes the r-th slice of each step's 8 rows, so the
-    # union of the workers' rows in a step is the same whatever W.
+    # 16 rows, G = 8: two steps. Worker r takes the r-th of W near-equal slices of each step's
+    # 8 rows (3 workers: 3, 3 and 2), so the union of the workers' rows in a step is the same
+    # whatever W.
     order = epoch_order("rows", 2, 0, FILES)
     for step in range(2):
-        parts = [worker_rows(order, step, 8 // world, 8 // world, r, world) for r in range(world)]
+        parts = [worker_rows(order, step, 8, 8, r, world) for r in range(world)]
+        assert [len(p) for p in parts] == [8 // world + (r < 8 % world) for r in range(world)]
         assert torch.equal(torch.cat(parts), order[step * 8 : (step + 1) * 8])
 
 
 def test_short_last_step():
-    # 10 rows a worker, 4 a step: steps of 4, 4 and 2 rows per worker on 2 workers.
-    order = torch.arange(20)
-    assert worker_rows(order, 2, 4, 2, 0, 2).tolist() == [16, 17]
-    assert worker_rows(order, 2, 4, 2, 1, 2).tolist() == [18, 19]
+    # 21 rows, G = 8: steps of 8, 8 and 5 rows; on 2 workers the last is split 3 and 2.
+    order = torch.arange(21)
+    assert worker_rows(order, 2, 8, 5, 0, 2).tolist() == [16, 17, 18]
+    assert worker_rows(order, 2, 8, 5, 1, 2).tolist() == [19, 20]

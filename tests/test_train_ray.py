@@ -186,9 +186,26 @@ def test_non_finite_loss_skipped_on_every_worker(linear_data, runs):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_run_resumed_with_other_numbers_of_workers_ends_as_the_straight_run(
+    linear_data, runs, straight_grad
+):
+    # Steps 1-10 on 2 workers (k=2), 11-20 on 1 (k=4), the rest on 4 (k=1): every step takes
+    # the same 64 rows whatever W (raymb.plan), so the end is the straight 2-worker run's.
+    name = "run.name=resized"
+    first = _train(runs, linear_data, name, *COMMON, "train.max_steps=10")
+    assert first.summary["steps"] == 10
+    second = _train(runs, linear_data, name, *COMMON, "scale.workers=1", "train.max_steps=20")
+    assert second.summary["steps"] == 20
+    last = _train(runs, linear_data, name, *COMMON, "scale.workers=4")
+    assert last.summary["steps"] == straight_grad.summary["steps"] == 32
+    assert last.summary["resumed_from_steps"] == [10, 20]
+    _same_model(last, straight_grad, rtol=1e-5)
+
+
 def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, runs):
-    # 1024 rows, "all", 30 epochs: W=2 x k=2 microbatches of 256, W=1 x k=4 of 256 and W=2 x
-    # k=4 of 128. The data is read once: the 29 epochs after the first cost seconds.
+    # 1024 rows, "all", 30 epochs: W=2 x k=2 microbatches of 256, W=1 x k=4 of 256 and W=3
+    # (342, 341 and 341 rows: uneven) x k=3 of up to 128. The data is read once: the 29
+    # epochs after the first cost seconds.
     common = (
         "train.global_batch_size=all",
         "train.epochs=30",
@@ -197,7 +214,7 @@ def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, runs):
         "data.val=none",
         "checkpoint.metric=train_loss",
     )
-    splits = ((2, 256), (1, 256), (2, 128))
+    splits = ((2, 256), (1, 256), (3, 128))
     results = [
         _train(
             runs,
@@ -235,7 +252,14 @@ def test_streamed_data_killed_and_resumed_ends_as_the_cached_run(linear_data, ru
     # file order as the cached path, so the rows, and the numbers, are the same. One epoch,
     # checkpoints at 10 and 16: each streamed pass starts Ray Data reads in the workers
     # (seconds each on this machine).
-    files = (*COMMON, "data.shuffle=files", "train.epochs=1", "checkpoint.every_steps=10")
+    files = (
+        *COMMON,
+        "data.shuffle=files",
+        "train.epochs=1",
+        "checkpoint.every_steps=10",
+        "data.val=none",  # a streamed validation pass costs another Ray Data start
+        "checkpoint.metric=train_loss",
+    )
     cached = _train(runs, linear_data, "run.name=files-cached", "data.cache=true", *files)
     streamed = _train(
         runs,
