@@ -268,7 +268,11 @@ class TrainSection:
 
 @dataclass(**_FROZEN)
 class ScaleSection:
-    workers: int = 2
+    workers: Union[int, list[int]] = 2
+    """Training workers; [min, max]: elastic (Ray Train starts with as many as the cluster
+    has room for, at least min, and restarts from the latest checkpoint at a new size when
+    nodes come or go; the steps' rows do not depend on the number, so under grad sync the
+    numbers do not either)."""
     use_gpu: bool = False
     """One GPU per worker, NCCL; otherwise CPU workers with gloo."""
     max_failures: int = 0
@@ -277,11 +281,29 @@ class ScaleSection:
     """Logical CPUs per worker; unset: chosen so Ray Data keeps a CPU to read with."""
 
     def __post_init__(self) -> None:
-        _require(self.workers > 0, "scale.workers", "> 0")
+        if isinstance(self.workers, list):
+            _require(
+                len(self.workers) == 2 and 0 < self.workers[0] <= self.workers[1],
+                "scale.workers",
+                f"a number > 0 or [min, max] with 0 < min <= max, got {self.workers!r}",
+            )
+        _require(self.max_workers > 0, "scale.workers", "> 0")
         _require(self.max_failures >= 0, "scale.max_failures", ">= 0")
         _require(
             self.cpus_per_worker is None or self.cpus_per_worker > 0, "scale.cpus_per_worker", "> 0"
         )
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, list) and self.workers[0] < self.workers[1]
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if isinstance(self.workers, list) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if isinstance(self.workers, list) else self.workers
 
 
 @dataclass(**_FROZEN)
@@ -355,10 +377,11 @@ class Config:
     fault: FaultSection = field(default_factory=FaultSection)
 
     def __post_init__(self) -> None:
-        G, m, W = self.train.global_batch_size, self.train.microbatch_size, self.scale.workers
-        _require(self.fault.rank < W, "fault.rank", f"< scale.workers={W}")
-        if G == "all" or m == "auto":
-            return
+        G, m, W = self.train.global_batch_size, self.train.microbatch_size, self.scale.max_workers
+        low = self.scale.min_workers
+        _require(self.fault.rank < low, "fault.rank", f"< scale.workers={low}")
+        if G == "all" or m == "auto" or self.scale.elastic:
+            return  # elastic: a W that does not divide G splits steps unevenly (raymb.plan)
         if m is None:
             if G % W:
                 raise ConfigError(
@@ -373,19 +396,22 @@ class Config:
             )
 
     def microbatch(self) -> int | None:
-        """m, resolved: G / W when unset; None where it depends on the data or the memory
-        (full batch without m, "auto")."""
+        """m, resolved: G / W when unset (G / max W, rounded up, for elastic workers); None
+        where it depends on the data or the memory (full batch without m, "auto")."""
         G, m = self.train.global_batch_size, self.train.microbatch_size
         if m == "auto":
             return None
         if m is not None:
             return m
-        return None if G == "all" else G // self.scale.workers
+        return None if G == "all" else -(-G // self.scale.max_workers)
 
     def accumulation_steps(self) -> int | None:
-        """k = G / (W·m); None for full batch or an automatic m, where it depends on the data."""
+        """k = G / (W·m); None for full batch, an automatic m or elastic workers, where it
+        depends on the data or the cluster."""
         G, m = self.train.global_batch_size, self.microbatch()
-        return None if G == "all" or m is None else G // (self.scale.workers * m)
+        if G == "all" or m is None or self.scale.elastic:
+            return None
+        return G // (self.scale.max_workers * m)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -496,7 +522,9 @@ def _describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", str: "strings"}.get(item)
+        return f"a list of {plural or _describe(item)}"
     if _is_union(tp):
         return " or ".join(_describe(t) for t in typing.get_args(tp) if t is not type(None))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]

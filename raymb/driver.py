@@ -165,7 +165,7 @@ def connect(config: Config, address: str | None) -> float:
     A worker holding every CPU starves Ray Data's read tasks and the run waits forever, so
     the workers together leave at least one CPU free.
     """
-    W = config.scale.workers
+    W = config.scale.max_workers
     if not ray.is_initialized():
         if address is None:
             ray.init(
@@ -249,7 +249,7 @@ def use_cache(config: Config, infos: list[DatasetInfo | None]) -> bool:
     room = min(resources.get("object_store_memory", 0), resources.get("memory", 0))
     # Each worker also keeps the rows as float32 tensors.
     rows = sum(i.num_rows * (i.num_features * _itemsize(i) + 8) for i in infos if i is not None)
-    return size <= CACHE_SHARE * room and rows * config.scale.workers <= CACHE_SHARE * room
+    return size <= CACHE_SHARE * room and rows * config.scale.max_workers <= CACHE_SHARE * room
 
 
 def _itemsize(info: DatasetInfo) -> int:
@@ -302,7 +302,11 @@ def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: 
         loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scale.workers,
+            num_workers=(
+                (config.scale.min_workers, config.scale.max_workers)
+                if config.scale.elastic
+                else config.scale.max_workers
+            ),
             use_gpu=config.scale.use_gpu,
             resources_per_worker={"CPU": cpus} if not config.scale.use_gpu else None,
         ),
@@ -356,6 +360,7 @@ def _summary(result, wall_s: float, config: Config) -> dict[str, Any]:
         "resumed_from_steps": m.get("resumed_from_steps", []),
         "bytes_allreduced": m.get("bytes_allreduced", 0),
         "skipped_steps": m.get("skipped_steps", 0),
+        "workers": m.get("workers"),
         "stopped_early": stopped_early,
     }
 

@@ -29,6 +29,7 @@ def train_loop(payload: dict) -> None:
     faults = Faults(config, run_dir)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    plan = plan.for_world(world)  # elastic: as many workers as the cluster gave
     features = config.data.features
     label = None if config.data.task == "lm" else config.data.label
     val = val_batches(payload["val"], features, label, rank, world, max(plan.microbatch, 1024))

@@ -331,6 +331,7 @@ def _check_config(config: Config, idle_timeout: float) -> None:
     if not idle_timeout > 0:
         raise ConfigError(f"--idle-timeout must be > 0 seconds, got {idle_timeout}")
     unsupported = (
+        ("scale.workers", config.scale.workers, config.scale.elastic),
         ("train.microbatch_size", "auto", config.train.microbatch_size == "auto"),
         ("optim.schedule", "cosine", config.optim.schedule == "cosine"),
     )

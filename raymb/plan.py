@@ -11,7 +11,7 @@ without communicating.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from raymb.columns import Inputs
 from raymb.config import Config
@@ -45,7 +45,7 @@ class Plan:
             from raymb.models import load_factory
 
             load_factory(config.model.name)
-        W = config.scale.workers
+        W = config.scale.max_workers  # elastic: the loop takes the size Ray Train gave it
         G = config.train.global_batch_size
         rows = num_rows // W
         if rows == 0:
@@ -103,6 +103,10 @@ class Plan:
         step's rows, is all-reduced)."""
         return self.step_rows(step_in_epoch) % self.workers == 0
 
+    def for_world(self, world: int) -> Plan:
+        """The plan on the `world` workers Ray Train started (elastic scale.workers)."""
+        return self if world == self.workers else replace(self, workers=world)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -142,5 +146,5 @@ def auto_microbatch(config: Config, rows: int, inputs: Inputs, out_features: int
     G = config.train.global_batch_size
     if G == "all":
         return min(rows, fits)
-    per_worker = G // config.scale.workers
+    per_worker = G // config.scale.max_workers
     return max(d for d in range(1, per_worker + 1) if per_worker % d == 0 and d <= fits)

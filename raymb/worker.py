@@ -247,6 +247,7 @@ class Worker:
             "samples": p.samples,
             "bytes_allreduced": self.sync.comm.bytes,
             "skipped_steps": p.skipped_steps,
+            "workers": self.world,
         }
 
     def _agree(self, flag: bool) -> bool:

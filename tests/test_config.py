@@ -76,6 +76,11 @@ BAD_OVERRIDES = [
     pytest.param(["train.epochs=0"], "train.epochs must be > 0", id="epochs-zero"),
     pytest.param(["optim.momentum=1.5"], "optim.momentum must be in [0, 1)", id="momentum"),
     pytest.param(["scale.workers=-1"], "scale.workers must be > 0", id="workers-negative"),
+    pytest.param(
+        ["scale.workers=[4,2]"],
+        "scale.workers must be a number > 0 or [min, max] with 0 < min <= max, got [4, 2]",
+        id="workers-range-reversed",
+    ),
     # k = G / (W m) = 64 / (2 x 5) is not an integer. m must divide G / W = 32:
     # the valid sizes are the divisors of 32.
     pytest.param(
@@ -145,7 +150,10 @@ def test_bad_config_names_the_key(overrides: list[str], message: str) -> None:
     [
         ("[train]\nepochs = 0\n", "train.epochs must be > 0"),
         ("[optim]\nlr = 'fast'\n", "optim.lr must be a number, got 'fast'"),
-        ("[scale]\nworkers = 2.5\n", "scale.workers must be an integer, got 2.5"),
+        (
+            "[scale]\nworkers = 2.5\n",
+            "scale.workers must be an integer or a list of integers, got 2.5",
+        ),
         ("epochs = 3\n", "unknown config section [epochs]"),
         ("train = 3\n", "[train] must be a table"),
         ("[model]\nhidden = [64, 0]\n", "model.hidden"),

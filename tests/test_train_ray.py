@@ -202,6 +202,16 @@ def test_a_run_resumed_with_other_numbers_of_workers_ends_as_the_straight_run(
     _same_model(last, straight_grad, rtol=1e-5)
 
 
+def test_elastic_workers_start_with_what_fits_and_stay_exact(linear_data, runs, straight_grad):
+    # scale.workers = [1, 4] at 1.5 CPUs a worker on this 4-CPU session: Ray Train starts as
+    # many as fit (2), and since the steps' rows do not depend on how many, the run ends as
+    # the straight one.
+    elastic = ("run.name=elastic", "scale.workers=[1,4]", "scale.cpus_per_worker=1.5")
+    result = _train(runs, linear_data, *COMMON, *elastic)
+    assert result.summary["workers"] == 2
+    _same_model(result, straight_grad, rtol=1e-5)
+
+
 def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, runs):
     # 1024 rows, "all", 30 epochs: W=2 x k=2 microbatches of 256, W=1 x k=4 of 256 and W=3
     # (342, 341 and 341 rows: uneven) x k=3 of up to 128. The data is read once: the 29
