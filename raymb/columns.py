@@ -155,6 +155,17 @@ class Inputs:
             x = (x - mean) / std
         return x, y
 
+    @classmethod
+    def of(cls, data, task: str, shape: tuple[int, ...]) -> Inputs:
+        """A run's inputs: its resolved task, the rows' shape, data.scale/mean/std."""
+        return cls(
+            task=task,
+            shape=shape,
+            scale=data.scale,
+            mean=None if data.mean is None else tuple(data.mean),
+            std=None if data.std is None else tuple(data.std),
+        )
+
     def to_dict(self) -> dict:
         return {
             "task": self.task,

@@ -75,6 +75,11 @@ class DataSection:
     std: list[float] | None = None
     """Per-channel standard deviation divided by after data.mean."""
 
+    @property
+    def label_column(self) -> str | None:
+        """The label column read, None for language modelling (the blocks are the target)."""
+        return None if self.task == "lm" else self.label
+
     def __post_init__(self) -> None:
         _require(self.features != [], "data.features", "a column name or a non-empty list of names")
         _require(self.scale is None or self.scale > 0, "data.scale", "> 0")

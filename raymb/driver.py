@@ -50,7 +50,7 @@ class Result:
 def prepare(config: Config) -> tuple[Plan, Any, Any]:
     """Check the data against the config; nothing is started or written."""
     data = config.data
-    label = None if data.task == "lm" else data.label
+    label = data.label_column
     # The feature values are checked by the workers' first read (raymb.feed).
     train_info = check_dataset(
         data.train, data.features, label, what="data.train", scan_features=False, task=data.task
@@ -74,19 +74,16 @@ def prepare(config: Config) -> tuple[Plan, Any, Any]:
             f"checkpoint.metric={config.checkpoint.metric!r} needs data.val; set data.val "
             "or checkpoint.metric=train_loss"
         )
-    inputs = Inputs(
-        task=_task(config, train_info),
-        shape=train_info.feature_shape,
-        scale=data.scale,
-        mean=None if data.mean is None else tuple(data.mean),
-        std=None if data.std is None else tuple(data.std),
-    )
+    inputs = Inputs.of(data, _task(config, train_info), train_info.feature_shape)
     _check_model_fits(config, inputs, train_info)
+    found = find_manifest(data.train)
     plan = Plan.build(
         config,
         num_rows=train_info.num_rows,
         inputs=inputs,
-        out_features=_out_features(config, inputs.task, train_info, val_info),
+        out_features=_out_features(
+            config, inputs.task, train_info, val_info, found[1] if found else {}
+        ),
     )
     return plan, train_info, val_info
 
@@ -109,22 +106,23 @@ def _task(config: Config, info: DatasetInfo) -> str:
     return kind
 
 
-def _out_features(config: Config, task: str, train: DatasetInfo, val: DatasetInfo | None) -> int:
-    """Classes (model.num_classes, or max label + 1), the vocabulary (lm), or 1."""
+def _out_features(
+    config: Config, task: str, train: DatasetInfo, val: DatasetInfo | None, manifest: dict
+) -> int:
+    """Classes (model.num_classes, or max label + 1, or the prepared folder's count: a class
+    may have no row in these splits), the vocabulary (lm), or 1."""
     if task == "regress":
         return 1
     if task == "lm":
         seen = max(i.value_range[1] for i in (train, val) if i is not None and i.value_range) + 1
-        found = find_manifest(config.data.train)
-        vocab = config.model.num_classes or (found and found[1].get("vocab_size")) or seen
+        vocab = config.model.num_classes or manifest.get("vocab_size") or seen
         if vocab < seen:
             raise ConfigError(
                 f"the vocabulary has {vocab} tokens but data.train's token ids go up to {seen - 1}"
             )
         return vocab
     seen = max(train.num_classes, val.num_classes if val else 0)
-    found = find_manifest(config.data.train)  # a class may have no row in these splits
-    classes = config.model.num_classes or max(seen, (found and found[1].get("num_classes")) or 0)
+    classes = config.model.num_classes or max(seen, manifest.get("num_classes") or 0)
     if classes < seen:
         raise ConfigError(f"model.num_classes={classes} but the labels go up to {seen - 1}")
     return classes
@@ -263,7 +261,7 @@ def data_spec(
 ) -> dict[str, Any]:
     """What a worker needs to read a dataset (raymb.feed): the materialized blocks, or the
     files to stream."""
-    label = None if config.data.task == "lm" else config.data.label
+    label = config.data.label_column
     columns = column_names(config.data.features, label)
     features = columns[: len(columns) - (label is not None)]
     spec = {

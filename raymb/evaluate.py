@@ -45,7 +45,7 @@ def evaluate(checkpoint: str, data: str, batch_rows: int = 65536) -> dict[str, A
     model, payload = load_model(checkpoint)
     config = Config.from_dict(payload["config"])
     inputs = payload_inputs(payload)
-    label = None if inputs.task == "lm" else config.data.label
+    label = config.data.label_column
     info = check_dataset(data, config.data.features, label, what="--data", task=inputs.task)
     check_fits(info, payload, data)
     classify = payload["classify"]

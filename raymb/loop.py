@@ -31,10 +31,10 @@ def train_loop(payload: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     plan = plan.for_world(world)  # elastic: as many workers as the cluster gave
     features = config.data.features
-    label = None if config.data.task == "lm" else config.data.label
+    label = config.data.label_column
     val = val_batches(payload["val"], features, label, rank, world, max(plan.microbatch, 1024))
     inputs = Inputs.from_dict(plan.inputs)
-    shape = Shape(inputs, plan.out_features, plan.workers, payload.get("tokenizer"))
+    shape = Shape(inputs, plan.out_features, payload.get("tokenizer"))
     worker = Worker(config, shape, run_dir, mode="epochs", total_steps=plan.total_steps, val=val)
     progress, device = worker.progress, worker.device
     if worker.resumed and rank == 0:

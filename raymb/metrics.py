@@ -51,8 +51,7 @@ class Entry:
     wait_s: float
     ended: float
     logged: bool
-    units: int = 0
-    """0: the rows."""
+    units: int
 
 
 class Ledger:
@@ -105,9 +104,9 @@ class Ledger:
             self.w_rows += entry.rows
             if entry.loss is not None:
                 self.w_loss += loss
-                self.w_units += entry.units or entry.rows
+                self.w_units += entry.units
                 self.report_loss += loss
-                self.report_units += entry.units or entry.rows
+                self.report_units += entry.units
             self.w_steps += 1
             self.w_step_s += entry.step_s
             self.w_wait_s += entry.wait_s

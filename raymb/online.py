@@ -142,7 +142,7 @@ def follow_loop(payload: dict) -> None:
     features, label = config.data.features, config.data.label
     val = val_batches(payload["val"], features, label, rank, world, 4096)
     inputs = Inputs.from_dict(dims["inputs"])
-    shape = Shape(inputs, dims["out_features"], world)
+    shape = Shape(inputs, dims["out_features"])
     # constant or step schedules only: they need no total
     worker = Worker(config, shape, Path(payload["run_dir"]), mode="follow", total_steps=1, val=val)
     progress, device = worker.progress, worker.device
@@ -376,12 +376,8 @@ def _dims(config: Config, info: DatasetInfo, name: str) -> dict[str, Any]:
         "in_features": info.num_features,
         "out_features": config.model.num_classes if classify else 1,
         "classify": classify,
-        "inputs": Inputs(
-            task="classify" if classify else "regress",
-            shape=info.feature_shape,
-            scale=config.data.scale,
-            mean=None if config.data.mean is None else tuple(config.data.mean),
-            std=None if config.data.std is None else tuple(config.data.std),
+        "inputs": Inputs.of(
+            config.data, "classify" if classify else "regress", info.feature_shape
         ).to_dict(),
     }
     _check_fits(info, dims, what=f"--follow: {name}")

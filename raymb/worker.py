@@ -68,7 +68,6 @@ class Shape:
 
     inputs: Inputs
     out_features: int
-    workers: int
     tokenizer: dict | None = None
     """lm: the tokenizer's spec (raymb.data.tokenizer), kept with the model for sampling."""
 

@@ -108,14 +108,6 @@ def test_epochs(tmp_path):
     assert math.isfinite(logging["overhead_s"])
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.bench
 def test_ingest(ray_session, tmp_path):

@@ -87,14 +87,6 @@ def _files_recorded(run_dir: Path) -> int:
         return 0
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_arriving_files_are_trained_exactly_once_across_a_restart(ray_session, tmp_path):
     incoming = tmp_path / "incoming"

@@ -36,14 +36,6 @@ PARAM = ("train.sync=param", "train.average_every=4")
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def linear_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("linear")
     generate("linear", out, rows=1024, shards=4, noise=0.1, seed=3)
