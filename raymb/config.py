@@ -1,18 +1,28 @@
-"""The run configuration: one frozen dataclass per TOML section, checked as it is built.
+"""The run configuration: one frozen, keyword-only pydantic dataclass per TOML section.
 
-Every user mistake in a config file or a `--set` override surfaces here as a one-line
-`ConfigError` naming the key, before Ray starts.
+pydantic checks types and bounds as a config is built (and writes the JSON Schema editors
+check a config file against); every user mistake in a config file or a `--set` override
+surfaces here as a one-line `ConfigError` naming the key and the value it got, before Ray
+starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
+
+from annotated_types import Ge, Interval
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from pydantic.json_schema import GenerateJsonSchema, NoDefault
+from pydantic.types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from raymb.errors import ConfigError
 
@@ -21,30 +31,73 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-_FROZEN = dict(frozen=True, kw_only=True)
+T = TypeVar("T")
 
 
-@dataclass(**_FROZEN)
+def _section(where: str, **config: Any) -> Callable[[type[T]], type[T]]:
+    """A config section named `where`: a frozen, keyword-only pydantic dataclass whose
+    ValidationErrors become one-line ConfigErrors, however it is built."""
+
+    def make(cls: type[T]) -> type[T]:
+        # strict: no "5" for 5 and no true for 1 (an int is still taken for a float); extra:
+        # an unknown key is an error; the docstring under a field describes it in the schema.
+        checked = ConfigDict(strict=True, extra="forbid", use_attribute_docstrings=True)
+        cls = dataclass(frozen=True, kw_only=True, config=ConfigDict(**checked, **config))(cls)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self: T, **values: Any) -> None:
+            try:
+                init(self, **values)
+            except ValidationError as e:
+                raise _error(cls, where, values, e.errors()[0]) from None
+
+        cls.__init__ = __init__
+        return cls
+
+    return make
+
+
+Fraction = Annotated[float, Interval(ge=0, lt=1)]
+
+
+@_section("run")
 class RunSection:
+    """Where the run lives."""
+
     name: str = "default"
     """Run directory name under storage_path; starting a run whose name exists resumes it."""
     storage_path: str = "runs"
-    """Where run directories live: a local path (shared between nodes on a cluster)."""
+    """Where run directories live: a local path (shared between nodes on a cluster) or an
+    object-store URI (s3://bucket/prefix, gs://..., any URI pyarrow's filesystems resolve)."""
 
     def __post_init__(self) -> None:
-        _require(
-            bool(self.name) and "/" not in self.name, "run.name", "a non-empty name without '/'"
-        )
-        # metrics.csv and summary.json are written with local file I/O for now.
-        _require(
-            "://" not in self.storage_path,
-            "run.storage_path",
-            "a local or mounted path (object-store URIs are not supported yet)",
-        )
+        name = self.name
+        _require(bool(name) and "/" not in name, "run.name", "a non-empty name without '/'", name)
+        _require(bool(self.storage_path), "run.storage_path", "a path or URI", self.storage_path)
 
 
-@dataclass(**_FROZEN)
+@_section("storage")
+class StorageSection:
+    """How object-store URIs (run.storage_path, data.train, data.val) are reached. Credentials
+    come from the environment only (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...; a Secret on
+    Kubernetes): a config is saved with every run and checkpoint."""
+
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, moto, ...); unset: $AWS_ENDPOINT_URL, else AWS."""
+    region: str | None = None
+    """S3 region; unset: $AWS_REGION / $AWS_DEFAULT_REGION, else the bucket's own."""
+
+    def __post_init__(self) -> None:
+        url = self.endpoint_url
+        what = "a URL such as http://127.0.0.1:9000"
+        _require(url is None or "://" in url, "storage.endpoint_url", what, url)
+
+
+@_section("data")
 class DataSection:
+    """The training and validation data (parquet) and how it is read."""
+
     train: str = "data/linear/train"
     """Parquet file, directory, glob or URI of the training set."""
     val: str | None = "data/linear/val"
@@ -67,7 +120,7 @@ class DataSection:
     """auto: classify for an integer label, regress for a floating one; lm: language
     modelling on a column of token blocks (input = block[:-1], target = block[1:], the loss a
     mean over tokens; data.label is not read). A prepared folder's manifest sets it."""
-    scale: float | None = None
+    scale: PositiveFloat | None = None
     """Multiply the feature values by this in the collate (e.g. 1/255 for uint8 images; a
     prepared image folder's manifest sets it)."""
     mean: list[float] | None = None
@@ -81,131 +134,103 @@ class DataSection:
         return None if self.task == "lm" else self.label
 
     def __post_init__(self) -> None:
-        _require(self.features != [], "data.features", "a column name or a non-empty list of names")
-        _require(self.scale is None or self.scale > 0, "data.scale", "> 0")
-        _require(
-            (self.mean is None) == (self.std is None),
-            "data.mean",
-            "set together with data.std (one value per channel each)",
-        )
-        if self.mean is not None:
-            _require(
-                len(self.mean) == len(self.std) and len(self.mean) > 0,
-                "data.std",
-                f"as many values as data.mean ({len(self.mean)})",
+        features, mean, std = self.features, self.mean, self.std
+        _require(features != [], "data.features", "a column name or a non-empty list", features)
+        if (mean is None) != (std is None) or mean is not None and len(mean) != len(std):
+            raise ConfigError(
+                "data.mean and data.std must be set together, one value per channel each "
+                f"(got mean={mean!r}, std={std!r})"
             )
-            _require(all(s > 0 for s in self.std), "data.std", "positive values")
-        _require(
-            self.task != "lm" or isinstance(self.features, str),
-            "data.features",
-            'one column of token blocks when data.task = "lm"',
-        )
+        _require(std is None or all(s > 0 for s in std), "data.std", "positive values", std)
+        lm = 'one column of token blocks when data.task = "lm"'
+        _require(self.task != "lm" or isinstance(features, str), "data.features", lm, features)
 
 
-@dataclass(**_FROZEN)
+BUILTIN_MODELS = ("linear", "mlp", "cnn", "gpt")
+
+
+@_section("model")
 class ModelSection:
+    """The model: a built-in family or a factory of your own."""
+
     name: str = "linear"
     """linear, mlp, cnn, gpt, or package.module:factory (called as factory(in_features,
     out_features) for flat features, factory(input_shape, out_features) for tensor columns;
     out_features is the vocabulary size for data.task = "lm")."""
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     """Hidden layer widths of the mlp."""
-    num_classes: int | None = None
+    num_classes: Annotated[int, Ge(2)] | None = None
     """Classes of a classifier; unset: max label + 1."""
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     """cnn: channels of each residual stage (each stage after the first halves the image)."""
     norm: Literal["batch", "group"] = "batch"
     """cnn: BatchNorm (statistics depend on how a step is cut into microbatches: the
     equivalence contract does not hold) or GroupNorm (exact)."""
-    depth: int = 4
+    depth: PositiveInt = 4
     """gpt: transformer blocks."""
-    width: int = 128
+    width: PositiveInt = 128
     """gpt: embedding width (a multiple of model.heads)."""
-    heads: int = 4
+    heads: PositiveInt = 4
     """gpt: attention heads."""
-    block_size: int | None = None
+    block_size: PositiveInt | None = None
     """gpt: longest context (positions); unset: the data's block (tokens per row - 1)."""
-    dropout: float = 0.0
+    dropout: Fraction = 0.0
     """gpt: dropout rate (0 keeps the equivalence contract exact)."""
 
     def __post_init__(self) -> None:
-        builtin = self.name in BUILTIN_MODELS
-        _require(
-            builtin or ":" in self.name,
-            "model.name",
-            ", ".join(BUILTIN_MODELS) + " or package.module:factory",
-        )
-        _require(all(h > 0 for h in self.hidden), "model.hidden", "positive layer widths")
-        _require(self.num_classes is None or self.num_classes >= 2, "model.num_classes", ">= 2")
-        _require(
-            bool(self.widths) and all(w > 0 for w in self.widths),
-            "model.widths",
-            "a non-empty list of positive channel counts",
-        )
-        _require(self.depth > 0, "model.depth", "> 0")
-        _require(self.heads > 0, "model.heads", "> 0")
-        _require(
-            self.width > 0 and self.width % self.heads == 0,
-            "model.width",
-            f"a positive multiple of model.heads={self.heads}",
-        )
-        _require(self.block_size is None or self.block_size > 0, "model.block_size", "> 0")
-        _require(0 <= self.dropout < 1, "model.dropout", "in [0, 1)")
+        name, hidden, widths = self.name, self.hidden, self.widths
+        names = ", ".join(BUILTIN_MODELS) + " or package.module:factory"
+        _require(name in BUILTIN_MODELS or ":" in name, "model.name", names, name)
+        _require(all(h > 0 for h in hidden), "model.hidden", "positive layer widths", hidden)
+        what = "a non-empty list of positive channel counts"
+        _require(bool(widths) and all(w > 0 for w in widths), "model.widths", what, widths)
+        what = f"a multiple of model.heads={self.heads}"
+        _require(self.width % self.heads == 0, "model.width", what, self.width)
 
 
-BUILTIN_MODELS = ("linear", "mlp", "cnn", "gpt")
-
-
-@dataclass(**_FROZEN)
+@_section("optim")
 class OptimSection:
+    """The optimizer and its learning-rate schedule."""
+
     name: Literal["sgd", "adagrad", "adam", "adamw"] = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
+    lr: PositiveFloat = 0.05
+    momentum: Fraction = 0.9
     """SGD momentum (ignored by the other optimizers)."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegativeFloat = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam and AdamW betas."""
     schedule: Literal["constant", "cosine", "step"] = "constant"
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
     """Linear warm-up from 0 to lr over this many optimizer steps."""
-    step_size: int = 100
+    step_size: PositiveInt = 100
     """step schedule: multiply lr by gamma every step_size optimizer steps."""
-    gamma: float = 0.1
-    min_lr: float = 0.0
+    gamma: Annotated[float, Interval(gt=0, le=1)] = 0.1
+    min_lr: NonNegativeFloat = 0.0
     """cosine schedule: lr at the last step."""
-    grad_clip: float | None = None
+    grad_clip: PositiveFloat | None = None
     """Clip the global gradient norm to this value; unset for no clipping."""
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", "> 0")
-        _require(0 <= self.momentum < 1, "optim.momentum", "in [0, 1)")
-        _require(self.weight_decay >= 0, "optim.weight_decay", ">= 0")
-        _require(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "optim.betas",
-            "two values in [0, 1)",
-        )
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0")
-        _require(self.step_size > 0, "optim.step_size", "> 0")
-        _require(0 < self.gamma <= 1, "optim.gamma", "in (0, 1]")
-        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", "in [0, optim.lr]")
-        _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "> 0")
+        betas = self.betas
+        ok = len(betas) == 2 and all(0 <= b < 1 for b in betas)
+        _require(ok, "optim.betas", "two values in [0, 1)", betas)
+        _require(self.min_lr <= self.lr, "optim.min_lr", "in [0, optim.lr]", self.min_lr)
 
 
-@dataclass(**_FROZEN)
+@_section("train.early_stopping")
 class EarlyStopping:
-    patience: int | None = None
+    """Stop when checkpoint.metric has stopped improving."""
+
+    patience: PositiveInt | None = None
     """Stop after this many validations without improving checkpoint.metric; unset: never."""
-    min_delta: float = 0.0
+    min_delta: NonNegativeFloat = 0.0
     """An improvement smaller than this does not count."""
 
-    def __post_init__(self) -> None:
-        _require(self.patience is None or self.patience > 0, "train.early_stopping.patience", "> 0")
-        _require(self.min_delta >= 0, "train.early_stopping.min_delta", ">= 0")
 
-
-@dataclass(**_FROZEN)
+@_section("train")
 class TrainSection:
+    """Batches, epochs, synchronisation and numerics of the training loop."""
+
     global_batch_size: Union[int, Literal["all"]] = 64
     """G: samples per optimizer step across all workers; "all" is full-batch gradient descent."""
     microbatch_size: Union[int, Literal["auto"], None] = None
@@ -214,17 +239,17 @@ class TrainSection:
     of the model) fit train.memory_budget."""
     memory_budget: str = "1GiB"
     """Activation memory a microbatch may use when microbatch_size = "auto" (e.g. 512MiB)."""
-    epochs: int = 5
-    max_steps: int | None = None
+    epochs: PositiveInt = 5
+    max_steps: PositiveInt | None = None
     """Stop after this many optimizer steps in total (counting steps of earlier attempts)."""
     seed: int = 0
     sync: Literal["grad", "param", "diloco"] = "grad"
     """grad: DDP gradient all-reduce every step; param: local SGD, parameters averaged every
     average_every steps; diloco: local inner steps, then an outer step on the averaged
     pseudo-gradient (see [outer])."""
-    average_every: int = 8
+    average_every: PositiveInt = 8
     """H: local steps between two averagings (param, diloco)."""
-    local_sgd_warmup: int = 0
+    local_sgd_warmup: NonNegativeInt = 0
     """param: the first this many steps use gradient all-reduce (post-local SGD)."""
     average_optimizer_state: bool = False
     """param: also average momentum and Adam moments when averaging parameters."""
@@ -238,41 +263,31 @@ class TrainSection:
     """A non-finite loss on any worker: abort the run (the last checkpoint stays), or skip
     that step on every worker and count it."""
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """A row of metrics.csv every this many steps (rows are gathered and written about once a
     second, so 1 costs little)."""
 
     def __post_init__(self) -> None:
-        G = self.global_batch_size
-        _require(G == "all" or G > 0, "train.global_batch_size", 'a positive integer or "all"')
-        m = self.microbatch_size
-        _require(m is None or m == "auto" or m > 0, "train.microbatch_size", '> 0 or "auto"')
-        _require(
-            parse_bytes(self.memory_budget) is not None,
-            "train.memory_budget",
-            'a size such as "512MiB" or "2GiB"',
-        )
+        G, m = self.global_batch_size, self.microbatch_size
+        _require(G == "all" or G > 0, "train.global_batch_size", 'a positive integer or "all"', G)
+        _require(m in (None, "auto") or m > 0, "train.microbatch_size", '> 0 or "auto"', m)
+        budget, size = self.memory_budget, 'a size such as "512MiB" or "2GiB"'
+        _require(parse_bytes(budget) is not None, "train.memory_budget", size, budget)
         if isinstance(m, int) and G != "all" and m > G:
             raise ConfigError(
                 f"train.microbatch_size={m} is larger than train.global_batch_size={G}"
             )
-        _require(
-            G != "all" or m is not None,
-            "train.microbatch_size",
-            'set (a number or "auto") when train.global_batch_size = "all"',
-        )
-        _require(self.epochs > 0, "train.epochs", "> 0")
-        _require(self.max_steps is None or self.max_steps > 0, "train.max_steps", "> 0")
-        _require(self.log_every > 0, "train.log_every", "> 0")
-        _require(self.average_every > 0, "train.average_every", "> 0")
-        _require(self.local_sgd_warmup >= 0, "train.local_sgd_warmup", ">= 0")
+        what = 'set (a number or "auto") when train.global_batch_size = "all"'
+        _require(G != "all" or m is not None, "train.microbatch_size", what, m)
 
     def memory_budget_bytes(self) -> int:
         return parse_bytes(self.memory_budget)
 
 
-@dataclass(**_FROZEN)
+@_section("scale")
 class ScaleSection:
+    """How many workers train, on what."""
+
     workers: Union[int, list[int]] = 2
     """Training workers; [min, max]: elastic (Ray Train starts with as many as the cluster
     has room for, at least min, and restarts from the latest checkpoint at a new size when
@@ -280,23 +295,17 @@ class ScaleSection:
     numbers do not either)."""
     use_gpu: bool = False
     """One GPU per worker, NCCL; otherwise CPU workers with gloo."""
-    max_failures: int = 0
+    max_failures: NonNegativeInt = 0
     """Worker-group restarts from the last checkpoint before the run fails."""
-    cpus_per_worker: float | None = None
+    cpus_per_worker: PositiveFloat | None = None
     """Logical CPUs per worker; unset: chosen so Ray Data keeps a CPU to read with."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.workers, list):
-            _require(
-                len(self.workers) == 2 and 0 < self.workers[0] <= self.workers[1],
-                "scale.workers",
-                f"a number > 0 or [min, max] with 0 < min <= max, got {self.workers!r}",
-            )
-        _require(self.max_workers > 0, "scale.workers", "> 0")
-        _require(self.max_failures >= 0, "scale.max_failures", ">= 0")
-        _require(
-            self.cpus_per_worker is None or self.cpus_per_worker > 0, "scale.cpus_per_worker", "> 0"
-        )
+        w = self.workers
+        if isinstance(w, list):
+            what = "a number > 0 or [min, max] with 0 < min <= max"
+            _require(len(w) == 2 and 0 < w[0] <= w[1], "scale.workers", what, w)
+        _require(self.max_workers > 0, "scale.workers", "> 0", w)
 
     @property
     def elastic(self) -> bool:
@@ -311,80 +320,89 @@ class ScaleSection:
         return self.workers[1] if isinstance(self.workers, list) else self.workers
 
 
-@dataclass(**_FROZEN)
+@_section("checkpoint")
 class CheckpointSection:
-    every_steps: int | None = None
+    """When checkpoints are written and which are kept."""
+
+    every_steps: PositiveInt | None = None
     """Also checkpoint every this many optimizer steps (always: each epoch's end, and the end)."""
-    keep: int = 2
+    keep: PositiveInt = 2
     """Checkpoints kept: the best by `metric`; the latest is always kept too."""
     metric: Literal["val_loss", "train_loss", "val_accuracy"] = "val_loss"
-    min_interval_s: float = 10.0
+    """The metric of the best checkpoint (and of early stopping); unset with no data.val:
+    train_loss."""
+    min_interval_s: NonNegativeFloat = 10.0
     """Skip an epoch-end checkpoint (and its validation) that comes sooner than this after the
     last checkpoint, under train.sync = "grad" (where skipping changes no number); every_steps
     and the last step always checkpoint. 0: every epoch's end."""
-
-    def __post_init__(self) -> None:
-        _require(self.every_steps is None or self.every_steps > 0, "checkpoint.every_steps", "> 0")
-        _require(self.min_interval_s >= 0, "checkpoint.min_interval_s", ">= 0")
-        _require(self.keep > 0, "checkpoint.keep", "> 0")
 
     @property
     def mode(self) -> str:
         return "max" if self.metric == "val_accuracy" else "min"
 
 
-@dataclass(**_FROZEN)
+@_section("log")
+class LogSection:
+    """Experiment tracking beside metrics.csv: TensorBoard event files, an MLflow server."""
+
+    tensorboard: bool = False
+    """Write TensorBoard event files into the run directory's tensorboard/ (every metrics.csv
+    column by step, the config as hyper-parameters)."""
+    mlflow_uri: str | None = None
+    """MLflow tracking server (http://host:5000) for params, metrics per step, summary.json
+    and the best model; unset: $MLFLOW_TRACKING_URI if set, else no MLflow. Needs
+    pip install 'raymb[mlflow]'."""
+    mlflow_experiment: str = "raymb"
+    """The MLflow experiment the run is logged under (created when missing)."""
+
+
+@_section("outer")
 class OuterSection:
     """DiLoCo's outer optimizer, stepping the global parameters on the averaged
     pseudo-gradient (theta_global - theta_local) every train.average_every steps."""
 
     name: Literal["sgd"] = "sgd"
-    lr: float = 0.7
-    momentum: float = 0.9
+    lr: PositiveFloat = 0.7
+    momentum: Fraction = 0.9
     nesterov: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "outer.lr", "> 0")
-        _require(0 <= self.momentum < 1, "outer.momentum", "in [0, 1)")
-        _require(
-            not self.nesterov or self.momentum > 0, "outer.nesterov", "false when momentum = 0"
-        )
+        what, nesterov = "false when momentum = 0", self.nesterov
+        _require(not nesterov or self.momentum > 0, "outer.nesterov", what, nesterov)
 
 
-@dataclass(**_FROZEN)
+@_section("fault")
 class FaultSection:
     """Fault injection for tests and drills; each fault fires once per run directory."""
 
-    kill_worker_at_step: int | None = None
+    kill_worker_at_step: PositiveInt | None = None
     """Kill the worker process of `rank` when it reaches this optimizer step."""
-    nan_at_step: int | None = None
+    nan_at_step: PositiveInt | None = None
     """Make the loss of `rank` non-finite at this optimizer step."""
-    rank: int = 0
+    rank: NonNegativeInt = 0
     """The worker the faults hit."""
 
-    def __post_init__(self) -> None:
-        for key in ("kill_worker_at_step", "nan_at_step"):
-            value = getattr(self, key)
-            _require(value is None or value > 0, f"fault.{key}", "> 0")
-        _require(self.rank >= 0, "fault.rank", ">= 0")
 
-
-@dataclass(**_FROZEN)
+@_section("", title="raymb config")
 class Config:
+    """A raymb run: one table per section; every key is optional."""
+
     run: RunSection = field(default_factory=RunSection)
+    storage: StorageSection = field(default_factory=StorageSection)
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     scale: ScaleSection = field(default_factory=ScaleSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
     outer: OuterSection = field(default_factory=OuterSection)
     fault: FaultSection = field(default_factory=FaultSection)
 
     def __post_init__(self) -> None:
         G, m, W = self.train.global_batch_size, self.train.microbatch_size, self.scale.max_workers
         low = self.scale.min_workers
-        _require(self.fault.rank < low, "fault.rank", f"< scale.workers={low}")
+        _require(self.fault.rank < low, "fault.rank", f"< scale.workers={low}", self.fault.rank)
         if G == "all" or m == "auto" or self.scale.elastic:
             return  # elastic: a W that does not divide G splits steps unevenly (raymb.plan)
         if m is None:
@@ -424,22 +442,19 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:
         """Build and check a Config from nested dicts (TOML tables)."""
-        hints = typing.get_type_hints(cls)
-        sections = {}
-        for name, table in raw.items():
-            if name not in hints:
-                raise ConfigError(f"unknown config section [{name}]; known: {', '.join(hints)}")
-            if not isinstance(table, dict):
-                raise ConfigError(f"[{name}] must be a table of keys, got {table!r}")
-            if name == "data" and isinstance(table.get("train"), str):
-                table = _with_manifest(table)
-            if name == "data" and "train" in table and "val" not in table:
-                table = {**table, "val": None}  # never validate a user's model on the demo set
-            sections[name] = _build_section(name, hints[name], table)
-        try:
-            return cls(**sections)
-        except TypeError as e:  # pragma: no cover - guarded by _build_section
-            raise ConfigError(str(e)) from None
+        data = raw.get("data")
+        if isinstance(data, dict):
+            if isinstance(data.get("train"), str):
+                data = _with_manifest(data)
+            if "train" in data and "val" not in data:
+                data = {**data, "val": None}  # never validate a user's model on the demo set
+            raw = {**raw, "data": data}
+        config = _build(cls, raw, "")
+        if config.data.val is None and "metric" not in raw.get("checkpoint", {}):
+            # The default, val_loss, would refuse to train: fall back to what there is.
+            checkpoint = dataclasses.replace(config.checkpoint, metric="train_loss")
+            config = dataclasses.replace(config, checkpoint=checkpoint)
+        return config
 
 
 def _with_manifest(table: dict[str, Any]) -> dict[str, Any]:
@@ -462,82 +477,81 @@ def _with_manifest(table: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **table}
 
 
-def _build_section(section: str, cls: type, table: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
+# ---------------------------------------------------------------- one-line errors
+
+
+def _build(cls: type, table: Any, where: str) -> Any:
+    """A section from its TOML table (`where` its dotted name), its own tables first."""
+    if not isinstance(table, dict):
+        name = where if "." in where else f"[{where}]"
+        raise ConfigError(f"{name} must be a table of keys (got {table!r})")
+    fields = cls.__pydantic_fields__
     values = {}
     for key, value in table.items():
-        if key not in hints:
-            raise ConfigError(
-                f"unknown config key {section}.{key}; known in [{section}]: {', '.join(hints)}"
-            )
-        if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{section}.{key} must be a table of keys, got {value!r}")
-            values[key] = _build_section(f"{section}.{key}", hints[key], value)
-        else:
-            values[key] = _coerce(f"{section}.{key}", value, hints[key])
+        tp = fields[key].annotation if key in fields else None
+        if dataclasses.is_dataclass(tp):
+            value = _build(tp, value, f"{where}.{key}".lstrip("."))
+        elif value in ("", "none") and type(None) in typing.get_args(tp):
+            value = None  # TOML has no null: an optional key is unset with "" or none
+        values[key] = value
     return cls(**values)
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Return value if it has type tp (an int is accepted as a float); else raise."""
-    if value in ("", "none") and _matches(None, tp):
-        return None  # TOML has no null: an optional key is unset with "" or none
-    if _matches(value, tp):
-        if _is_float(tp) and type(value) is int:
-            return float(value)
-        return value
-    raise ConfigError(f"{key} must be {_describe(tp)}, got {value!r}")
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
-def _is_float(tp: Any) -> bool:
-    return tp is float or (_is_union(tp) and float in typing.get_args(tp))
+def _error(cls: type, where: str, values: dict[str, Any], error: Any) -> ConfigError:
+    """The first error pydantic found, in one line that names the key and the value."""
+    key = error["loc"][0]
+    fields = cls.__pydantic_fields__
+    if error["type"] == "unexpected_keyword_argument":
+        if not where:
+            return ConfigError(f"unknown config section [{key}]; known: {', '.join(fields)}")
+        return ConfigError(
+            f"unknown config key {where}.{key}; known in [{where}]: {', '.join(fields)}"
+        )
+    f = fields[key]
+    bound = error["type"].startswith(("greater_than", "less_than"))
+    what = _bounds(f) if bound else _describe(f.annotation)
+    return ConfigError(f"{where}.{key} must be {what} (got {values[key]!r})".lstrip("."))
 
 
-def _is_union(tp: Any) -> bool:
-    return typing.get_origin(tp) in (Union, types.UnionType)
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if _is_union(tp):
-        return any(_matches(value, t) for t in typing.get_args(tp))
-    raise TypeError(f"unsupported config type {tp}")  # pragma: no cover
+def _bounds(f: Any) -> str:
+    """A field's bounds in words: '> 0', 'in [0, 1)'."""
+    meta = [*f.metadata]
+    for tp in typing.get_args(f.annotation):  # an optional field: Annotated inside the union
+        meta += getattr(tp, "__metadata__", ())
+    found = {k: getattr(m, k) for m in meta for k in _BOUNDS if getattr(m, k, None) is not None}
+    if len(found) == 1:
+        ((k, v),) = found.items()
+        return f"{_BOUNDS[k]} {v}"
+    lo = f"[{found['ge']}" if "ge" in found else f"({found['gt']}"
+    hi = f"{found['le']}]" if "le" in found else f"{found['lt']})"
+    return f"in {lo}, {hi}"
 
 
 def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if tp is type(None):
-        return "unset"
+    """A field's type in words, for the 'must be' of an error."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return "a table of keys"
+    if origin is Annotated:
+        return _describe(args[0])
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        return "one of " + ", ".join(repr(a) for a in args)
     if origin is list:
-        item = typing.get_args(tp)[0]
-        plural = {int: "integers", float: "numbers", str: "strings"}.get(item)
-        return f"a list of {plural or _describe(item)}"
-    if _is_union(tp):
-        return " or ".join(_describe(t) for t in typing.get_args(tp) if t is not type(None))
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}[args[0]]
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(t) for t in args if t is not type(None))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
 
 
-def _require(ok: bool, key: str, what: str) -> None:
+def _require(ok: bool, key: str, what: str, got: Any) -> None:
     if not ok:
-        raise ConfigError(f"{key} must be {what}")
+        raise ConfigError(f"{key} must be {what} (got {got!r})")
+
+
+# ---------------------------------------------------------------- reading and writing
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -579,30 +593,47 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 def to_toml(config: Config) -> str:
     """The resolved config as TOML; unset keys appear commented out."""
     lines: list[str] = []
+    notes = _notes(config)
     for section, table in config.to_dict().items():
-        _toml_table(section, table, lines)
+        _toml_table(section, table, notes, lines)
     return "\n".join(lines)
 
 
-# Where a value gives up a promise, --print-config says so next to it.
-_NOTES = {
-    ("model", "norm", '"batch"'): "BatchNorm's statistics depend on how a step is cut into "
-    'microbatches: the equivalence contract holds with norm = "group", not with batch',
-}
+def _notes(config: Config) -> dict[str, str]:
+    """Where a value gives up a promise, or was chosen for the user, --print-config says so."""
+    notes = {}
+    if config.model.norm == "batch":
+        notes["model.norm"] = (
+            "BatchNorm's statistics depend on how a step is cut into microbatches: the "
+            'equivalence contract holds with norm = "group", not with batch'
+        )
+    if config.data.val is None and config.checkpoint.metric == "train_loss":
+        notes["checkpoint.metric"] = "no data.val: the default val_loss needs a validation set"
+    return notes
 
 
-def _toml_table(name: str, table: dict[str, Any], lines: list[str]) -> None:
+def _toml_table(name: str, table: dict[str, Any], notes: dict[str, str], lines: list[str]) -> None:
     lines.append(f"[{name}]")
     nested = {k: v for k, v in table.items() if isinstance(v, dict)}
     for key, value in table.items():
         if key in nested:
             continue
         line = f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}"
-        note = _NOTES.get((name, key, _toml_value(value)))
+        note = notes.get(f"{name}.{key}")
         lines.append(line if note is None else f"{line}  # {note}")
     lines.append("")
     for key, value in nested.items():
-        _toml_table(f"{name}.{key}", value, lines)
+        _toml_table(f"{name}.{key}", value, notes, lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
 
 
 _UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -619,11 +650,27 @@ def parse_bytes(text: str) -> int | None:
     return int(value * _UNITS[unit]) if unit in _UNITS and value > 0 else None
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
+# ---------------------------------------------------------------- JSON Schema
+
+
+class _TomlSchema(GenerateJsonSchema):
+    """pydantic's JSON Schema, for TOML: there is no null (an optional key is left out, or
+    unset with "" or "none"), and the lists' defaults are written out."""
+
+    def nullable_schema(self, schema: Any) -> dict[str, Any]:
+        inner = self.generate_inner(schema["schema"])
+        return self.get_union_of_schemas([inner, {"enum": ["", "none"]}])
+
+    def get_default_value(self, schema: Any) -> Any:
+        factory = schema.get("default_factory")
+        if factory is not None and not dataclasses.is_dataclass(factory):
+            return factory()
+        default = super().get_default_value(schema)
+        return NoDefault if default is None else default
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a config file: editors check a TOML file whose first line is
+    `#:schema ./raymb.schema.json` against it (unknown keys, types, bounds)."""
+    schema = TypeAdapter(Config).json_schema(schema_generator=_TomlSchema)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}

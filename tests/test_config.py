@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from raymb import Config, ConfigError, load_config
-from raymb.config import to_toml
+from raymb.config import ModelSection, OptimSection, to_toml
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,13 +62,13 @@ BAD_OVERRIDES = [
     pytest.param(["foo.bar=1"], "unknown config section [foo]", id="unknown-section"),
     pytest.param(["optim.nope=1"], "optim.nope", id="unknown-key"),
     pytest.param(
-        ["train.epochs='5'"], "train.epochs must be an integer, got '5'", id="str-for-int"
+        ["train.epochs='5'"], "train.epochs must be an integer (got '5')", id="str-for-int"
     ),
     pytest.param(["train.epochs=five"], "train.epochs must be an integer", id="bare-word-for-int"),
     pytest.param(
-        ["train.epochs=true"], "train.epochs must be an integer, got True", id="bool-for-int"
+        ["train.epochs=true"], "train.epochs must be an integer (got True)", id="bool-for-int"
     ),
-    pytest.param(["optim.lr=[0.1]"], "optim.lr must be a number, got [0.1]", id="list-for-float"),
+    pytest.param(["optim.lr=[0.1]"], "optim.lr must be a number (got [0.1])", id="list-for-float"),
     pytest.param(["scale.use_gpu=1"], "scale.use_gpu must be true or false", id="int-for-bool"),
     pytest.param(["optim.name=rmsprop"], "optim.name must be one of", id="not-a-choice"),
     pytest.param(["optim.lr=0"], "optim.lr must be > 0", id="lr-zero"),
@@ -78,7 +78,7 @@ BAD_OVERRIDES = [
     pytest.param(["scale.workers=-1"], "scale.workers must be > 0", id="workers-negative"),
     pytest.param(
         ["scale.workers=[4,2]"],
-        "scale.workers must be a number > 0 or [min, max] with 0 < min <= max, got [4, 2]",
+        "scale.workers must be a number > 0 or [min, max] with 0 < min <= max (got [4, 2])",
         id="workers-range-reversed",
     ),
     # k = G / (W m) = 64 / (2 x 5) is not an integer. m must divide G / W = 32:
@@ -123,7 +123,7 @@ BAD_OVERRIDES = [
     ),
     pytest.param(["a.b.c=1"], "unknown config section [a]", id="set-unknown-nested"),
     pytest.param(
-        ["train.epochs.x=1"], "train.epochs must be an integer, got {'x': 1}", id="set-not-table"
+        ["train.epochs.x=1"], "train.epochs must be an integer (got {'x': 1})", id="set-not-table"
     ),
     pytest.param(["train.early_stopping.patience=0"], "train.early_stopping.patience must be > 0"),
     pytest.param(["train.early_stopping=3"], "train.early_stopping must be a table of keys"),
@@ -149,10 +149,10 @@ def test_bad_config_names_the_key(overrides: list[str], message: str) -> None:
     ("toml", "message"),
     [
         ("[train]\nepochs = 0\n", "train.epochs must be > 0"),
-        ("[optim]\nlr = 'fast'\n", "optim.lr must be a number, got 'fast'"),
+        ("[optim]\nlr = 'fast'\n", "optim.lr must be a number (got 'fast')"),
         (
             "[scale]\nworkers = 2.5\n",
-            "scale.workers must be an integer or a list of integers, got 2.5",
+            "scale.workers must be an integer or a list of integers (got 2.5)",
         ),
         ("epochs = 3\n", "unknown config section [epochs]"),
         ("train = 3\n", "[train] must be a table"),
@@ -164,6 +164,70 @@ def test_bad_config_file_names_the_key(tmp_path: Path, toml: str, message: str) 
     path.write_text(toml)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(path)
+
+
+# Every message names the value it got, as the config file or --set gave it.
+GOT = [
+    (
+        "model.name=resnet9000",
+        "model.name must be linear, mlp, cnn, gpt or package.module:factory (got 'resnet9000')",
+    ),
+    ("optim.lr=-1", "optim.lr must be > 0 (got -1)"),
+    ("optim.momentum=1.5", "optim.momentum must be in [0, 1) (got 1.5)"),
+    ("optim.gamma=0", "optim.gamma must be in (0, 1] (got 0)"),
+    ("optim.weight_decay=-0.5", "optim.weight_decay must be >= 0 (got -0.5)"),
+    ("optim.betas=[0.9]", "optim.betas must be two values in [0, 1) (got [0.9])"),
+    ("optim.grad_clip=0", "optim.grad_clip must be > 0 (got 0)"),
+    ("model.num_classes=1", "model.num_classes must be >= 2 (got 1)"),
+    ("model.dropout=1", "model.dropout must be in [0, 1) (got 1)"),
+    ("model.hidden=[64, 0]", "model.hidden must be positive layer widths (got [64, 0])"),
+    ("model.width=130", "model.width must be a multiple of model.heads=4 (got 130)"),
+    ("train.epochs=0", "train.epochs must be > 0 (got 0)"),
+    ("train.epochs=2.0", "train.epochs must be an integer (got 2.0)"),
+    (
+        "train.global_batch_size=0",
+        'train.global_batch_size must be a positive integer or "all" (got 0)',
+    ),
+    ("train.sync=ring", "train.sync must be one of 'grad', 'param', 'diloco' (got 'ring')"),
+    (
+        "train.memory_budget=lots",
+        'train.memory_budget must be a size such as "512MiB" or "2GiB" (got \'lots\')',
+    ),
+    ("train.early_stopping.patience=0", "train.early_stopping.patience must be > 0 (got 0)"),
+    ("train.early_stopping=3", "train.early_stopping must be a table of keys (got 3)"),
+    ("scale.workers=0", "scale.workers must be > 0 (got 0)"),
+    ("scale.max_failures=-1", "scale.max_failures must be >= 0 (got -1)"),
+    ("checkpoint.keep=0", "checkpoint.keep must be > 0 (got 0)"),
+    ("fault.rank=2", "fault.rank must be < scale.workers=2 (got 2)"),
+    ("outer.momentum=0", "outer.nesterov must be false when momentum = 0 (got True)"),
+    ("run.name=a/b", "run.name must be a non-empty name without '/' (got 'a/b')"),
+    (
+        "data.mean=[0.5]",
+        "data.mean and data.std must be set together, one value per channel each "
+        "(got mean=[0.5], std=None)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), GOT, ids=[o for o, _ in GOT])
+def test_error_names_the_value_it_got(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value) == message
+
+
+def test_sections_built_in_python_raise_config_errors_too() -> None:
+    # raymb.train(Config(...)) and dataclasses.replace check as a config file does.
+    with pytest.raises(ConfigError, match=re.escape("optim.lr must be > 0 (got -1)")):
+        OptimSection(lr=-1)
+    with pytest.raises(ConfigError, match=re.escape("optim.lr must be a number (got 'fast')")):
+        dataclasses.replace(Config().optim, lr="fast")
+    with pytest.raises(ConfigError, match=re.escape("unknown config key model.depht")):
+        ModelSection(depht=3)
+    with pytest.raises(ConfigError, match=re.escape("run must be a table of keys (got 3)")):
+        dataclasses.replace(Config(), run=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().optim.lr = 1.0
 
 
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
@@ -219,6 +283,28 @@ def test_data_train_without_val_leaves_val_unset(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text('[data]\ntrain = "mine/train"\n')
     assert load_config(path).data.val is None
+
+
+def test_no_val_set_makes_train_loss_the_default_metric() -> None:
+    # The default metric, val_loss, needs a validation set: without one the best checkpoint
+    # is the one of lowest training loss, unless checkpoint.metric says otherwise.
+    assert load_config(None).checkpoint.metric == "val_loss"
+    assert load_config(None, ["data.val=none"]).checkpoint.metric == "train_loss"
+    assert load_config(None, ["data.train=mine/train"]).checkpoint.metric == "train_loss"
+    both = ["data.train=mine/train", "data.val=mine/val"]
+    assert load_config(None, both).checkpoint.metric == "val_loss"
+    # Set explicitly, it stays (raymb.driver refuses a val_* metric without data.val).
+    explicit = load_config(None, ["data.train=mine/train", "checkpoint.metric=val_loss"])
+    assert explicit.checkpoint.metric == "val_loss"
+
+
+def test_print_config_says_why_the_metric_is_train_loss() -> None:
+    text = to_toml(load_config(None, ["data.train=mine/train"]))
+    assert (
+        '\nmetric = "train_loss"  # no data.val: the default val_loss needs a validation set\n'
+        in text
+    )
+    assert '\nmetric = "val_loss"\n' in to_toml(load_config(None))
 
 
 def test_overrides_apply_over_the_file(tmp_path: Path) -> None:
