@@ -15,3 +15,12 @@ class DataError(RaymbError):
 
 class CheckpointError(RaymbError):
     """A checkpoint is missing, truncated, or belongs to another model or config."""
+
+
+class StorageError(RaymbError):
+    """A run directory or dataset location cannot be reached, read or written (a missing
+    bucket, refused credentials, no endpoint). `reason` is the message without the location."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.reason = reason

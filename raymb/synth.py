@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymb.errors import ConfigError
+from raymb.storage import write_local
 
 KINDS = ("linear", "regression", "classification")
 DEFAULT_FEATURES = {"linear": 1, "regression": 8, "classification": 16}
@@ -100,7 +101,7 @@ def generate(
         _write_split(out_dir / "val", x[rows:], y[rows:], val_shards)
     else:
         _remove_stale_parts(out_dir / "val", keep=0)
-    _atomic_write(out_dir / "truth.json", (json.dumps(truth, indent=2) + "\n").encode())
+    write_local(out_dir / "truth.json", (json.dumps(truth, indent=2) + "\n").encode())
     return truth
 
 
@@ -185,18 +186,6 @@ def _atomic_write_table(path: Path, table: pa.Table) -> None:
     os.close(fd)
     try:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,225 @@
+"""Where runs and data live: a local directory or an object store, behind one small interface.
+
+`resolve("runs")` and `resolve("s3://bucket/runs")` both give a `Location`: a pyarrow
+filesystem and a path on it, with the text the user wrote for messages. Ray Train takes the
+same pair (RunConfig's storage_path and storage_filesystem), so checkpoints go from each
+worker straight to storage; everything else raymb keeps in a run (run.json, metrics.csv,
+summary.json, loss.png) goes through `Location`.
+
+S3 URIs are reached with the endpoint and region of the `[storage]` config section (see
+`configure`), else of the environment (AWS_ENDPOINT_URL, AWS_REGION); credentials always come
+from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, or the machine's role), never
+from a config, which is saved with every run. Other schemes (gs://, hdfs://, ...) are
+whatever `pyarrow.fs.FileSystem.from_uri` makes of them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from raymb.errors import StorageError
+
+if TYPE_CHECKING:
+    from raymb.config import StorageSection
+
+_options: dict[str, str | None] = {"endpoint_url": None, "region": None}
+
+
+def configure(section: StorageSection) -> None:
+    """Use a config's [storage] endpoint and region for the S3 URIs this process resolves."""
+    _options.update(endpoint_url=section.endpoint_url, region=section.region)
+
+
+def is_uri(text: str | os.PathLike) -> bool:
+    return "://" in str(text)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or directory on a filesystem: `path` on `fs`, shown as `uri`."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> Location:
+        return Location(self.fs, self.path.rsplit("/", 1)[0], self.uri.rsplit("/", 1)[0])
+
+    def __truediv__(self, name: str) -> Location:
+        return Location(self.fs, f"{self.path}/{name}", f"{self.uri}/{name}")
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __fspath__(self) -> str:
+        """A local location is a path like any other (open(), Path())."""
+        if not self.local:
+            raise TypeError(f"{self.uri} is not on the local filesystem")
+        return self.path
+
+    def on_same(self, fs_path: str) -> str:
+        """The text (local path or URI) of another path on this location's filesystem."""
+        if self.local:
+            return fs_path
+        scheme = self.uri.split("://", 1)[0]
+        return f"{scheme}://{fs_path}"
+
+    def info(self) -> pafs.FileInfo:
+        return self._call(self.fs.get_file_info, self.path)
+
+    def exists(self) -> bool:
+        return self.info().type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        return self.info().type == pafs.FileType.Directory
+
+    def is_file(self) -> bool:
+        return self.info().type == pafs.FileType.File
+
+    def children(self) -> list[Location]:
+        """What a directory holds, by name; [] when it does not exist."""
+        if not self.is_dir():
+            return []
+        found = self._call(self.fs.get_file_info, pafs.FileSelector(self.path))
+        return sorted((self / i.base_name for i in found), key=lambda c: c.name)
+
+    def read_bytes(self) -> bytes:
+        """The file's contents; FileNotFoundError when it does not exist."""
+        if not self.is_file():
+            raise FileNotFoundError(self.uri)
+        with self._call(self.fs.open_input_stream, self.path) as f:
+            return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write the whole file so that a reader sees the old contents or the new, never a part:
+        locally through a temporary name and a rename; an object store's PUT (or multipart
+        upload) makes the object visible only once it is complete."""
+        if self.local:
+            write_local(Path(self.path), data)
+            return
+        with self._call(self.fs.open_output_stream, self.path) as f:
+            f.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def mkdir(self) -> None:
+        self._call(self.fs.create_dir, self.path, recursive=True)
+
+    def remove(self) -> None:
+        """Delete a file or a whole directory; nothing when it does not exist."""
+        kind = self.info().type
+        if kind == pafs.FileType.Directory:
+            self._call(self.fs.delete_dir, self.path)
+        elif kind == pafs.FileType.File:
+            self._call(self.fs.delete_file, self.path)
+
+    def fetch(self, into: Path) -> Path:
+        """A local copy of this file or directory under `into` (itself, when it is local)."""
+        if self.local:
+            return Path(self.path)
+        target = Path(into) / self.name
+        if self.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            self._call(
+                pafs.copy_files,
+                self.path,
+                str(target),
+                source_filesystem=self.fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
+        else:
+            target.write_bytes(self.read_bytes())
+        return target
+
+    def _call(self, fn, *args, **kwargs):
+        """A filesystem call whose failure (no bucket, no access, no endpoint) is one line
+        naming this location."""
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, pa.ArrowException) as e:
+            if isinstance(e, FileNotFoundError | NotADirectoryError):
+                raise
+            raise StorageError(self.uri, _reason(e)) from None
+
+
+def resolve(text: str | os.PathLike, *, what: str = "path") -> Location:
+    """A local path (made absolute: Ray workers run elsewhere) or a URI, as a Location."""
+    text = str(text)
+    if not is_uri(text):
+        path = os.path.abspath(os.path.expanduser(text))
+        return Location(pafs.LocalFileSystem(), path, path)
+    scheme, rest = text.split("://", 1)
+    uri = text.rstrip("/")
+    try:
+        if scheme in ("s3", "s3a") and "?" not in rest:
+            return Location(pafs.S3FileSystem(**s3_options()), rest.rstrip("/"), uri)
+        fs, path = pafs.FileSystem.from_uri(text)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise StorageError(f"{what} {text}", _reason(e)) from None
+    return Location(fs, path.rstrip("/"), uri)
+
+
+def s3_options() -> dict:
+    """S3FileSystem's endpoint and region: [storage], else the environment. Credentials are
+    left to the AWS chain (environment variables, config files, the machine's role)."""
+    endpoint = (
+        _options["endpoint_url"]
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    region = (
+        _options["region"] or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    )
+    options: dict = {}
+    if endpoint:
+        options["endpoint_override"] = endpoint
+        region = region or "us-east-1"  # S3-compatible servers rarely care; the SDK needs one
+    if region:
+        options["region"] = region
+    return options
+
+
+def write_local(path: Path, data: bytes) -> None:
+    """Write a local file through a hidden temporary sibling and a rename (a reader never sees
+    a part of it, nor mistakes the temporary file for a shard), synced before the rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _reason(e: BaseException) -> str:
+    """The useful part of an Arrow/AWS error, on one line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    for marker in ("AWS Error ", "curlCode"):
+        if marker in text:
+            text = text[text.index(marker) :]
+            break
+    return text.split(" (Request ID")[0]
