@@ -1,0 +1,238 @@
+"""`raymb export`: a saved model as safetensors, ONNX or TorchScript, checked against torch.
+
+Every format carries what a reader needs to use the model without raymb's checkpoint: the
+config, the inputs spec (task, row shape, the data.scale/mean/std a row is normalised with),
+in_features, out_features, classify and the tokenizer, each as JSON under `raymb.<key>`: in
+the safetensors header's metadata (with rebuild() turning it back into a model), the ONNX
+model's metadata_props, and the TorchScript archive's extra files.
+
+The ONNX and TorchScript models take what `Inputs.collate` makes: float rows [B, d] or
+images [B, C, H, W], or int64 token ids [B, T] for a language model; the batch axis (and
+the token axis, up to the model's block size) is free. Both are traced in eval mode (a
+BatchNorm uses its running statistics). After writing, the file is read back by its own
+reader and run on a batch of another size than the one traced, and compared with the torch
+model. The file is written under a temporary name and renamed: a failed export leaves none.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from raymb.checkpoint import MODEL_FILE, load_model, load_state, payload_inputs
+from raymb.columns import Inputs
+from raymb.errors import RaymbError
+
+FORMATS = ("safetensors", "onnx", "torchscript")
+TRACE_ROWS, CHECK_ROWS = 2, 4  # different sizes: the check proves the batch axis is free
+OPSET = 17  # the first with LayerNormalization; read by every maintained ONNX runtime
+RTOL = 1e-3
+"""Largest difference from torch that passes the check, relative to the outputs' largest
+magnitude (at least 1): float32 rounding gives ~1e-6; a mis-traced model gives O(1)."""
+_PACKAGES = {"safetensors": ("safetensors",), "onnx": ("onnx", "onnxruntime"), "torchscript": ()}
+_META_KEYS = ("config", "inputs", "in_features", "out_features", "classify", "tokenizer")
+
+
+def export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
+    """Write the model saved in `checkpoint` to `out` in format `fmt` and check it.
+
+    Returns out (path), format, bytes, max_abs_diff (the read-back file against the torch
+    model) and rows (the size of the batch they were compared on).
+    """
+    if fmt not in FORMATS:
+        raise RaymbError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    _require_packages(fmt)
+    out = Path(out)
+    if out.is_dir():
+        raise RaymbError(f"--out: {out} is a directory, expected a file name such as model.{fmt}")
+    if not out.parent.is_dir():
+        raise RaymbError(f"--out: {out}: no such directory {out.parent}")
+    source = Path(checkpoint) / MODEL_FILE if Path(checkpoint).is_dir() else Path(checkpoint)
+    if out.resolve() == source.resolve():
+        raise RaymbError(f"--out: {out} is the checkpoint itself; give another file name")
+    model, payload = load_model(checkpoint)
+    model.eval()
+    inputs = payload_inputs(payload)
+    metadata = _metadata(payload, inputs)
+    vocab = payload["out_features"]
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch's notes on tracing and on its TorchScript exporters are not the user's
+            warnings.simplefilter("ignore")
+            _WRITERS[fmt](model, example_input(inputs, vocab, TRACE_ROWS, seed=0), metadata, tmp)
+            x = example_input(inputs, vocab, CHECK_ROWS, seed=1)
+            want = model(x)
+            try:
+                got = _READERS[fmt](tmp, x)
+            except Exception as e:  # the exporters' errors come in many types
+                traced = "" if fmt == "safetensors" else f" (traced on {TRACE_ROWS})"
+                raise RaymbError(
+                    f"{fmt} export check: the written model fails on {CHECK_ROWS} "
+                    f"rows{traced}: {_first_line(e)}"
+                ) from None
+        diff = _max_abs_diff(got, want)
+        limit = RTOL * max(1.0, want.abs().max().item())
+        if not diff <= limit:  # NaN fails too
+            raise RaymbError(
+                f"{fmt} export check: the written model differs from torch by {diff:.2g} "
+                f"on {CHECK_ROWS} rows (at most {limit:.2g} expected); the model may do "
+                "something tracing does not capture (data-dependent control flow)"
+            )
+        size = tmp.stat().st_size
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"out": str(out), "format": fmt, "bytes": size, "max_abs_diff": diff, "rows": CHECK_ROWS}
+
+
+def example_input(inputs: Inputs, vocab: int, rows: int, *, seed: int) -> torch.Tensor:
+    """A seeded batch of what the model takes: token ids [rows, T] (int64, below `vocab`)
+    for a language model, else float32 rows [rows, *shape] drawn from N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, *inputs.model_shape)
+    if inputs.task == "lm":
+        return torch.randint(0, vocab, shape, generator=g, dtype=torch.int64)
+    return torch.randn(shape, generator=g)
+
+
+def rebuild(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The model in a safetensors file raymb exported, from the file alone; and the payload
+    (config, inputs, ...) its metadata holds, as in a checkpoint's model.pt."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from raymb.config import Config
+    from raymb.models import build_model
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    missing = [k for k in _META_KEYS if f"raymb.{k}" not in metadata]
+    if missing:
+        raise RaymbError(f"{path}: not a raymb export (no raymb.{missing[0]} in its metadata)")
+    payload = {k: json.loads(metadata[f"raymb.{k}"]) for k in _META_KEYS}
+    config = Config.from_dict(payload["config"])
+    inputs = Inputs.from_dict(payload["inputs"])
+    model = build_model(config.model, inputs.model_shape, payload["out_features"])
+    load_state(model, load_file(str(path)), path, config.model.name)
+    return model, payload
+
+
+def format_size(n: int) -> str:
+    """Bytes in decimal units: 812 B, 3.4 kB, 1.2 MB."""
+    if n < 1000:
+        return f"{n} B"
+    exp = min(int(math.log10(n) // 3), 4)
+    return f"{n / 1000**exp:.1f} {('kB', 'MB', 'GB', 'TB')[exp - 1]}"
+
+
+def _require_packages(fmt: str) -> None:
+    needed = _PACKAGES[fmt]
+    for name in needed:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            names = " and ".join(needed)
+            noun = "package" if len(needed) == 1 else "packages"
+            raise RaymbError(
+                f"raymb export --format {fmt} needs the {names} {noun}: pip install 'raymb[export]'"
+            ) from None
+
+
+def _metadata(payload: dict[str, Any], inputs: Inputs) -> dict[str, str]:
+    """`raymb.<key>`: JSON of each payload entry a reader needs (the inputs resolved, for a
+    checkpoint from before tensor columns)."""
+    values = {k: payload.get(k) for k in _META_KEYS}
+    values["inputs"] = inputs.to_dict()
+    return {f"raymb.{k}": json.dumps(v) for k, v in values.items()}
+
+
+def _write_safetensors(model: nn.Module, x: torch.Tensor, metadata: dict[str, str], path: Path):
+    from safetensors.torch import save_file
+
+    # safetensors refuses tensors that share storage (the gpt's head is its token
+    # embedding): each name gets its own copy, so the file loads as the full state_dict.
+    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": "pt", **metadata})
+
+
+def _read_safetensors(path: Path, x: torch.Tensor) -> torch.Tensor:
+    model, _ = rebuild(path)
+    return model.eval()(x)
+
+
+def _write_onnx(model: nn.Module, x: torch.Tensor, metadata: dict[str, str], path: Path):
+    import onnx
+
+    axes = {0: "batch", 1: "tokens"} if x.dtype == torch.int64 else {0: "batch"}
+    buffer = io.BytesIO()
+    try:
+        # The TorchScript-based exporter: it needs no onnxscript and takes well under a
+        # second for these models (the torch.export-based one takes seconds).
+        torch.onnx.export(
+            model,
+            (x,),
+            buffer,
+            dynamo=False,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": axes, "output": axes},
+            opset_version=OPSET,
+        )
+    except Exception as e:  # torch raises many types for a model it cannot trace
+        raise RaymbError(f"cannot export the model to onnx: {_first_line(e)}") from None
+    proto = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def _read_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (output,) = session.run(["output"], {"input": x.numpy()})
+    return torch.from_numpy(output)
+
+
+def _write_torchscript(model: nn.Module, x: torch.Tensor, metadata: dict[str, str], path: Path):
+    try:
+        traced = torch.jit.trace(model, (x,), check_trace=False)  # export() checks it
+    except Exception as e:  # torch raises many types for a model it cannot trace
+        raise RaymbError(f"cannot trace the model for torchscript: {_first_line(e)}") from None
+    torch.jit.save(traced, str(path), _extra_files=metadata)
+
+
+def _read_torchscript(path: Path, x: torch.Tensor) -> torch.Tensor:
+    return torch.jit.load(str(path), map_location="cpu")(x)
+
+
+_WRITERS = {
+    "safetensors": _write_safetensors,
+    "onnx": _write_onnx,
+    "torchscript": _write_torchscript,
+}
+_READERS = {"safetensors": _read_safetensors, "onnx": _read_onnx, "torchscript": _read_torchscript}
+
+
+def _max_abs_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    if got.shape != want.shape:
+        raise RaymbError(
+            f"export check: the written model gives outputs of shape {list(got.shape)}, "
+            f"torch {list(want.shape)}"
+        )
+    return (got.double() - want.double()).abs().max().item()
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
