@@ -1,0 +1,310 @@
+"""The runs under a storage path, as `raymb runs` lists them, read from the run directories only.
+
+A run directory (`<storage_path>/<name>/`, DESIGN.md) is one that holds `run.json`. Besides the
+files the driver and Ray Train write there, the driver keeps `status.json` through `mark`: the
+run's status, when it was last marked, and the host and process of the driver, so that a
+"running" run whose driver died (on this machine) shows as "interrupted". Runs from before
+status.json count as finished when they have a summary.json.
+
+No Ray and no torch here: listing runs must be quick, on a laptop or against an object store.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from raymb.errors import StorageError
+from raymb.storage import Location
+
+RUN_FILE = "run.json"
+STATUS_FILE = "status.json"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.csv"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
+STATUSES = ("running", "finished", "stopped early", "stopped", "failed")
+"""What `mark` records. `find_runs` adds "interrupted" (marked running, its driver gone) and
+"unknown" (no status.json and no summary.json)."""
+READERS = 16  # run directories read at once: an object store answers each request slowly
+
+
+def mark(run_dir: Location, status: str, **fields: Any) -> None:
+    """Record a run's status in <run_dir>/status.json, replacing the whole file (a reader sees
+    the old record or the new): {"status", "updated": unix time, "host", "pid", "started"} and
+    `fields`, e.g. error="one line". "running" sets "started"; later marks keep it."""
+    if status not in STATUSES:
+        raise ValueError(f"run status {status!r}: expected one of {', '.join(STATUSES)}")
+    now = round(time.time(), 3)
+    record: dict[str, Any] = {
+        "status": status,
+        "updated": now,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    started = now if status == "running" else _read_json(run_dir / STATUS_FILE).get("started")
+    if started is not None:
+        record["started"] = started
+    record.update(fields)
+    (run_dir / STATUS_FILE).write_text(json.dumps(record) + "\n")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One line of `raymb runs`; None where the run's files do not say."""
+
+    name: str
+    location: str
+    status: str
+    steps: int | None
+    metric: str | None  # the metric of the best checkpoint (checkpoint.metric)
+    best: float | None
+    checkpoint: str | None  # the newest complete checkpoint directory
+    checkpoint_step: int | None
+    wall_s: float | None
+    updated: float | None  # unix time of the newest file in the run directory
+    host: str | None
+    pid: int | None
+    error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_runs(root: Location) -> list[Run]:
+    """The runs in the directories of `root` (or `root` itself when it is a run directory),
+    the most recently updated last."""
+    kind = root.info().type
+    if kind == pafs.FileType.NotFound:
+        raise StorageError(root.uri, "no such directory")
+    if kind != pafs.FileType.Directory:
+        raise StorageError(root.uri, "not a directory")
+    entries = _list(root)
+    if RUN_FILE in entries:
+        return [read_run(root, entries)]
+    dirs = [root / name for name, info in entries.items() if info.type == pafs.FileType.Directory]
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
+        found = [run for run in pool.map(_read_if_run, dirs) if run is not None]
+    return sorted(found, key=lambda r: (r.updated or 0.0, r.name))
+
+
+def read_run(run_dir: Location, entries: dict[str, pafs.FileInfo] | None = None) -> Run:
+    """What a run directory's files say about the run. `entries`: its listing, if at hand."""
+    if entries is None:
+        entries = _list(run_dir)
+    record = _read_json(run_dir / STATUS_FILE) if STATUS_FILE in entries else {}
+    summary = _read_json(run_dir / SUMMARY_FILE) if SUMMARY_FILE in entries else {}
+    snapshot = _read_json(run_dir / SNAPSHOT_FILE) if SNAPSHOT_FILE in entries else {}
+    rows = _read_rows(run_dir / METRICS_FILE) if METRICS_FILE in entries else []
+    config = _read_json(run_dir / RUN_FILE).get("config")
+    status = _status(record, summary)
+    updated = max(
+        [i.mtime_ns / 1e9 for i in entries.values() if i.mtime_ns is not None]
+        + [t for t in [record.get("updated")] if isinstance(t, int | float)],
+        default=None,
+    )
+    steps = [_number(rows[-1].get("step")) if rows else None, _number(summary.get("steps"))]
+    metric, best = _best(config if isinstance(config, dict) else {}, snapshot, rows)
+    checkpoint, checkpoint_step = latest_checkpoint(run_dir, entries, snapshot)
+    return Run(
+        name=run_dir.name,
+        location=run_dir.uri,
+        status=status,
+        steps=max((int(s) for s in steps if s is not None), default=None),
+        metric=metric,
+        best=best,
+        checkpoint=checkpoint.uri if checkpoint is not None else None,
+        checkpoint_step=checkpoint_step,
+        wall_s=_wall(status, record, summary, updated),
+        updated=updated,
+        host=record.get("host"),
+        pid=record.get("pid"),
+        error=record.get("error"),
+    )
+
+
+def format_table(runs: list[Run]) -> str:
+    """Aligned columns under a header line, one run a line."""
+    header = ("NAME", "STATUS", "STEPS", "BEST", "LAST CHECKPOINT", "WALL", "UPDATED")
+    lines = [header] + [
+        (
+            run.name,
+            run.status,
+            "-" if run.steps is None else str(run.steps),
+            "-" if run.best is None else f"{run.metric} {run.best:.4g}",
+            "-" if run.checkpoint is None else run.checkpoint.rsplit("/", 1)[-1],
+            format_duration(run.wall_s),
+            "-"
+            if run.updated is None
+            else time.strftime("%Y-%m-%d %H:%M", time.localtime(run.updated)),
+        )
+        for run in runs
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    right = {2}  # numbers line up on the right
+    return "\n".join(
+        "  ".join(
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(line)
+        ).rstrip()
+        for line in lines
+    )
+
+
+def format_duration(seconds: float | None) -> str:
+    """25.9s, 3m 05s, 2h 07m, 1d 04h."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    s = int(round(seconds))
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if s >= size:
+            return f"{s // size}{unit} {s % size // sub_size:02d}{sub}"
+    return f"{s // 60}m {s % 60:02d}s"
+
+
+def is_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (maybe another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_if_run(directory: Location) -> Run | None:
+    entries = _list(directory)
+    return read_run(directory, entries) if RUN_FILE in entries else None
+
+
+def _list(directory: Location) -> dict[str, pafs.FileInfo]:
+    """A directory's entries by name, each with its type and (for files) mtime: one request."""
+    try:
+        found = directory.fs.get_file_info(pafs.FileSelector(directory.path))
+    except FileNotFoundError:  # removed since its parent was listed
+        return {}
+    except (OSError, pa.ArrowException) as e:
+        raise StorageError(directory.uri, " ".join(str(e).split())) from None
+    return {info.base_name: info for info in found}
+
+
+def _read_json(location: Location) -> dict[str, Any]:
+    """A JSON object file's contents; {} when it is missing or not a JSON object (a run's files
+    are the driver's to get right; a listing shows what it can)."""
+    try:
+        value = json.loads(location.read_text())
+    except (FileNotFoundError, UnicodeDecodeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _read_rows(location: Location) -> list[dict[str, str]]:
+    try:
+        text = location.read_text()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return []
+    complete = text[: text.rfind("\n") + 1]  # the writer may be mid-row
+    return list(csv.DictReader(io.StringIO(complete)))
+
+
+def _status(record: dict[str, Any], summary: dict[str, Any]) -> str:
+    status = record.get("status")
+    if status == "running" and record.get("host") == socket.gethostname():
+        pid = record.get("pid")
+        if isinstance(pid, int) and not is_alive(pid):
+            return "interrupted"
+    if isinstance(status, str) and status:
+        return status
+    if not summary:
+        return "unknown"
+    if summary.get("stopped_early"):
+        return "stopped early"
+    return "stopped" if summary.get("stop_reason") == "interrupted" else "finished"
+
+
+def _best(
+    config: dict[str, Any], snapshot: dict[str, Any], rows: list[dict[str, str]]
+) -> tuple[str | None, float | None]:
+    """The best value of checkpoint.metric (train_loss where no value of it was logged, as
+    with no data.val): among the checkpoints Ray Train kept, which hold the best one, else
+    among metrics.csv's rows."""
+    metric = (config.get("checkpoint") or {}).get("metric") or "val_loss"
+    kept = [r.get("metrics") or {} for r in snapshot.get("checkpoint_results") or []]
+    for name in dict.fromkeys((metric, "train_loss")):
+        pick = max if name == "val_accuracy" else min
+        for source in (kept, rows):
+            values = [v for v in (_number(m.get(name)) for m in source) if v is not None]
+            if values:
+                return name, pick(values)
+    return None, None
+
+
+def latest_checkpoint(
+    run_dir: Location,
+    entries: dict[str, pafs.FileInfo] | None = None,
+    snapshot: dict[str, Any] | None = None,
+) -> tuple[Location | None, int | None]:
+    """The newest complete checkpoint of a run and its step: the one Ray Train registered last
+    (a checkpoint still uploading is not registered yet), else, for a run without Ray's
+    record, the newest checkpoint_* directory holding model.pt and state.pt (Ray names them
+    by time). `entries` and `snapshot`: the run directory's listing and Ray's record, when
+    the caller has them already."""
+    if entries is None:
+        entries = _list(run_dir)
+    if snapshot is None:
+        snapshot = _read_json(run_dir / SNAPSHOT_FILE) if SNAPSHOT_FILE in entries else {}
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    if latest.get("checkpoint_dir_name"):
+        step = _number((latest.get("metrics") or {}).get("step"))
+        return run_dir / latest["checkpoint_dir_name"], None if step is None else int(step)
+    if snapshot:
+        return None, None
+    names = sorted(
+        (
+            n
+            for n, i in entries.items()
+            if n.startswith("checkpoint_") and i.type == pafs.FileType.Directory
+        ),
+        reverse=True,
+    )
+    for name in names:
+        if {"model.pt", "state.pt"} <= set(_list(run_dir / name)):
+            return run_dir / name, None
+    return None, None
+
+
+def _wall(
+    status: str, record: dict[str, Any], summary: dict[str, Any], updated: float | None
+) -> float | None:
+    """summary.json's wall_s for a run that ended with one; else from its start to its last
+    write (the current attempt, for a resumed run)."""
+    wall = _number(summary.get("wall_s"))
+    if wall is not None and status in ("finished", "stopped early", "stopped"):
+        return wall
+    started = _number(record.get("started"))
+    if started is not None and updated is not None:
+        return max(0.0, updated - started)
+    return wall
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from JSON or CSV text; None for empty, null or not a number."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number == number and abs(number) != float("inf") else None
