@@ -28,6 +28,7 @@ import raymb  # noqa: E402
 from raymb.cli import add_config_arguments  # noqa: E402
 from raymb.config import RunSection, to_toml  # noqa: E402
 from raymb.progress import format_summary  # noqa: E402
+from raymb.storage import is_uri  # noqa: E402
 
 PROG = "jobs/train.py"
 USAGE_ERROR = 2  # config and data mistakes, as argparse and the raymb CLI
@@ -78,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
         "latest checkpoint.",
         epilog="Paths in the config are read on the cluster: a relative path starts in Ray's "
         "copy of --working-dir, which leaves out what .gitignore lists (data/, runs/). Give "
-        "data (or a URI) and run.storage_path as absolute paths every node can read, on a "
-        "shared filesystem. Exit status: 0 done, 1 training failed, 2 bad config or "
+        "data and run.storage_path as URIs of a bucket (s3://...) or as absolute paths on a "
+        "filesystem every node shares. Exit status: 0 done, 1 training failed, 2 bad config or "
         "data, 130 interrupted.",
     )
     add_config_arguments(parser, required=True)
@@ -108,12 +109,14 @@ def _load(args: argparse.Namespace) -> raymb.Config:
 
 
 def _check_storage(path: str) -> None:
-    """The run directory must outlive the job and be the same for every node and submission."""
-    if not os.path.isabs(os.path.expanduser(path)):
+    """The run directory must outlive the job and be the same for every node and submission:
+    an absolute path (on a filesystem every node shares) or an object-store URI."""
+    if not is_uri(path) and not os.path.isabs(os.path.expanduser(path)):
         raise raymb.ConfigError(
             f"run.storage_path={path!r} is relative: in a Ray job the run would land in Ray's "
             "temporary copy of --working-dir and could not be resumed; set "
-            "--set run.storage_path=DIR, an absolute DIR on a filesystem every node shares"
+            "--set run.storage_path=DIR, an absolute DIR on a filesystem every node shares, or "
+            "a bucket URI (s3://BUCKET/runs)"
         )
 
 

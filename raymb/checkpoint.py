@@ -8,6 +8,7 @@ config its checkpoints cannot load is refused before anything starts.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from raymb import storage
 from raymb.errors import CheckpointError, ConfigError
+from raymb.storage import Location
 
 if TYPE_CHECKING:
     from raymb.columns import Inputs
@@ -45,20 +48,22 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     _fsync_dir(path.parent)
 
 
-def read(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file; a missing, truncated or foreign file is a CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    with open(path, "rb") as f:
-        head = f.read(len(_ZIP_MAGIC))
+def read(path: str | Path | Location) -> dict[str, Any]:
+    """Load a checkpoint file (a local path or a URI); a missing, truncated or foreign file is
+    a CheckpointError."""
+    location = path if isinstance(path, Location) else storage.resolve(path, what="checkpoint")
+    try:
+        data = location.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file not found") from None
+    head = data[: len(_ZIP_MAGIC)]
     if head != _ZIP_MAGIC:
         what = "an empty file" if not head else "not a torch checkpoint file"
         raise CheckpointError(f"{path}: {what}, not a raymb checkpoint")
     try:
         with warnings.catch_warnings():  # torch's pickle-protocol notes are not for users
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         if isinstance(e, pickle.UnpicklingError):
             reason = "it holds Python objects that weights_only loading refuses"
@@ -109,9 +114,12 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     from raymb.config import Config
     from raymb.models import build_model
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
+    if storage.resolve(path, what="--checkpoint").is_dir():
+        path = (
+            f"{str(path).rstrip('/')}/{MODEL_FILE}"
+            if storage.is_uri(path)
+            else Path(path) / MODEL_FILE
+        )
     payload = read(path)
     missing = [
         k for k in ("config", "in_features", "out_features", "state_dict") if k not in payload
@@ -172,24 +180,26 @@ def check_compatible(saved_config: dict, config: Config, path: str | Path) -> No
     )
 
 
-def claim_run(run_dir: Path, config: Config) -> None:
-    """Record the config a run starts with in run.json, or check a resumed run against it."""
-    path = Path(run_dir) / RUN_FILE
-    if path.exists():
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: not a readable raymb run record ({e})") from None
-        if not isinstance(record, dict) or record.get("format") != "raymb":
-            raise CheckpointError(f"{path}: not a raymb run record")
-        check_compatible(record.get("config"), config, path)
-        return
-    tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
+def claim_run(run_dir: Path | Location, config: Config) -> None:
+    """Record the config a run starts with in run.json, or check a resumed run against it.
+    The run directory may be local or in an object store; it is made when missing."""
+    if not isinstance(run_dir, Location):
+        run_dir = storage.resolve(run_dir)
+    path = run_dir / RUN_FILE
     try:
-        tmp.write_text(json.dumps({"format": "raymb", "config": config.to_dict()}, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        text = path.read_text()
+    except FileNotFoundError:
+        path.write_text(json.dumps({"format": "raymb", "config": config.to_dict()}, indent=2))
+        return
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable raymb run record ({e})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not a readable raymb run record ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != "raymb":
+        raise CheckpointError(f"{path}: not a raymb run record")
+    check_compatible(record.get("config"), config, path)
 
 
 # Keys besides the model's that a run's checkpoints depend on: the columns decide the

@@ -1,4 +1,5 @@
-"""The `raymb` command line: train, gen-data, prepare, eval, predict, plot."""
+"""The `raymb` command line: train, gen-data, prepare, eval, predict, sample, export, runs,
+plot."""
 
 from __future__ import annotations
 
@@ -183,6 +184,59 @@ def _parser() -> argparse.ArgumentParser:
     )
     sm.set_defaults(func=_sample)
 
+    ex = sub.add_parser(
+        "export",
+        help="write a saved model as safetensors, ONNX or TorchScript",
+        description="Write the model of --checkpoint to --out: safetensors (the weights, with "
+        "the config and inputs spec in its metadata), onnx or torchscript (traced in eval "
+        "mode; input: what the model takes after normalisation, float rows or images, or "
+        "int64 token ids, with a free batch axis). The written file is read back and run "
+        "against the torch model on a few synthetic rows, and written under a temporary name, "
+        "then renamed. onnx needs onnx and onnxruntime, safetensors the safetensors package: "
+        "pip install 'raymb[export]'. Runs in this process, without Ray.",
+    )
+    ex.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a checkpoint directory or its model.pt (summary.json's checkpoint)",
+    )
+    ex.add_argument(
+        "--format",
+        required=True,
+        choices=("safetensors", "onnx", "torchscript"),
+        help="the file format to write",
+    )
+    ex.add_argument("--out", required=True, metavar="FILE", help="output file")
+    ex.set_defaults(func=_export)
+
+    rn = sub.add_parser(
+        "runs",
+        help="list the runs under a storage path: status, steps, best metric, checkpoint",
+        description="Print one line per run directory under STORAGE_PATH (a local folder or "
+        "an object-store URI such as s3://bucket/runs): its name; status (running, finished, "
+        "stopped early, stopped, failed; interrupted: marked running, but its driver on this "
+        "machine is gone; unknown: an older run without a summary); steps; the best value of "
+        "checkpoint.metric; the newest complete checkpoint; wall time; and when the run was "
+        "last written to, in local time. The most recently updated run comes last, as with "
+        "ls -tr. Reads only the run directories' files: no Ray, no torch.",
+    )
+    rn.add_argument(
+        "storage_path",
+        nargs="?",
+        metavar="STORAGE_PATH",
+        help="where the run directories are (default: run.storage_path of --config and --set, "
+        "else 'runs'); a run directory itself lists that run",
+    )
+    add_config_arguments(rn, print_config=False)  # its run.storage_path and [storage]
+    rn.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per run instead (name, location, status, steps, metric, "
+        "best, checkpoint, checkpoint_step, wall_s, updated as unix time, host, pid, error)",
+    )
+    rn.set_defaults(func=_runs)
+
     pl = sub.add_parser(
         "plot",
         help="overlay the loss and throughput of runs in one figure (needs matplotlib)",
@@ -196,6 +250,17 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default="runs.png", metavar="FILE", help="output PNG file (default runs.png)"
     )
     pl.set_defaults(func=_plot)
+
+    cs = sub.add_parser(
+        "config-schema",
+        help="print the JSON Schema of a config file, for editors that check TOML",
+        description="Print the JSON Schema of raymb's TOML config: every section and key, "
+        "its type, bounds, default and description; unknown keys are errors. Save it "
+        "(raymb config-schema > raymb.schema.json) and start a config file with the line "
+        "'#:schema ./raymb.schema.json' (the path relative to the config): an editor with a "
+        "TOML language server (Taplo, Even Better TOML) then checks the file as you type.",
+    )
+    cs.set_defaults(func=_config_schema)
     return parser
 
 
@@ -312,7 +377,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, *, required: bool = False, print_config: bool = True
+) -> None:
     """--config, --set and --print-config: how raymb train and jobs/train.py take a config."""
     parser.add_argument(
         "--config",
@@ -329,6 +396,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = Fa
         help="override one config key, e.g. --set train.epochs=5 (repeatable; the value "
         "is read as TOML, or as a string if it is not valid TOML)",
     )
+    if not print_config:
+        return
     parser.add_argument(
         "--print-config",
         action="store_true",
@@ -499,11 +568,46 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from raymb.export import export, format_size
+
+    written = export(args.checkpoint, args.format, args.out)
+    print(
+        f"raymb: wrote {written['out']} ({written['format']}, {format_size(written['bytes'])}; "
+        f"max abs difference vs torch {written['max_abs_diff']:.2g} on {written['rows']} rows)"
+    )
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from raymb import runs, storage
+
+    config = load_config(args.config, args.overrides)
+    storage.configure(config.storage)
+    root = storage.resolve(args.storage_path or config.run.storage_path, what="STORAGE_PATH")
+    found = runs.find_runs(root)
+    if not found:
+        print(f"raymb: no runs in {root}", file=sys.stderr if args.json else sys.stdout)
+    elif args.json:
+        for run in found:
+            print(json.dumps(run.to_json()))
+    else:
+        print(runs.format_table(found))
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from raymb.plot import plot_runs
 
     out = plot_runs(args.run_dirs, args.out)
     print(f"raymb: wrote {out}")
+    return 0
+
+
+def _config_schema(args: argparse.Namespace) -> int:
+    from raymb.config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
     return 0
 
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,15 +17,18 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raymb import plot, progress
-from raymb.checkpoint import claim_run
+from raymb import plot, progress, storage
+from raymb.checkpoint import MODEL_FILE, claim_run
 from raymb.columns import Inputs, column_names
 from raymb.config import Config
 from raymb.data.manifest import find_manifest
-from raymb.errors import ConfigError, DataError, RaymbError
+from raymb.errors import ConfigError, DataError, RaymbError, StorageError
 from raymb.loop import train_loop
 from raymb.plan import Plan
+from raymb.runs import latest_checkpoint, mark
 from raymb.schema import DatasetInfo, check_dataset, describe_shape
+from raymb.storage import Location
+from raymb.tracking import Tracker, mlflow_target
 from raymb.worker import POLL_ENV, POLL_S
 
 CACHE_SHARE = 0.25
@@ -37,9 +38,10 @@ and of the memory Ray may use."""
 
 @dataclass(frozen=True)
 class Result:
-    """What a finished run leaves: its directory and the contents of summary.json."""
+    """What a finished run leaves: its directory (local or in an object store) and the
+    contents of summary.json."""
 
-    run_dir: Path
+    run_dir: Location
     summary: dict[str, Any]
 
     @property
@@ -49,6 +51,8 @@ class Result:
 
 def prepare(config: Config) -> tuple[Plan, Any, Any]:
     """Check the data against the config; nothing is started or written."""
+    storage.configure(config.storage)  # the endpoint of s3:// data and runs
+    mlflow_target(config.log.mlflow_uri)  # asked for, and installed
     data = config.data
     label = data.label_column
     # The feature values are checked by the workers' first read (raymb.feed).
@@ -183,12 +187,12 @@ def connect(config: Config, address: str | None) -> float:
 def train(config: Config, *, address: str | None = None) -> Result:
     """Train as configured and return the run's summary (also written to summary.json)."""
     plan, train_info, val_info = prepare(config)
-    storage = str(Path(config.run.storage_path).expanduser().resolve())
-    run_dir = Path(storage) / config.run.name
+    run_dir = run_location(config)
     fresh = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
     claim_run(run_dir, config)  # a resumed run must fit its checkpoints
     cpus = connect(config, address)
+    mark(run_dir, "running")
+    tracker = start_tracking(config, run_dir, resumed=not fresh)
     cached = use_cache(config, [train_info, val_info])
     print(
         f"raymb: data.train: {train_info.num_rows} rows, "
@@ -201,31 +205,75 @@ def train(config: Config, *, address: str | None = None) -> Result:
         "tokenizer": tokenizer_spec(config),
         "train": data_spec(train_info, config, cached),
         "val": data_spec(val_info, config, cached, "data.val") if val_info else None,
-        "run_dir": str(run_dir),
+        "run_dir": run_dir,
     }
     trainer = make_trainer(config, train_loop, loop_config, cpus, run_dir)
     started = time.perf_counter()
     try:
-        with progress.watch(run_dir / "metrics.csv", plan.total_steps):
+        with progress.watch(run_dir / "metrics.csv", plan.total_steps, on_rows=tracker.log_rows):
             result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        latest = latest_checkpoint(run_dir)
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        tracker.finish(summary=None, status=status, files={})
+        if not isinstance(e, ray.train.TrainingFailedError):
+            raise
+        latest, _ = latest_checkpoint(run_dir)
         bad_data = _data_error(e)
         if bad_data is not None:  # found by the workers' first read: nothing to keep
             if fresh and latest is None:
-                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir.remove()
+            else:
+                mark_failed(run_dir, bad_data)
             raise DataError(bad_data) from None
         kept = (
             f"latest checkpoint: {latest} (run again with run.name={config.run.name!r} to resume)"
             if latest
             else "no checkpoint was written"
         )
+        mark_failed(run_dir, _first_line(e))
         raise RaymbError(f"training failed: {_first_line(e)} ({kept})") from e
     wall = time.perf_counter() - started
-    summary = _summary(result, wall, config)
+    summary = _summary(result, wall, config, run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot.write_run_plot(run_dir)
+    finish_tracking(tracker, summary, run_dir)
+    mark(run_dir, "stopped early" if summary["stopped_early"] else "finished")
     return Result(run_dir=run_dir, summary=summary)
+
+
+def start_tracking(config: Config, run_dir: Location, *, resumed: bool) -> Tracker:
+    """TensorBoard and MLflow, as [log] asks (maybe neither)."""
+    return Tracker.start(
+        run_dir=run_dir,
+        run_name=config.run.name,
+        config=config.to_dict(),
+        tensorboard=config.log.tensorboard,
+        mlflow_uri=config.log.mlflow_uri,
+        mlflow_experiment=config.log.mlflow_experiment,
+        resumed=resumed,
+    )
+
+
+def finish_tracking(tracker: Tracker, summary: dict[str, Any], run_dir: Location) -> None:
+    """End the tracked run with summary.json and the best model as artifacts."""
+    files = {"summary.json": run_dir / "summary.json"}
+    if summary.get("best_checkpoint"):
+        files[MODEL_FILE] = storage.resolve(summary["best_checkpoint"])
+    tracker.finish(summary=summary, status="FINISHED", files=files)
+
+
+def mark_failed(run_dir: Location, error: str) -> None:
+    """status.json says failed, unless the store is what failed: the error at hand is the news."""
+    try:
+        mark(run_dir, "failed", error=error)
+    except StorageError:
+        pass
+
+
+def run_location(config: Config) -> Location:
+    """<run.storage_path>/<run.name>: a local directory or a prefix in an object store."""
+    root = storage.resolve(config.run.storage_path, what="run.storage_path")
+    return root / config.run.name
 
 
 def tokenizer_spec(config: Config) -> dict | None:
@@ -292,8 +340,9 @@ def _step_rows(config: Config, info: DatasetInfo) -> int:
     return info.num_rows if G == "all" else G
 
 
-def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: Path):
-    """The TorchTrainer of a run: its workers, storage, failures, checkpoints."""
+def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: Location):
+    """The TorchTrainer of a run: its workers, storage, failures, checkpoints. Each worker
+    writes its checkpoint files straight to run_dir's filesystem (Ray Train's upload)."""
     # Ray passes the setting on to the controller that fit() starts.
     os.environ.setdefault(POLL_ENV, str(POLL_S))
     return TorchTrainer(
@@ -310,7 +359,8 @@ def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: 
         ),
         run_config=ray.train.RunConfig(
             name=config.run.name,
-            storage_path=str(run_dir.parent),
+            storage_path=run_dir.parent.path,
+            storage_filesystem=None if run_dir.local else run_dir.fs,
             failure_config=ray.train.FailureConfig(max_failures=config.scale.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.checkpoint.keep,
@@ -321,28 +371,23 @@ def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: 
     )
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint directory of a run (Ray names them by time)."""
-    done = [d for d in run_dir.glob("checkpoint_*") if (d / "state.pt").is_file()]
-    return max(done, key=lambda d: d.name) if done else None
-
-
-def _best_checkpoint(result, config: Config) -> str | None:
+def _best_checkpoint(result, config: Config, run_dir: Location) -> str | None:
     scored = [
-        (m[config.checkpoint.metric], c.path)
+        (m[config.checkpoint.metric], run_dir.on_same(c.path))
         for c, m in (result.best_checkpoints or [])
         if m.get(config.checkpoint.metric) is not None
     ]
     if not scored:
         return None
     pick = min if config.checkpoint.mode == "min" else max
-    return pick(scored)[1] + "/model.pt"
+    return f"{pick(scored)[1]}/{MODEL_FILE}"
 
 
-def _summary(result, wall_s: float, config: Config) -> dict[str, Any]:
+def _summary(result, wall_s: float, config: Config, run_dir: Location) -> dict[str, Any]:
+    """summary.json: the last metrics, and the checkpoints as paths or URIs to give eval."""
     m = result.metrics or {}
-    final = result.checkpoint.path + "/model.pt" if result.checkpoint else None
-    best = _best_checkpoint(result, config) or final
+    final = f"{run_dir.on_same(result.checkpoint.path)}/{MODEL_FILE}" if result.checkpoint else None
+    best = _best_checkpoint(result, config, run_dir) or final
     stopped_early = bool(m.get("stopped_early"))
     return {
         "train_loss": m.get("train_loss"),
@@ -359,6 +404,7 @@ def _summary(result, wall_s: float, config: Config) -> dict[str, Any]:
         "bytes_allreduced": m.get("bytes_allreduced", 0),
         "skipped_steps": m.get("skipped_steps", 0),
         "workers": m.get("workers"),
+        "nodes": m.get("nodes"),
         "stopped_early": stopped_early,
     }
 

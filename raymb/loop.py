@@ -19,13 +19,14 @@ from raymb.columns import Inputs
 from raymb.config import Config
 from raymb.feed import train_source, val_batches
 from raymb.plan import Plan
+from raymb.storage import Location
 from raymb.worker import Progress, Shape, Worker, fault_wait_s
 
 
 def train_loop(payload: dict) -> None:
     config = Config.from_dict(payload["config"])
     plan = Plan(**payload["plan"])
-    run_dir = Path(payload["run_dir"])
+    run_dir = payload["run_dir"]
     faults = Faults(config, run_dir)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -81,7 +82,7 @@ class Faults:
     checkpoint if Ray Train's controller had not taken its report yet; the run then resumes,
     just as exactly, from the one before."""
 
-    def __init__(self, config: Config, run_dir: Path) -> None:
+    def __init__(self, config: Config, run_dir: Location) -> None:
         self.config, self.run_dir = config.fault, run_dir
 
     def before_step(self, step: int, rank: int, microbatches: list) -> None:
@@ -98,8 +99,14 @@ class Faults:
             microbatches[0] = (x * float("nan"), y)
 
     def _first(self, name: str) -> bool:
+        marker = self.run_dir / f".fault-{name}"
+        if not marker.local:  # one rank fires a fault: no race to lose
+            if marker.exists():
+                return False
+            marker.write_bytes(b"")
+            return True
         try:
-            (self.run_dir / f".fault-{name}").touch(exist_ok=False)
+            Path(marker).touch(exist_ok=False)
             return True
         except FileExistsError:
             return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from raymb import storage
+from raymb.storage import Location
 
 COLUMNS = (
     "step",
@@ -37,6 +41,8 @@ COLUMNS = (
 )
 FLUSH_S = 1.0
 """About how often the workers gather their entries into rows."""
+UPLOAD_S = 5.0
+"""At most how often rank 0 uploads metrics.csv to an object store between checkpoints."""
 
 
 @dataclass
@@ -57,7 +63,7 @@ class Entry:
 class Ledger:
     """Entries since the last gather, and the window of steps the next row sums up."""
 
-    def __init__(self, csv_path: Path | None, world: int, device: torch.device) -> None:
+    def __init__(self, csv_path: Path | Location | None, world: int, device: torch.device) -> None:
         self.csv = MetricsCsv(csv_path) if csv_path is not None else None
         self.world, self.device = world, device
         self.entries: list[Entry] = []
@@ -137,10 +143,25 @@ class Ledger:
 
 class MetricsCsv:
     """Appends rows to metrics.csv; `truncate_after` drops the rows of steps a resumed run
-    will train again, so the file holds each step once."""
+    will train again, so the file holds each step once.
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    In an object store (which cannot append) the rows go to a local copy, and the whole file
+    is uploaded at most every UPLOAD_S seconds and at each `flush` (before a checkpoint's
+    report), so what a resumed run downloads holds every row up to its checkpoint."""
+
+    def __init__(self, target: Path | Location) -> None:
+        if not isinstance(target, Location):
+            target = storage.resolve(target)
+        self.target = target
+        self.uploaded = -math.inf
+        if target.local:
+            self.path = Path(target.path)
+            return
+        self.path = Path(tempfile.mkdtemp(prefix="raymb-metrics-")) / target.name
+        try:
+            self.path.write_bytes(target.read_bytes())
+        except FileNotFoundError:
+            pass
 
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -153,6 +174,7 @@ class MetricsCsv:
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, self.path)
+        self.flush()
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         new = not self.path.exists()
@@ -162,6 +184,15 @@ class MetricsCsv:
                 writer.writeheader()
             for row in rows:
                 writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
+        if time.monotonic() - self.uploaded >= UPLOAD_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Upload the local copy (object stores only)."""
+        if self.target.local or not self.path.exists():
+            return
+        self.target.write_bytes(self.path.read_bytes())
+        self.uploaded = time.monotonic()
 
 
 def _t(value: float, ledger: Ledger) -> torch.Tensor:

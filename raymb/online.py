@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 import threading
@@ -49,6 +48,7 @@ import ray.train.torch
 import torch.distributed as dist
 
 from raymb import checkpoint as ckpt
+from raymb import storage
 from raymb.columns import Inputs, column_names, table_to_tensors
 from raymb.config import CheckpointSection, Config, DataSection
 from raymb.driver import (
@@ -57,13 +57,16 @@ from raymb.driver import (
     _summary,
     connect,
     data_spec,
-    latest_checkpoint,
     make_trainer,
+    mark_failed,
+    run_location,
 )
-from raymb.errors import ConfigError, DataError, RaymbError
+from raymb.errors import ConfigError, DataError, RaymbError, StorageError
 from raymb.feed import val_batches
 from raymb.order import rank_rows
+from raymb.runs import latest_checkpoint, mark
 from raymb.schema import PARQUET_SUFFIX, DatasetInfo, check_dataset
+from raymb.storage import Location
 from raymb.worker import Shape, Worker
 
 STOP_FILE = "STOP"
@@ -74,19 +77,16 @@ STOP_FILE = "STOP"
 
 
 def open_directory(directory: str | Path) -> tuple[pafs.FileSystem, str]:
-    """DIR as (filesystem, path on it): a local path or any URI pyarrow understands."""
+    """DIR as (filesystem, path on it): a local path or any URI raymb.storage resolves."""
     text = str(directory)
     try:
-        if "://" in text:
-            fs, root = pafs.FileSystem.from_uri(text)
-        else:
-            fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
-        is_dir = fs.get_file_info(root).type == pafs.FileType.Directory
-    except (OSError, ValueError) as e:
-        raise DataError(f"--follow {text}: cannot open ({' '.join(str(e).split())})") from None
+        location = storage.resolve(text, what="--follow")
+        is_dir = location.is_dir()
+    except StorageError as e:
+        raise DataError(str(e)) from None
     if not is_dir:
         raise DataError(f"--follow {text}: not a directory")
-    return fs, root
+    return location.fs, location.path
 
 
 def next_file(
@@ -144,7 +144,7 @@ def follow_loop(payload: dict) -> None:
     inputs = Inputs.from_dict(dims["inputs"])
     shape = Shape(inputs, dims["out_features"])
     # constant or step schedules only: they need no total
-    worker = Worker(config, shape, Path(payload["run_dir"]), mode="follow", total_steps=1, val=val)
+    worker = Worker(config, shape, payload["run_dir"], mode="follow", total_steps=1, val=val)
     progress, device = worker.progress, worker.device
     if worker.resumed and rank == 0:
         print(f"raymb: resumed at step {progress.step}, {len(progress.files)} files in")
@@ -200,7 +200,7 @@ def follow_loop(payload: dict) -> None:
 
 def _decide(payload, fs, root, consumed, warned, idle_since, dims, config) -> dict:
     """Rank 0: what every worker does next."""
-    if os.path.exists(payload["stop_file"]):
+    if payload["stop_file"].exists():
         return {"do": "stop"}
     found = next_file(fs, root, consumed, warned)
     if found is not None:
@@ -262,6 +262,7 @@ def follow(
     """
     config = _without_demo_val(config)
     _check_config(config, idle_timeout)
+    storage.configure(config.storage)
     fs, root = open_directory(directory)
     location = root if "://" not in str(directory) else str(directory)
     val_info = None
@@ -277,22 +278,21 @@ def follow(
     if val_info is not None:
         _check_fits(val_info, dims, what="data.val")
 
-    storage = str(Path(config.run.storage_path).expanduser().resolve())
-    run_dir = Path(storage) / config.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_location(config)
     ckpt.claim_run(run_dir, config)  # a resumed run must fit its checkpoints
     cpus = connect(config, address)
     stop_file = run_dir / STOP_FILE
-    stop_file.unlink(missing_ok=True)  # left by an earlier run
+    stop_file.remove()  # left by an earlier run
+    mark(run_dir, "running")
     loop_config = {
         "config": config.to_dict(),
         "dims": dims,
-        "run_dir": str(run_dir),
+        "run_dir": run_dir,
         "val": data_spec(val_info, config, True, "data.val") if val_info else None,
         "directory": location,
         "idle_timeout": float(idle_timeout),
         "poll_s": min(0.5, max(0.05, idle_timeout / 10)),
-        "stop_file": str(stop_file),
+        "stop_file": stop_file,
     }
     trainer = make_trainer(config, follow_loop, loop_config, cpus, run_dir)
     started = time.perf_counter()
@@ -300,16 +300,18 @@ def follow(
         result = _fit_stopping_on_sigint(trainer, stop_file)
         stopped = stop_file.exists()
     except ray.train.TrainingFailedError as e:
-        latest = latest_checkpoint(run_dir)
+        latest, _ = latest_checkpoint(run_dir)
         kept = f"latest checkpoint: {latest}" if latest else "no checkpoint was written"
+        mark_failed(run_dir, _first_line(e))
         raise RaymbError(f"training failed: {_first_line(e)} ({kept})") from e
     finally:
-        stop_file.unlink(missing_ok=True)
-    summary = _summary(result, time.perf_counter() - started, config)
+        stop_file.remove()
+    summary = _summary(result, time.perf_counter() - started, config, run_dir)
     metrics = result.metrics or {}
     summary["files_consumed"] = metrics.get("epoch", 0)  # the epochs of --follow are files
     summary["stop_reason"] = "interrupted" if stopped else "idle"
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    mark(run_dir, "stopped" if stopped else "finished")
     return Result(run_dir=run_dir, summary=summary)
 
 
@@ -384,7 +386,7 @@ def _dims(config: Config, info: DatasetInfo, name: str) -> dict[str, Any]:
     return dims
 
 
-def _fit_stopping_on_sigint(trainer, stop_file: Path):
+def _fit_stopping_on_sigint(trainer, stop_file: Location):
     """fit(); the first SIGINT asks the workers to stop after the file in hand.
 
     fit() runs in a thread: on the main thread Ray Train installs its own SIGINT handler,
@@ -407,7 +409,7 @@ def _fit_stopping_on_sigint(trainer, stop_file: Path):
         interrupts += 1
         if interrupts > 1:
             raise KeyboardInterrupt
-        stop_file.touch()
+        stop_file.write_bytes(b"")
         print(
             "raymb: stopping after the file in hand, then checkpointing "
             "(Ctrl-C again to abandon it)",

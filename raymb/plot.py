@@ -10,12 +10,14 @@ from __future__ import annotations
 import csv
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raymb.errors import RaymbError
+from raymb.storage import Location
 
 PLOT_FILE = "loss.png"
 METRICS_FILE = "metrics.csv"
@@ -66,9 +68,22 @@ def read_metrics(run_dir: str | Path, label: str | None = None) -> Series:
     return series
 
 
-def write_run_plot(run_dir: str | Path) -> Path | None:
-    """Write run_dir/loss.png from its metrics.csv; None without matplotlib or metrics."""
+def write_run_plot(run_dir: str | Path | Location) -> Path | None:
+    """Write run_dir/loss.png from its metrics.csv; None without matplotlib or metrics. A run
+    in an object store is drawn from a local copy and the picture uploaded."""
     if not have_matplotlib():
+        return None
+    if isinstance(run_dir, Location) and not run_dir.local:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / run_dir.name
+            local.mkdir()
+            try:
+                (local / METRICS_FILE).write_bytes((run_dir / METRICS_FILE).read_bytes())
+            except FileNotFoundError:
+                return None
+            drawn = write_run_plot(local)
+            if drawn is not None:
+                (run_dir / PLOT_FILE).write_bytes(drawn.read_bytes())
         return None
     run_dir = Path(run_dir)
     try:

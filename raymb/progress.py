@@ -17,11 +17,14 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from raymb.errors import RaymbError
+from raymb.storage import Location
 
 BAR_WIDTH = 20
 
@@ -78,6 +81,32 @@ class Tail:
             self.header = next(csv.reader([lines[0]]))
             lines = lines[1:]
         rows = [dict(zip(self.header, values)) for values in csv.reader(lines) if values]
+        return rows, restarted
+
+
+class RemoteTail:
+    """Tail's contract for a metrics.csv in an object store, which rank 0 rewrites whole (an
+    object cannot be appended to): the rows past those already seen, or all of them when the
+    file no longer starts with what was seen (a resume truncated it)."""
+
+    def __init__(self, location: Location) -> None:
+        self.location = location
+        self.seen = ""
+
+    def read(self) -> tuple[list[dict[str, str]], bool]:
+        try:
+            text = self.location.read_text()
+        except FileNotFoundError:
+            return [], False
+        text = text[: text.rfind("\n") + 1]  # whole rows only
+        restarted = not text.startswith(self.seen)
+        old = 0 if restarted else self.seen.count("\n")  # lines read before, header included
+        self.seen = text
+        lines = text.splitlines()
+        if not lines:
+            return [], restarted
+        header = next(csv.reader(lines[:1]))
+        rows = [dict(zip(header, v)) for v in csv.reader(lines[max(old, 1) :]) if v]
         return rows, restarted
 
 
@@ -174,34 +203,42 @@ class Display:
 
 @contextmanager
 def watch(
-    metrics_csv: Path,
+    metrics_csv: Path | Location,
     total_steps: int | None,
     stream: TextIO | None = None,
     *,
-    interval: float = 0.5,
+    interval: float | None = None,
     line_every: float = 10.0,
+    on_rows: Callable[[list[dict[str, str]]], None] | None = None,
 ) -> Iterator[None]:
     """Show the progress of the run writing `metrics_csv` while the body runs.
 
     `total_steps` gives the bar and the ETA (None when unknown, as for online training).
     Rows already in the file when the body starts (a resumed run) count as progress.
+    `on_rows` gets each batch of new rows too (experiment tracking), on the watching thread.
     """
     stream = sys.stderr if stream is None else stream
     display = Display(stream, total_steps, line_every=line_every, tty=_isatty(stream))
-    tail = Tail(Path(metrics_csv))
+    remote = isinstance(metrics_csv, Location) and not metrics_csv.local
+    tail = RemoteTail(metrics_csv) if remote else Tail(Path(metrics_csv))
+    if interval is None:
+        interval = 2.0 if remote else 0.5  # a read of an object store is a request
     stop = threading.Event()
     lock = threading.Lock()  # the final update must not interleave with the thread's last
 
     def update(final: bool = False) -> None:
         with lock:
-            display.add(*tail.read())
+            rows, restarted = tail.read()
+            display.add(rows, restarted)
             display.tick(final=final)
+            if rows and on_rows is not None:
+                on_rows(rows)
 
     def run() -> None:
         while not stop.wait(interval):
             try:
                 update()
-            except (OSError, ValueError):  # a closed stream, an odd row: progress is optional
+            except (OSError, ValueError, RaymbError):  # a closed stream, an odd row: optional
                 pass
 
     thread = threading.Thread(target=run, name="raymb-progress", daemon=True)
@@ -213,7 +250,7 @@ def watch(
         thread.join(timeout=5)
         try:
             update(final=True)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RaymbError):
             pass
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raymb import storage
 from raymb.columns import ShapeError, feature_shape, flat_values
-from raymb.errors import ConfigError, DataError
+from raymb.errors import ConfigError, DataError, StorageError
 
 PARQUET_SUFFIX = ".parquet"
 _GLOB_CHARS = frozenset("*?[")
@@ -50,16 +50,16 @@ class DatasetInfo:
 
 def resolve_files(path: str, *, what: str = "data.train") -> tuple[list[str], pafs.FileSystem]:
     """Expand a file, directory, glob or URI into sorted parquet file paths and their filesystem."""
-    if "://" in path:
-        try:
-            fs, root = pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-            raise DataError(f"{what}: cannot open {path}: {_one_line(e)}") from None
-    else:
-        # Absolute paths keep working when Ray workers run in another directory.
-        fs, root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    # Local paths are made absolute: Ray workers run in another directory.
+    try:
+        location = storage.resolve(path, what=what)
+        fs, root = location.fs, location.path
+        info = fs.get_file_info(root)
+    except StorageError as e:
+        raise DataError(f"{what}: cannot open {path}: {e.reason}") from None
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{what}: cannot open {path}: {_one_line(e)}") from None
 
-    info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound and _GLOB_CHARS & set(root):
         candidates = _glob(fs, root)
         if not candidates:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -31,6 +32,7 @@ from raymb.metrics import Entry, Ledger
 from raymb.models import build_model
 from raymb.optim import build_optimizer, build_scheduler
 from raymb.step import train_step
+from raymb.storage import Location
 from raymb.sync import build_sync
 
 POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 0.2
@@ -85,7 +87,7 @@ class Worker:
         self,
         config: Config,
         shape: Shape,
-        run_dir: Path,
+        run_dir: Location,
         *,
         mode: str,
         total_steps: int,
@@ -95,6 +97,7 @@ class Worker:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = device = ray.train.torch.get_device()
+        self.nodes = _count_nodes(self.world)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.train.seed)
@@ -205,10 +208,13 @@ class Worker:
             "train_seconds": progress.train_seconds,
             "resumed_from_steps": list(progress.resumed_from_steps),
             "stopped_early": progress.stopped_early,
+            "nodes": self.nodes,
         }
         if with_checkpoint and self.config.train.early_stopping.patience is not None:
             self._early_stopping(metrics)
             metrics["stopped_early"] = progress.stopped_early
+        if self.ledger.csv is not None:
+            self.ledger.csv.flush()  # the rows up to this checkpoint, in storage before it
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if with_checkpoint:
@@ -344,6 +350,16 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+def _count_nodes(world: int) -> int:
+    """How many Ray nodes the workers run on (by node id: nodes may share an address)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return 1
+    ids: list = [None] * world
+    dist.all_gather_object(ids, node)
+    return len(set(ids))
 
 
 def fault_wait_s() -> float:

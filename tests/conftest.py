@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import pytest
 
 
@@ -13,3 +22,77 @@ def ray_session():
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+
+
+@contextmanager
+def moto_server(*, auth: bool = False) -> Iterator[str]:
+    """A real S3-compatible server (moto's) on 127.0.0.1, stopped after; yields its URL.
+    `auth`: every request must be signed by a key the server knows (none are), so any
+    credentials are refused, as a real store refuses wrong ones."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"} if auth else None
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@dataclass(frozen=True)
+class S3:
+    """A moto server the process's AWS_* environment points at."""
+
+    url: str
+
+    def bucket(self, name: str):
+        """Make bucket `name`; return a pyarrow filesystem on the server."""
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(endpoint_override=self.url, allow_bucket_creation=True)
+        fs.create_dir(name)
+        return fs
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3]:
+    """An S3 server for the module, with AWS_ENDPOINT_URL and test credentials set in this
+    process's environment (so Ray nodes started after it inherit them)."""
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    with moto_server() as url:
+        os.environ.update(
+            AWS_ENDPOINT_URL=url,
+            AWS_ACCESS_KEY_ID="test",
+            AWS_SECRET_ACCESS_KEY="test",
+            AWS_REGION="us-east-1",
+        )
+        try:
+            yield S3(url)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture
+def refusing_s3() -> Iterator[str]:
+    """The URL of an S3 server that knows no key, so it refuses whatever credentials come."""
+    with moto_server(auth=True) as url:
+        yield url

@@ -58,7 +58,7 @@ def _train(runs: Path, data: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def straight_grad(ray_session, linear_data, runs):
-    return _train(runs, linear_data, "run.name=straight-grad", *COMMON)
+    return _train(runs, linear_data, "run.name=straight-grad", "log.tensorboard=true", *COMMON)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,20 @@ def test_two_workers_learn_the_regression(straight_grad, straight_param, sync):
     assert summary["skipped_steps"] == 0 and summary["stopped_early"] is False
     steps = [int(r["step"]) for r in csv.DictReader(open(result.run_dir / "metrics.csv"))]
     assert steps == list(range(1, 33))
+
+
+def test_tensorboard_events_hold_the_metrics_csv_rows(straight_grad):
+    # Read back with TensorBoard's own reader: every metrics.csv row's train_loss, by step.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(
+        str(straight_grad.run_dir / "tensorboard"), size_guidance={"scalars": 0}
+    )
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train_loss")}
+    assert logged.keys() == _losses(straight_grad).keys()
+    for step, loss in _losses(straight_grad).items():
+        assert logged[step] == pytest.approx(loss, rel=1e-6)
 
 
 def test_bytes_allreduced(straight_grad, straight_param):
