@@ -4,6 +4,9 @@ No Ray and no Kubernetes: every RayCluster and RayJob is validated against the v
 schema of its CRD (copied into tests/data/kuberay/) and walked for unknown fields the way the
 API server's strict field validation rejects them; then the properties the deployment relies
 on are checked one by one, and the versions pinned in four places must agree.
+
+A manifest's variants are in its name: `-gpu` requests GPUs, `-s3` keeps runs and data in a
+bucket (credentials from a Secret) instead of on the `raymb-runs` claim.
 """
 
 from __future__ import annotations
@@ -55,8 +58,18 @@ RAY_DOCS = [
 ]
 
 
+def variants(name: str) -> set[str]:
+    """The variant tags of a manifest's file name: rayjob-gpu.yaml -> {"gpu"}."""
+    return set(Path(name).stem.split("-")[1:])
+
+
 def is_gpu_manifest(name: str) -> bool:
-    return name.endswith("-gpu.yaml")
+    return "gpu" in variants(name)
+
+
+def is_bucket_manifest(name: str) -> bool:
+    """Runs and data in an object store, reached with credentials from a Secret."""
+    return "s3" in variants(name)
 
 
 def cluster_spec(doc: Doc) -> Doc:
@@ -331,6 +344,8 @@ def test_requests_equal_limits(name: str, doc: Doc) -> None:
 
 @pytest.mark.parametrize(("name", "doc"), RAY_DOCS)
 def test_ray_pods_mount_memory_shm_and_run_storage(name: str, doc: Doc) -> None:
+    """Run storage is the claim, except in the bucket variants (which must not mount it)."""
+    expected = {"shm"} if is_bucket_manifest(name) else {"shm", "runs"}
     for group, template in ray_pod_templates(doc):
         volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
         by_source = {}
@@ -340,11 +355,11 @@ def test_ray_pods_mount_memory_shm_and_run_storage(name: str, doc: Doc) -> None:
             claim = volume.get("persistentVolumeClaim", {}).get("claimName")
             if claim == RUNS_CLAIM:
                 by_source["runs"] = volume["name"]
-        assert by_source.keys() == {"shm", "runs"}, (group, volumes)
+        assert by_source.keys() == expected, (group, volumes)
         for container in template["spec"]["containers"]:
             mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
             assert mounts.get("/dev/shm") == by_source["shm"], (group, container["name"])
-            assert mounts.get(RUNS_MOUNT) == by_source["runs"], (group, container["name"])
+            assert mounts.get(RUNS_MOUNT) == by_source.get("runs"), (group, container["name"])
 
 
 def _walk(value: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
@@ -444,7 +459,8 @@ def test_rayjob_runs_once_resumably_and_cleans_up(name: str, doc: Doc) -> None:
     command, options, overrides = parse_entrypoint(spec["entrypoint"])
     assert command == ["python", "jobs/train.py"]
     assert options["--name"], "a fixed run name is what lets a retry resume"
-    assert f"run.storage_path={RUNS_MOUNT}" in overrides
+    if not is_bucket_manifest(name):  # else test_bucket_rayjob_keeps_run_and_data_in_the_bucket
+        assert f"run.storage_path={RUNS_MOUNT}" in overrides
     expected_config = "gpu_mlp.toml" if is_gpu_manifest(name) else "mlp_classify.toml"
     assert options["--config"] == f"jobs/configs/{expected_config}"
 
@@ -459,4 +475,149 @@ def test_rayjob_config_exists_and_loads(name: str, doc: Doc) -> None:
     assert config_path.is_file(), options["--config"]
     raymb.load_config(config_path)
     config = raymb.load_config(config_path, overrides)
-    assert config.run.storage_path == RUNS_MOUNT
+    if is_bucket_manifest(name):
+        for path in (config.run.storage_path, config.data.train, config.data.val):
+            assert path.startswith("s3://"), path
+    else:
+        assert config.run.storage_path == RUNS_MOUNT
+
+
+# ---------------------------------------------------------------- runs and data in a bucket
+
+BUCKET_DOCS = [p for p in RAY_DOCS if is_bucket_manifest(p.values[0])]
+# Env names that hold a credential: only ever from a Secret, never as a `value:` in a manifest.
+CREDENTIAL_WORDS = ("KEY", "SECRET", "TOKEN")
+S3_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def test_bucket_variants_exist() -> None:
+    """The glob above finds them, so every check of RAY_DOCS (the CRDs included) covers them."""
+    found = {p.values[0] for p in BUCKET_DOCS}
+    assert {"rayjob-s3.yaml", "raycluster-s3.yaml"} <= found, found
+
+
+def credential_problems(doc: Doc, *, require: tuple[str, ...] = ()) -> list[str]:
+    """Where a container's env gives a credential other than through a Secret's key, and which
+    Ray containers lack one of `require`; the submitter needs none."""
+    found = []
+    ray_containers = {
+        f"{group}/{c['name']}"
+        for group, template in ray_pod_templates(doc)
+        for c in template["spec"]["containers"]
+    }
+    for where, container in all_containers(doc):
+        env = {e["name"]: e for e in container.get("env", [])}
+        for name, entry in env.items():
+            if not any(word in name.upper() for word in CREDENTIAL_WORDS):
+                continue
+            if "value" in entry:
+                found.append(f"{where}: {name} has an inline value")
+            elif "secretKeyRef" not in entry.get("valueFrom", {}):
+                found.append(f"{where}: {name} does not come from a secretKeyRef")
+        if where not in ray_containers:
+            continue
+        for name in require:
+            ref = env.get(name, {}).get("valueFrom", {}).get("secretKeyRef")
+            if ref is None:
+                found.append(f"{where}: no {name} from a secretKeyRef")
+            elif ref.get("optional"):
+                found.append(f"{where}: {name} is optional (a missing Secret would go unnoticed)")
+    return found
+
+
+@pytest.mark.parametrize(("name", "doc"), RAY_DOCS)
+def test_credentials_come_only_from_secrets(name: str, doc: Doc) -> None:
+    require = S3_CREDENTIALS if is_bucket_manifest(name) else ()
+    assert credential_problems(doc, require=require) == []
+
+
+def _env(container: Doc) -> list[Doc]:
+    return container.setdefault("env", [])
+
+
+# (how to break a bucket manifest, text the reported problem must contain)
+CREDENTIAL_BREAKAGES: list[Any] = [
+    pytest.param(
+        lambda d: _env(_ray_container(_worker(d)))[1].update(value="s3cr3t"),
+        "AWS_SECRET_ACCESS_KEY has an inline value",
+        id="inline-secret-value",
+    ),
+    pytest.param(
+        lambda d: _env(_ray_container(_head(d))).append({"name": "HF_TOKEN", "value": "hf_x"}),
+        "HF_TOKEN has an inline value",
+        id="another-inline-token",
+    ),
+    pytest.param(
+        lambda d: _env(_ray_container(_head(d)))[0].update(
+            valueFrom={"configMapKeyRef": {"name": "raymb-s3", "key": "AWS_ACCESS_KEY_ID"}}
+        ),
+        "AWS_ACCESS_KEY_ID does not come from a secretKeyRef",
+        id="key-from-a-configmap",
+    ),
+    pytest.param(
+        lambda d: _ray_container(_worker(d)).pop("env"),
+        "no AWS_ACCESS_KEY_ID from a secretKeyRef",
+        id="worker-without-credentials",
+    ),
+]
+
+
+@pytest.mark.parametrize(("break_it", "expected"), CREDENTIAL_BREAKAGES)
+@pytest.mark.parametrize(("name", "doc"), BUCKET_DOCS)
+def test_broken_credentials_are_found(
+    name: str, doc: Doc, break_it: Callable[[Doc], object], expected: str
+) -> None:
+    broken = copy.deepcopy(doc)
+    break_it(broken)
+    problems = credential_problems(broken, require=S3_CREDENTIALS)
+    assert any(expected in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize(("name", "doc"), BUCKET_DOCS)
+def test_bucket_manifests_never_touch_the_runs_claim(name: str, doc: Doc) -> None:
+    for path, key, value in _walk(doc):
+        assert not (key == "claimName" and value == RUNS_CLAIM), (name, path)
+        assert not (key == "mountPath" and value == RUNS_MOUNT), (name, path)
+
+
+@pytest.mark.parametrize(("name", "doc"), BUCKET_DOCS)
+def test_credentials_secret_is_not_the_auth_token_secret(name: str, doc: Doc) -> None:
+    """KubeRay keeps a RayCluster's auth token in a Secret named after the cluster (a RayJob's
+    cluster gets a generated name): a credentials Secret of that name would collide."""
+    secrets = {
+        value["name"] for _, key, value in _walk(doc) if key in ("secretKeyRef", "secretRef")
+    }
+    assert secrets, name
+    if doc["kind"] == "RayCluster":
+        assert doc["metadata"]["name"] not in secrets, secrets
+
+
+@pytest.mark.parametrize(
+    ("name", "doc"), [p for p in BUCKET_DOCS if p.values[1]["kind"] == "RayJob"]
+)
+def test_bucket_rayjob_keeps_run_and_data_in_the_bucket(name: str, doc: Doc) -> None:
+    import raymb
+
+    _, options, overrides = parse_entrypoint(doc["spec"]["entrypoint"])
+    given = dict(o.split("=", 1) for o in overrides)
+    for key in ("run.storage_path", "data.train", "data.val"):
+        assert given.get(key, "").startswith("s3://"), (key, given.get(key))
+    config = raymb.load_config(REPO / options["--config"], overrides)
+    # Several nodes: a lost one restarts the run from its checkpoint in the bucket.
+    assert config.scale.max_failures > 0
+    assert config.train.sync == "grad" or not config.scale.elastic
+
+
+@pytest.mark.parametrize(("name", "doc"), RAYJOB_DOCS)
+def test_jobs_train_accepts_the_entrypoint(name: str, doc: Doc) -> None:
+    """jobs/train.py's own checks, before it joins Ray, pass for what the RayJob gives it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jobs_train", REPO / "jobs" / "train.py")
+    assert spec and spec.loader
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    command, _, _ = parse_entrypoint(doc["spec"]["entrypoint"])
+    argv = shlex.split(doc["spec"]["entrypoint"])[len(command) :]
+    config = train._load(train._parser().parse_args(argv))
+    train._check_storage(config.run.storage_path)
