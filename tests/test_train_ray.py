@@ -115,19 +115,20 @@ def test_bytes_allreduced(straight_grad, straight_param):
     assert straight_param.summary["bytes_allreduced"] == (8 + 5) * 8
 
 
-@pytest.mark.parametrize("sync", ["grad", "param"])
 def test_killed_worker_is_replaced_and_the_run_ends_as_if_never_killed(
-    linear_data, runs, straight_grad, straight_param, sync
+    linear_data, runs, straight_param
 ):
-    # Rank 1 dies before step 13, mid-epoch and, for param, mid-period (4 steps): training
-    # resumes from the checkpoint at step 10 with each worker's own optimizer state.
-    straight = straight_grad if sync == "grad" else straight_param
+    # Rank 1 dies before step 13, mid-epoch and mid-period (4 steps) of param sync: training
+    # resumes from the checkpoint at step 10 with each worker's own optimizer state. (A kill
+    # under grad: the exhausted-failures test below, the streamed kill, and a whole node lost
+    # in tests/test_multinode.py.)
+    straight = straight_param
     killed = _train(
         runs,
         linear_data,
-        f"run.name=killed-{sync}",
+        "run.name=killed-param",
         *COMMON,
-        *(PARAM if sync == "param" else ()),
+        *PARAM,
         "fault.kill_worker_at_step=13",
         "fault.rank=1",
         "scale.max_failures=1",
@@ -208,20 +209,11 @@ def test_a_run_resumed_with_other_numbers_of_workers_ends_as_the_straight_run(
     _same_model(last, straight_grad, rtol=1e-5)
 
 
-def test_elastic_workers_start_with_what_fits_and_stay_exact(linear_data, runs, straight_grad):
-    # scale.workers = [1, 4] at 1.5 CPUs a worker on this 4-CPU session: Ray Train starts as
-    # many as fit (2), and since the steps' rows do not depend on how many, the run ends as
-    # the straight one.
-    elastic = ("run.name=elastic", "scale.workers=[1,4]", "scale.cpus_per_worker=1.5")
-    result = _train(runs, linear_data, *COMMON, *elastic)
-    assert result.summary["workers"] == 2
-    _same_model(result, straight_grad, rtol=1e-5)
-
-
 def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, runs):
-    # 1024 rows, "all", 30 epochs: W=2 x k=2 microbatches of 256, W=1 x k=4 of 256 and W=3
-    # (342, 341 and 341 rows: uneven) x k=3 of up to 128. The data is read once: the 29
-    # epochs after the first cost seconds.
+    # 1024 rows, "all", 30 epochs on W=3 (342, 341 and 341 rows: uneven) x k=3 microbatches
+    # of up to 128 against plain gradient descent. (W=2 and W=1, with elastic workers, a lost
+    # node and a bucket: tests/test_multinode.py.) The data is read once: the 29 epochs after
+    # the first cost seconds.
     common = (
         "train.global_batch_size=all",
         "train.epochs=30",
@@ -230,7 +222,7 @@ def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, runs):
         "data.val=none",
         "checkpoint.metric=train_loss",
     )
-    splits = ((2, 256), (1, 256), (3, 128))
+    splits = ((3, 128),)
     results = [
         _train(
             runs,
@@ -242,7 +234,7 @@ def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, runs):
         )
         for w, m in splits
     ]
-    assert [r.summary["steps"] for r in results] == [30, 30, 30]
+    assert [r.summary["steps"] for r in results] == [30]
     models = [load_model(r.checkpoint)[0] for r in results]
 
     # Independent reference: 30 steps of plain gradient descent on all rows at once.
