@@ -49,7 +49,7 @@ COMMON = (
     "checkpoint.every_steps=20",
     "scale.workers=[1,2]",
     "scale.cpus_per_worker=2",
-    "scale.max_failures=2",
+    "scale.max_failures=4",  # the lost node, and a restart that first counts its CPUs
 )
 
 
