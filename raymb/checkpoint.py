@@ -53,17 +53,22 @@ def read(path: str | Path | Location) -> dict[str, Any]:
     a CheckpointError."""
     location = path if isinstance(path, Location) else storage.resolve(path, what="checkpoint")
     try:
-        data = location.read_bytes()
-    except FileNotFoundError:
+        if location.local:  # torch reads the file itself: no copy of it in memory
+            source: Any = Path(location.path)
+            with open(source, "rb") as f:
+                head = f.read(len(_ZIP_MAGIC))
+        else:
+            source = io.BytesIO(location.read_bytes())
+            head = source.getvalue()[: len(_ZIP_MAGIC)]
+    except (FileNotFoundError, IsADirectoryError):
         raise CheckpointError(f"{path}: checkpoint file not found") from None
-    head = data[: len(_ZIP_MAGIC)]
     if head != _ZIP_MAGIC:
         what = "an empty file" if not head else "not a torch checkpoint file"
         raise CheckpointError(f"{path}: {what}, not a raymb checkpoint")
     try:
         with warnings.catch_warnings():  # torch's pickle-protocol notes are not for users
             warnings.simplefilter("ignore")
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            obj = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         if isinstance(e, pickle.UnpicklingError):
             reason = "it holds Python objects that weights_only loading refuses"

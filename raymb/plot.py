@@ -78,7 +78,7 @@ def write_run_plot(run_dir: str | Path | Location) -> Path | None:
             local = Path(tmp) / run_dir.name
             local.mkdir()
             try:
-                (local / METRICS_FILE).write_bytes((run_dir / METRICS_FILE).read_bytes())
+                (run_dir / METRICS_FILE).fetch(local)
             except FileNotFoundError:
                 return None
             drawn = write_run_plot(local)

@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raymb.errors import StorageError
@@ -88,7 +87,7 @@ def find_runs(root: Location) -> list[Run]:
         raise StorageError(root.uri, "no such directory")
     if kind != pafs.FileType.Directory:
         raise StorageError(root.uri, "not a directory")
-    entries = _list(root)
+    entries = root.listing()
     if RUN_FILE in entries:
         return [read_run(root, entries)]
     dirs = [root / name for name, info in entries.items() if info.type == pafs.FileType.Directory]
@@ -100,7 +99,7 @@ def find_runs(root: Location) -> list[Run]:
 def read_run(run_dir: Location, entries: dict[str, pafs.FileInfo] | None = None) -> Run:
     """What a run directory's files say about the run. `entries`: its listing, if at hand."""
     if entries is None:
-        entries = _list(run_dir)
+        entries = run_dir.listing()
     record = _read_json(run_dir / STATUS_FILE) if STATUS_FILE in entries else {}
     summary = _read_json(run_dir / SUMMARY_FILE) if SUMMARY_FILE in entries else {}
     snapshot = _read_json(run_dir / SNAPSHOT_FILE) if SNAPSHOT_FILE in entries else {}
@@ -185,19 +184,8 @@ def is_alive(pid: int) -> bool:
 
 
 def _read_if_run(directory: Location) -> Run | None:
-    entries = _list(directory)
+    entries = directory.listing()
     return read_run(directory, entries) if RUN_FILE in entries else None
-
-
-def _list(directory: Location) -> dict[str, pafs.FileInfo]:
-    """A directory's entries by name, each with its type and (for files) mtime: one request."""
-    try:
-        found = directory.fs.get_file_info(pafs.FileSelector(directory.path))
-    except FileNotFoundError:  # removed since its parent was listed
-        return {}
-    except (OSError, pa.ArrowException) as e:
-        raise StorageError(directory.uri, " ".join(str(e).split())) from None
-    return {info.base_name: info for info in found}
 
 
 def _read_json(location: Location) -> dict[str, Any]:
@@ -262,7 +250,7 @@ def latest_checkpoint(
     by time). `entries` and `snapshot`: the run directory's listing and Ray's record, when
     the caller has them already."""
     if entries is None:
-        entries = _list(run_dir)
+        entries = run_dir.listing()
     if snapshot is None:
         snapshot = _read_json(run_dir / SNAPSHOT_FILE) if SNAPSHOT_FILE in entries else {}
     latest = snapshot.get("latest_checkpoint_result") or {}
@@ -280,7 +268,7 @@ def latest_checkpoint(
         reverse=True,
     )
     for name in names:
-        if {"model.pt", "state.pt"} <= set(_list(run_dir / name)):
+        if {"model.pt", "state.pt"} <= set((run_dir / name).listing()):
             return run_dir / name, None
     return None, None
 

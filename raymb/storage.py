@@ -92,12 +92,15 @@ class Location:
     def is_file(self) -> bool:
         return self.info().type == pafs.FileType.File
 
+    def listing(self) -> dict[str, pafs.FileInfo]:
+        """What a directory holds, by name, each with its type and mtime (one request); {}
+        when it does not exist."""
+        selector = pafs.FileSelector(self.path, allow_not_found=True)
+        return {i.base_name: i for i in self._call(self.fs.get_file_info, selector)}
+
     def children(self) -> list[Location]:
         """What a directory holds, by name; [] when it does not exist."""
-        if not self.is_dir():
-            return []
-        found = self._call(self.fs.get_file_info, pafs.FileSelector(self.path))
-        return sorted((self / i.base_name for i in found), key=lambda c: c.name)
+        return [self / name for name in sorted(self.listing())]
 
     def read_bytes(self) -> bytes:
         """The file's contents; FileNotFoundError when it does not exist."""

@@ -24,6 +24,16 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def linear_data(tmp_path_factory):
+    """A linear regression y = 2x + 1 + noise: 1024 training rows in 4 shards, and val."""
+    from raymb.synth import generate
+
+    out = tmp_path_factory.mktemp("linear")
+    generate("linear", out, rows=1024, shards=4, noise=0.1, seed=3)
+    return out
+
+
 S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
 
 

@@ -29,7 +29,6 @@ import torch
 from raymb import load_config
 from raymb.cli import main as cli_main
 from raymb.storage import resolve
-from raymb.synth import generate
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -54,16 +53,9 @@ COMMON = (
 
 
 @pytest.fixture(scope="module")
-def local_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("linear")
-    generate("linear", out, rows=1024, shards=4, noise=0.1, seed=5)
-    return out
-
-
-@pytest.fixture(scope="module")
-def bucket(s3, local_data):
+def bucket(s3, linear_data):
     fs = s3.bucket(BUCKET)
-    pafs.copy_files(str(local_data), f"{BUCKET}/data", destination_filesystem=fs)
+    pafs.copy_files(str(linear_data), f"{BUCKET}/data", destination_filesystem=fs)
     return fs
 
 
@@ -89,8 +81,8 @@ def cluster(s3, bucket):
     del os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]
 
 
-def _gradient_descent(local_data: Path, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    table = pq.read_table(local_data / "train")
+def _gradient_descent(linear_data: Path, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    table = pq.read_table(linear_data / "train")
     x = torch.tensor(table["features"].to_pylist(), dtype=torch.float32)
     y = torch.tensor(table["label"].to_pylist(), dtype=torch.float32)
     torch.manual_seed(0)  # raymb seeds train.seed=0 before building the model
@@ -103,11 +95,11 @@ def _gradient_descent(local_data: Path, steps: int) -> tuple[torch.Tensor, torch
     return w, b
 
 
-def _assert_params(summary: dict, local_data: Path, steps: int) -> None:
+def _assert_params(summary: dict, linear_data: Path, steps: int) -> None:
     from raymb.checkpoint import load_model
 
     model, _ = load_model(summary["checkpoint"])
-    w, b = _gradient_descent(local_data, steps)
+    w, b = _gradient_descent(linear_data, steps)
     torch.testing.assert_close(model.weight.detach(), w, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.bias.detach(), b, rtol=1e-5, atol=1e-6)
 
@@ -122,7 +114,7 @@ def _latest_report(run: str) -> dict | None:
     return latest["metrics"] if latest else None
 
 
-def test_a_node_lost_mid_run_the_run_ends_on_the_nodes_left(cluster, local_data):
+def test_a_node_lost_mid_run_the_run_ends_on_the_nodes_left(cluster, linear_data):
     import raymb
 
     ray_cluster, worker_nodes = cluster
@@ -157,7 +149,7 @@ def test_a_node_lost_mid_run_the_run_ends_on_the_nodes_left(cluster, local_data)
     assert summary["resumed_from_steps"] and 0 < summary["resumed_from_steps"][0] < epochs
     assert (summary["workers"], summary["nodes"]) == (1, 1)
     assert summary["checkpoint"].startswith(f"{RUNS}/multi/checkpoint_")
-    _assert_params(summary, local_data, epochs)
+    _assert_params(summary, linear_data, epochs)
     # The run's files are in the bucket, metrics.csv with each step once.
     run = resolve(f"{RUNS}/multi")
     assert {"run.json", "metrics.csv", "summary.json", "loss.png"} <= {
@@ -168,7 +160,7 @@ def test_a_node_lost_mid_run_the_run_ends_on_the_nodes_left(cluster, local_data)
 
 
 def test_a_run_resumes_by_name_from_another_working_directory_on_more_nodes(
-    cluster, local_data, tmp_path
+    cluster, linear_data, tmp_path
 ):
     # A node joins again; `raymb train` from an empty directory, joining the cluster, finds
     # the run in the bucket by its name and trains 20 more epochs on both worker nodes.
@@ -188,27 +180,27 @@ def test_a_run_resumes_by_name_from_another_working_directory_on_more_nodes(
     summary = json.loads(resolve(f"{RUNS}/multi/summary.json").read_text())
     assert summary["steps"] == 220 and summary["resumed_from_steps"][-1] == 200
     assert (summary["workers"], summary["nodes"]) == (2, 2)
-    _assert_params(summary, local_data, 220)
+    _assert_params(summary, linear_data, 220)
 
 
-def test_eval_reads_a_checkpoint_and_data_in_the_bucket(cluster, local_data, capsys):
+def test_eval_reads_a_checkpoint_and_data_in_the_bucket(cluster, linear_data, capsys):
     summary = json.loads(resolve(f"{RUNS}/multi/summary.json").read_text())
     assert cli_main(["eval", "--checkpoint", summary["checkpoint"], "--data", f"{DATA}/val"]) == 0
     got = json.loads(capsys.readouterr().out)
-    table = pq.read_table(local_data / "val")
+    table = pq.read_table(linear_data / "val")
     x = torch.tensor(table["features"].to_pylist(), dtype=torch.float32)
     y = torch.tensor(table["label"].to_pylist(), dtype=torch.float32)
-    w, b = _gradient_descent(local_data, 220)
+    w, b = _gradient_descent(linear_data, 220)
     expected = (((x @ w.T).squeeze(-1) + b - y) ** 2).mean().item()
     assert got["rows"] == len(y)
     assert got["loss"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_missing_bucket_and_refused_credentials_are_one_line(
-    cluster, local_data, refusing_s3, tmp_path, monkeypatch, capsys
+    cluster, linear_data, refusing_s3, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    local = [f"--set=data.train={local_data / 'train'}", f"--set=data.val={local_data / 'val'}"]
+    local = [f"--set=data.train={linear_data / 'train'}", f"--set=data.val={linear_data / 'val'}"]
     code = cli_main(["train", "--set=run.storage_path=s3://no-such-bucket/runs", *local])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err

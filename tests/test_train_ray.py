@@ -16,7 +16,6 @@ import torch
 from raymb import RaymbError, load_config
 from raymb.checkpoint import load_model
 from raymb.errors import DataError
-from raymb.synth import generate
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -33,13 +32,6 @@ COMMON = (
     "optim.momentum=0.5",
 )
 PARAM = ("train.sync=param", "train.average_every=4")
-
-
-@pytest.fixture(scope="module")
-def linear_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("linear")
-    generate("linear", out, rows=1024, shards=4, noise=0.1, seed=3)
-    return out
 
 
 @pytest.fixture(scope="module")
