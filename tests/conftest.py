@@ -106,3 +106,63 @@ def refusing_s3() -> Iterator[str]:
     """The URL of an S3 server that knows no key, so it refuses whatever credentials come."""
     with moto_server(auth=True) as url:
         yield url
+
+
+def tree(root) -> dict[str, bytes | None]:
+    """Every path under root, with a file's bytes (None for a directory or a link)."""
+    from pathlib import Path
+
+    root = Path(root)
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What one `raymb` command printed and how long it took: `line` is its one stderr line."""
+
+    returncode: int
+    stderr: str
+    seconds: float
+
+    @property
+    def line(self) -> str:
+        lines = self.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("raymb: error: "), self.stderr[-2000:]
+        return lines[0]
+
+
+def run_raymb(args: list[str], cwd, env: dict[str, str] | None = None) -> Refusal:
+    """`raymb ARGS` as a new process in `cwd` (so its refusal time counts the imports)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "raymb.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+    return Refusal(proc.returncode, proc.stderr, time.monotonic() - start)
+
+
+def assert_refused(args: list[str], cwd, *words: str, env: dict[str, str] | None = None) -> str:
+    """`raymb ARGS` in `cwd` is refused: exit 2, one line holding every word, nothing written
+    under `cwd`, in under 2 s (issue 20's bar for a refusal; imports counted). Returns the line."""
+    before = tree(cwd)
+    result = run_raymb(args, cwd, env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.line
+    for w in words:
+        assert w in line, (w, line)
+    assert tree(cwd) == before, "a refusal writes nothing"
+    assert result.seconds < 2.0, f"refused in {result.seconds:.2f} s: {line}"
+    return line
