@@ -34,7 +34,7 @@ MICROBATCH = 256
 """Rows per batch: the trainer's microbatch below (G = 512 over 2 workers, k = 1)."""
 TARGET = 0.05
 SHUFFLE_TARGET = 0.10
-# (label, reader, prefetch_batches, batch size); "raymb" is what raymb.feed does.
+# (label, reader, prefetch_batches, batch size); "raymb" is what raymb.worker.feed does.
 VARIANTS = {
     "pyarrow, no Ray (baseline)": ("pyarrow", None, MICROBATCH),
     "raymb cached: read once, gather rows of a permutation": ("cached", None, MICROBATCH),
@@ -200,7 +200,7 @@ def _read(path: Path, reader: str, prefetch: int | None, batch: int) -> dict:
 
 
 def _batches(path: Path, reader: str, prefetch: int | None, batch: int):
-    from raymb.columns import table_to_tensors
+    from raymb.data.columns import table_to_tensors
 
     if reader == "pyarrow":
         import pyarrow as pa
@@ -219,7 +219,7 @@ def _batches(path: Path, reader: str, prefetch: int | None, batch: int):
         import pyarrow as pa
         import torch
 
-        from raymb.order import epoch_order
+        from raymb.core.order import epoch_order
 
         refs = ds.materialize().to_arrow_refs()
         tables = ray.get(refs)

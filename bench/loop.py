@@ -23,7 +23,7 @@ TARGET = 1.05
 
 
 def run(quick: bool) -> dict:
-    from raymb.columns import table_to_tensors
+    from raymb.data.columns import table_to_tensors
 
     rows_n, batch = (4096, 256) if quick else (65536, 256)
     steps, reps = (10, 2) if quick else (100, 40)
@@ -96,8 +96,8 @@ def _model_row(name, clip, x, classes, batches, steps, reps) -> dict:
 
 
 def _compare(model: nn.Module, batches, steps: int, reps: int, clip: float | None) -> dict:
-    from raymb.step import train_step
-    from raymb.sync import build_sync
+    from raymb.core.step import train_step
+    from raymb.core.sync import build_sync
 
     reset_peak_rss()
     theirs, ours = copy.deepcopy(model), copy.deepcopy(model)
@@ -117,7 +117,7 @@ def _compare(model: nn.Module, batches, steps: int, reps: int, clip: float | Non
 
     def raymb_step(i: int) -> None:
         xb, yb = batches[i % len(batches)]
-        # As raymb.loop calls it under train.on_nan = "abort" (the default): the losses are
+        # As raymb.worker.epochs calls it under train.on_nan = "abort" (the default): the losses are
         # checked when metrics are gathered, not by a gradient norm each step.
         train_step(
             net,

@@ -161,8 +161,8 @@ def _compare(
     per_row: int,
 ) -> dict:
     """Per-step times of the two loops in alternating blocks; their parameters at the end."""
-    from raymb.step import train_step
-    from raymb.sync import build_sync
+    from raymb.core.step import train_step
+    from raymb.core.sync import build_sync
 
     reset_peak_rss()
     theirs, ours = copy.deepcopy(model), copy.deepcopy(model)

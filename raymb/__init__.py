@@ -8,7 +8,7 @@ from raymb.config import Config, load_config
 from raymb.errors import CheckpointError, ConfigError, DataError, RaymbError
 
 if TYPE_CHECKING:
-    from raymb.driver import Result
+    from raymb.driver.run import Result
 
 __all__ = [
     "Config",
@@ -24,6 +24,6 @@ __version__ = "0.1.0"
 
 def train(config: Config, *, address: str | None = None) -> Result:
     """Train as configured on a local Ray cluster (or the one at `address`); see raymb.driver."""
-    from raymb.driver import train as _train  # Ray is imported only when training
+    from raymb.driver.run import train as _train  # Ray is imported only when training
 
     return _train(config, address=address)

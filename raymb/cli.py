@@ -10,7 +10,7 @@ from pathlib import Path
 
 from raymb.config import DataSection, load_config, to_toml
 from raymb.errors import RaymbError
-from raymb.progress import format_summary
+from raymb.rundir.progress import format_summary
 
 DEFAULT_DATA = Path(DataSection().train).parent  # data/linear, made on first use
 IDLE_TIMEOUT = 60.0  # seconds, raymb train --follow
@@ -419,16 +419,18 @@ def _train(args: argparse.Namespace) -> int:
         if "://" not in args.follow and not Path(args.follow).is_dir():
             raise RaymbError(f"--follow {args.follow}: no such directory")
         try:
-            from raymb.online import follow
+            from raymb.worker.follow import follow
         except ModuleNotFoundError as e:
-            if e.name != "raymb.online":
+            if e.name != "raymb.worker.follow":
                 raise
-            raise RaymbError("--follow: this raymb has no online training (raymb.online)") from None
+            raise RaymbError(
+                "--follow: this raymb has no online training (raymb.worker.follow)"
+            ) from None
         result = follow(config, args.follow, idle_timeout=idle_timeout, address=args.address)
     else:
         if args.config is None and config.data.train == DataSection().train:
             _ensure_default_data()
-        from raymb.driver import train
+        from raymb.driver.run import train
 
         result = train(config, address=args.address)
     print("raymb: done")
@@ -441,14 +443,14 @@ def _train(args: argparse.Namespace) -> int:
 def _ensure_default_data() -> None:
     if (DEFAULT_DATA / "train").exists():
         return
-    from raymb.synth import generate
+    from raymb.data.tables import generate
 
     print(f"raymb: generating the default dataset (y = 2x + 1 + noise) in {DEFAULT_DATA}/")
     generate("linear", DEFAULT_DATA)
 
 
 def _print_linear(checkpoint: str) -> None:
-    from raymb.checkpoint import load_model
+    from raymb.rundir.checkpoint import load_model
 
     model, _ = load_model(checkpoint)
     w = ", ".join(f"{v:.4f}" for v in model.weight.detach().flatten().tolist())
@@ -477,7 +479,7 @@ def _gen_data(args: argparse.Namespace) -> int:
         return 0
     if args.block_size is not None:
         raise RaymbError(f"gen-data {args.kind}: --block-size applies to tokens only")
-    from raymb.synth import generate
+    from raymb.data.tables import generate
 
     truth = generate(
         args.kind,
@@ -535,7 +537,7 @@ def _prepare_text(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from raymb.evaluate import evaluate
+    from raymb.tools.evaluate import evaluate
 
     metrics = evaluate(args.checkpoint, args.data)
     print(json.dumps(metrics))
@@ -543,7 +545,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from raymb.predict import predict
+    from raymb.tools.predict import predict
 
     written = predict(args.checkpoint, args.data, args.out)
     print(f"raymb: wrote {written['rows']} predictions to {written['out']}")
@@ -551,7 +553,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from raymb.sample import sample
+    from raymb.tools.sample import sample
 
     drawn = sample(
         args.checkpoint,
@@ -569,7 +571,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from raymb.export import export, format_size
+    from raymb.tools.export import export, format_size
 
     written = export(args.checkpoint, args.format, args.out)
     print(
@@ -580,7 +582,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from raymb import runs, storage
+    from raymb.rundir import runs, storage
 
     config = load_config(args.config, args.overrides)
     storage.configure(config.storage)
@@ -597,7 +599,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from raymb.plot import plot_runs
+    from raymb.rundir.plot import plot_runs
 
     out = plot_runs(args.run_dirs, args.out)
     print(f"raymb: wrote {out}")

@@ -404,7 +404,7 @@ class Config:
         low = self.scale.min_workers
         _require(self.fault.rank < low, "fault.rank", f"< scale.workers={low}", self.fault.rank)
         if G == "all" or m == "auto" or self.scale.elastic:
-            return  # elastic: a W that does not divide G splits steps unevenly (raymb.plan)
+            return  # elastic: a W that does not divide G splits steps unevenly (raymb.core.plan)
         if m is None:
             if G % W:
                 raise ConfigError(

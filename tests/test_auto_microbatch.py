@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from raymb.columns import Inputs
 from raymb.config import load_config
+from raymb.core.optim import build_optimizer
+from raymb.core.plan import Plan
+from raymb.core.step import train_step
+from raymb.core.sync import GradSync
+from raymb.data.columns import Inputs
 from raymb.models import build_model
-from raymb.optim import build_optimizer
-from raymb.plan import Plan
-from raymb.step import train_step
-from raymb.sync import GradSync
 
 FLAT4 = Inputs(task="regress", shape=(4,))
 

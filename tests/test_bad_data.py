@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raymb.checkpoint import claim_run
 from raymb.config import load_config
+from raymb.rundir.checkpoint import claim_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 8  # rows of every generated dataset: 4 per worker with the default 2 workers

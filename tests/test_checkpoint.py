@@ -1,4 +1,4 @@
-"""raymb.checkpoint: atomic writes, and every unreadable or foreign checkpoint refused in one line.
+"""raymb.rundir.checkpoint: atomic writes, and every unreadable or foreign checkpoint refused in one line.
 
 Real files on disk throughout: torch.save, truncation by hand, pickles of other things.
 """
@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from raymb import checkpoint as ckpt
-from raymb.checkpoint import atomic_save, check_compatible, claim_run, load_model, read
 from raymb.config import load_config
 from raymb.errors import CheckpointError
+from raymb.rundir import checkpoint as ckpt
+from raymb.rundir.checkpoint import atomic_save, check_compatible, claim_run, load_model, read
 
 
 def _linear_payload(config_overrides=(), model: nn.Module | None = None, in_features: int = 2):
@@ -226,4 +226,6 @@ def test_claim_run_refuses_a_foreign_run_record(tmp_path, text, words):
 
 def test_claim_run_lets_a_run_resume_with_another_number_of_workers(tmp_path):
     claim_run(tmp_path, load_config(None, ["scale.workers=2"]))
-    claim_run(tmp_path, load_config(None, ["scale.workers=4"]))  # raymb.plan: steps keep their rows
+    claim_run(
+        tmp_path, load_config(None, ["scale.workers=4"])
+    )  # raymb.core.plan: steps keep their rows

@@ -293,7 +293,7 @@ def test_no_val_set_makes_train_loss_the_default_metric() -> None:
     assert load_config(None, ["data.train=mine/train"]).checkpoint.metric == "train_loss"
     both = ["data.train=mine/train", "data.val=mine/val"]
     assert load_config(None, both).checkpoint.metric == "val_loss"
-    # Set explicitly, it stays (raymb.driver refuses a val_* metric without data.val).
+    # Set explicitly, it stays (raymb.driver.run refuses a val_* metric without data.val).
     explicit = load_config(None, ["data.train=mine/train", "checkpoint.metric=val_loss"])
     assert explicit.checkpoint.metric == "val_loss"
 

@@ -21,12 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from raymb.checkpoint import MODEL_FILE, atomic_save, model_payload
 from raymb.cli import main
-from raymb.columns import Inputs
 from raymb.config import load_config
-from raymb.export import CHECK_ROWS, export, rebuild
+from raymb.data.columns import Inputs
 from raymb.models import build_model
+from raymb.rundir.checkpoint import MODEL_FILE, atomic_save, model_payload
+from raymb.tools.export import CHECK_ROWS, export, rebuild
 
 ROWS = 3  # neither export's trace batch nor its check batch
 T, VOCAB = 8, 256  # gpt: tokens per row, vocabulary (the byte tokenizer's)

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from raymb import load_config
-from raymb.checkpoint import load_model
 from raymb.cli import main as cli
+from raymb.rundir.checkpoint import load_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 

@@ -13,10 +13,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from raymb.config import ModelSection, OptimSection
+from raymb.core.optim import build_optimizer
+from raymb.core.step import train_step
+from raymb.core.sync import GradSync
 from raymb.models import build_model
-from raymb.optim import build_optimizer
-from raymb.step import train_step
-from raymb.sync import GradSync
 
 W, K, M = 2, 3, 4  # workers, microbatches per step, rows per microbatch
 G = W * K * M  # 24 rows per full step

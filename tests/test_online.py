@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from raymb import ConfigError, DataError, load_config
-from raymb.checkpoint import STATE_FILE, load_model, read
-from raymb.online import follow, next_file, open_directory, rank_rows, step_sizes
+from raymb.rundir.checkpoint import STATE_FILE, load_model, read
+from raymb.worker.follow import follow, next_file, open_directory, rank_rows, step_sizes
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raymb.order import epoch_order, worker_rows
+from raymb.core.order import epoch_order, worker_rows
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""raymb.schema: what a good dataset reports, and one clear line for each way data goes wrong."""
+"""raymb.data.checks: what a good dataset reports, and one clear line for each way data goes wrong."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raymb.data.checks import check_dataset, resolve_files
+from raymb.data.tables import generate
 from raymb.errors import ConfigError, DataError
-from raymb.schema import check_dataset, resolve_files
-from raymb.synth import generate
 
 
 def _fixed(rows: int, d: int, label: pa.Array | None = None) -> pa.Table:

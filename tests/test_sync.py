@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from raymb.config import Config
-from raymb.step import train_step
-from raymb.sync import DiLoCoSync, GradSync, ParamSync, build_sync
+from raymb.core.step import train_step
+from raymb.core.sync import DiLoCoSync, GradSync, ParamSync, build_sync
 
 W = 2
 D = 6

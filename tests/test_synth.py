@@ -1,4 +1,4 @@
-"""raymb.synth: files, columns and determinism, and that the data says what truth.json says."""
+"""raymb.data.tables: files, columns and determinism, and that the data says what truth.json says."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raymb.data.tables import KINDS, generate
 from raymb.errors import ConfigError
-from raymb.synth import KINDS, generate
 
 
 def _read(split_dir) -> tuple[np.ndarray, np.ndarray]:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from raymb.cli import main as cli
-from raymb.columns import Inputs, table_to_tensors
+from raymb.data.checks import check_dataset, describe_shape
+from raymb.data.columns import Inputs, table_to_tensors
 from raymb.errors import DataError
-from raymb.schema import check_dataset, describe_shape
 
 IMAGES = np.arange(5 * 3 * 4 * 4, dtype=np.uint8).reshape(5, 3, 4, 4)
 LABELS = pa.array([0, 1, 2, 1, 0], pa.int64())

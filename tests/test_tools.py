@@ -2,7 +2,7 @@
 `raymb eval` and `raymb predict`.
 
 Run directories and checkpoints are built by hand here (a metrics.csv written row by row, a
-model.pt saved with raymb.checkpoint), and every number is checked against a computation in
+model.pt saved with raymb.rundir.checkpoint), and every number is checked against a computation in
 the test (numpy on the model's weights), never against the code under test.
 """
 
@@ -24,11 +24,11 @@ import pytest
 import torch
 
 from raymb import Config
-from raymb.checkpoint import MODEL_FILE, atomic_save, model_payload
 from raymb.cli import main
-from raymb.evaluate import batch_sums
-from raymb.metrics import COLUMNS
-from raymb.progress import Tail, format_summary, watch
+from raymb.rundir.checkpoint import MODEL_FILE, atomic_save, model_payload
+from raymb.rundir.progress import Tail, format_summary, watch
+from raymb.tools.evaluate import batch_sums
+from raymb.worker.metrics import COLUMNS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,7 +77,7 @@ def make_run(root: Path, name: str, steps: int = 30, scale: float = 1.0) -> Path
 def save_model(
     path: Path, model: torch.nn.Module, *, classify: bool, features, in_features: int
 ) -> Path:
-    """A model.pt as a run writes it (raymb.checkpoint's payload)."""
+    """A model.pt as a run writes it (raymb.rundir.checkpoint's payload)."""
     config = Config.from_dict(
         {"data": {"features": features, "label": "label"}, "model": {"name": "linear"}}
     )
@@ -277,7 +277,7 @@ def test_format_summary() -> None:
 
 
 def test_every_run_writes_loss_png(tmp_path) -> None:
-    from raymb.plot import write_run_plot
+    from raymb.rundir.plot import write_run_plot
 
     run_dir = make_run(tmp_path, "grad")
     out = write_run_plot(run_dir)
@@ -288,7 +288,7 @@ def test_every_run_writes_loss_png(tmp_path) -> None:
 
 
 def test_without_matplotlib_nothing_breaks(tmp_path, monkeypatch, capsys) -> None:
-    from raymb.plot import write_run_plot
+    from raymb.rundir.plot import write_run_plot
 
     run_dir = make_run(tmp_path, "grad")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
@@ -299,14 +299,14 @@ def test_without_matplotlib_nothing_breaks(tmp_path, monkeypatch, capsys) -> Non
 
 
 def test_raymb_plot_overlays_runs(tmp_path, capsys, monkeypatch) -> None:
-    import raymb.plot
+    import raymb.rundir.plot
 
     grad = make_run(tmp_path, "grad", steps=30)
     param = make_run(tmp_path, "param", steps=20, scale=2.0)
     drawn = {}
     draw = raymb.plot._draw
     monkeypatch.setattr(
-        raymb.plot,
+        raymb.rundir.plot,
         "_draw",
         lambda runs, out, title: drawn.update(runs=runs) or draw(runs, out, title=title),
     )
@@ -550,7 +550,7 @@ def test_train_follow_calls_online_follow_and_prints_the_table(
         calls.append((config.run.name, directory, idle_timeout, address))
         return types.SimpleNamespace(run_dir=tmp_path / "runs" / "live", summary=summary)
 
-    monkeypatch.setitem(sys.modules, "raymb.online", types.SimpleNamespace(follow=follow))
+    monkeypatch.setitem(sys.modules, "raymb.worker.follow", types.SimpleNamespace(follow=follow))
     code, out, err = run_cli(
         capsys, "train", "--set", "run.name=live", "--follow", str(tmp_path), "--idle-timeout", "5"
     )
@@ -563,7 +563,9 @@ def test_train_follow_calls_online_follow_and_prints_the_table(
 
 
 def test_train_follow_without_raymb_online(tmp_path, capsys, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "raymb.online", None)  # as before raymb.online existed
+    monkeypatch.setitem(
+        sys.modules, "raymb.worker.follow", None
+    )  # as before raymb.worker.follow existed
     code, _, err = run_cli(capsys, "train", "--follow", str(tmp_path))
     assert "--follow: this raymb has no online training" in one_line_error(code, err)
 

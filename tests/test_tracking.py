@@ -1,4 +1,4 @@
-"""Experiment tracking (raymb.tracking) without Ray: synthetic metrics.csv rows in, read back out.
+"""Experiment tracking (raymb.rundir.tracking) without Ray: synthetic metrics.csv rows in, read back out.
 
 TensorBoard's event files are read by TensorBoard's own EventAccumulator; MLflow through
 MlflowClient from a real `mlflow server` on 127.0.0.1 (one for the module); an object-store
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raymb import tracking
 from raymb.errors import ConfigError
-from raymb.metrics import COLUMNS
-from raymb.storage import Location, resolve
-from raymb.tracking import Tracker, flatten, points
+from raymb.rundir import tracking
+from raymb.rundir.storage import Location, resolve
+from raymb.rundir.tracking import Tracker, flatten, points
+from raymb.worker.metrics import COLUMNS
 
 CONFIG = {
     "run": {"name": "t"},

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from raymb import RaymbError, load_config
-from raymb.checkpoint import load_model
 from raymb.errors import DataError
+from raymb.rundir.checkpoint import load_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -189,7 +189,7 @@ def test_a_run_resumed_with_other_numbers_of_workers_ends_as_the_straight_run(
     linear_data, runs, straight_grad
 ):
     # Steps 1-10 on 2 workers (k=2), 11-20 on 1 (k=4), the rest on 4 (k=1): every step takes
-    # the same 64 rows whatever W (raymb.plan), so the end is the straight 2-worker run's.
+    # the same 64 rows whatever W (raymb.core.plan), so the end is the straight 2-worker run's.
     name = "run.name=resized"
     first = _train(runs, linear_data, name, *COMMON, "train.max_steps=10")
     assert first.summary["steps"] == 10

@@ -1,9 +1,9 @@
 """What every Ray Train worker of raymb holds, whichever loop drives it (epochs or --follow).
 
 `Worker` builds the model, optimizer, scheduler and sync strategy, restores them from the
-run's latest checkpoint, takes steps, keeps their metrics (raymb.metrics) and, when the
-loop says a checkpoint is due, validates and reports one. The loops (raymb.loop for epochs,
-raymb.online for arriving files) decide only which rows each step trains on and when.
+run's latest checkpoint, takes steps, keeps their metrics (raymb.worker.metrics) and, when the
+loop says a checkpoint is due, validates and reports one. The loops (raymb.worker.epochs for epochs,
+raymb.worker.follow for arriving files) decide only which rows each step trains on and when.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raymb import checkpoint as ckpt
-from raymb.columns import Inputs
 from raymb.config import Config
+from raymb.core.optim import build_optimizer, build_scheduler
+from raymb.core.step import train_step
+from raymb.core.sync import build_sync
+from raymb.data.columns import Inputs
 from raymb.errors import CheckpointError
-from raymb.evaluate import batch_sums, lm_metrics
-from raymb.feed import Batch
-from raymb.metrics import Entry, Ledger
 from raymb.models import build_model
-from raymb.optim import build_optimizer, build_scheduler
-from raymb.step import train_step
-from raymb.storage import Location
-from raymb.sync import build_sync
+from raymb.rundir import checkpoint as ckpt
+from raymb.rundir.storage import Location
+from raymb.tools.evaluate import batch_sums, lm_metrics
+from raymb.worker.feed import Batch
+from raymb.worker.metrics import Entry, Ledger
 
 POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 0.2
 """How often Ray Train's controller polls the workers: a report waits for the next poll (every

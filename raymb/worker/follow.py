@@ -24,7 +24,7 @@ The arriving files are small and come one at a time, so each worker reads the fi
 pyarrow (the whole file, then its rows); data.val is read once by Ray Data, as for `raymb
 train`. Rank 0 lists DIR and broadcasts what to do next, so every worker agrees. Nothing
 waits in a collective for long: rank 0 sends a "wait" every half second or so while idle.
-Steps, metrics, validation and checkpoints are raymb.worker's, as for `raymb train`: any
+Steps, metrics, validation and checkpoints are raymb.worker.worker's, as for `raymb train`: any
 train.sync (under param/diloco a checkpoint after each file averages the workers; a worker
 with no row in a step steps on zero gradients, which momentum still moves).
 """
@@ -47,11 +47,11 @@ import ray.train
 import ray.train.torch
 import torch.distributed as dist
 
-from raymb import checkpoint as ckpt
-from raymb import storage
-from raymb.columns import Inputs, column_names, table_to_tensors
 from raymb.config import CheckpointSection, Config, DataSection
-from raymb.driver import (
+from raymb.core.order import rank_rows
+from raymb.data.checks import PARQUET_SUFFIX, DatasetInfo, check_dataset
+from raymb.data.columns import Inputs, column_names, table_to_tensors
+from raymb.driver.run import (
     Result,
     _first_line,
     _summary,
@@ -62,12 +62,12 @@ from raymb.driver import (
     run_location,
 )
 from raymb.errors import ConfigError, DataError, RaymbError, StorageError
-from raymb.feed import val_batches
-from raymb.order import rank_rows
-from raymb.runs import latest_checkpoint, mark
-from raymb.schema import PARQUET_SUFFIX, DatasetInfo, check_dataset
-from raymb.storage import Location
-from raymb.worker import Shape, Worker
+from raymb.rundir import checkpoint as ckpt
+from raymb.rundir import storage
+from raymb.rundir.runs import latest_checkpoint, mark
+from raymb.rundir.storage import Location
+from raymb.worker.feed import val_batches
+from raymb.worker.worker import Shape, Worker
 
 STOP_FILE = "STOP"
 """In the run directory: the workers stop after the file in hand when it appears."""
@@ -77,7 +77,7 @@ STOP_FILE = "STOP"
 
 
 def open_directory(directory: str | Path) -> tuple[pafs.FileSystem, str]:
-    """DIR as (filesystem, path on it): a local path or any URI raymb.storage resolves."""
+    """DIR as (filesystem, path on it): a local path or any URI raymb.rundir.storage resolves."""
     text = str(directory)
     try:
         location = storage.resolve(text, what="--follow")

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymb.errors import ConfigError
-from raymb.storage import write_local
+from raymb.rundir.storage import write_local
 
 KINDS = ("linear", "regression", "classification")
 DEFAULT_FEATURES = {"linear": 1, "regression": 8, "classification": 16}

@@ -3,7 +3,7 @@ worker's rows into microbatches.
 
 Every epoch trains on all N rows of data.train in steps of G rows (the whole set for full
 batch; the last step may be short); worker r of W takes the r-th of W near-equal slices of
-each step (raymb.order). Which rows a step takes never depends on W, so a run resumed with
+each step (raymb.core.order). Which rows a step takes never depends on W, so a run resumed with
 another number of workers continues exactly. Every worker works out every step's sizes
 without communicating.
 """
@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-from raymb.columns import Inputs
 from raymb.config import Config
+from raymb.core.order import rank_rows
+from raymb.data.columns import Inputs
 from raymb.errors import DataError
-from raymb.order import rank_rows
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,11 +27,11 @@ import ray
 import ray.data
 import torch
 
-from raymb.columns import table_to_tensors
+from raymb.core.order import epoch_order, epoch_seed, rank_rows, worker_rows
+from raymb.core.plan import Plan
+from raymb.data.checks import check_values
+from raymb.data.columns import table_to_tensors
 from raymb.errors import DataError
-from raymb.order import epoch_order, epoch_seed, rank_rows, worker_rows
-from raymb.plan import Plan
-from raymb.schema import check_values
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 PATH = "path"

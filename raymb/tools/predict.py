@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raymb.checkpoint import load_model, payload_inputs
-from raymb.columns import table_to_tensors
 from raymb.config import Config
+from raymb.data.checks import DatasetInfo, check_dataset, resolve_files
+from raymb.data.columns import table_to_tensors
 from raymb.errors import DataError
-from raymb.evaluate import check_fits, read_batches
-from raymb.schema import DatasetInfo, check_dataset, resolve_files
+from raymb.rundir.checkpoint import load_model, payload_inputs
+from raymb.tools.evaluate import check_fits, read_batches
 
 
 @torch.no_grad()

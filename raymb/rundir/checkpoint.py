@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from raymb import storage
 from raymb.errors import CheckpointError, ConfigError
-from raymb.storage import Location
+from raymb.rundir import storage
+from raymb.rundir.storage import Location
 
 if TYPE_CHECKING:
-    from raymb.columns import Inputs
     from raymb.config import Config
+    from raymb.data.columns import Inputs
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
@@ -106,7 +106,7 @@ def model_payload(
 
 def payload_inputs(payload: dict[str, Any]) -> Inputs:
     """The model's raymb.columns.Inputs (a checkpoint from before tensor columns: flat)."""
-    from raymb.columns import Inputs
+    from raymb.data.columns import Inputs
 
     if payload.get("inputs"):
         return Inputs.from_dict(payload["inputs"])

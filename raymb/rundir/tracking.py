@@ -42,7 +42,7 @@ from typing import Any
 
 from raymb import __version__
 from raymb.errors import ConfigError
-from raymb.storage import Location
+from raymb.rundir.storage import Location
 
 UPLOAD_S = 30.0
 """At most how often event files are uploaded to a run directory in an object store."""

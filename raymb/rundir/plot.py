@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from raymb.errors import RaymbError
-from raymb.storage import Location
+from raymb.rundir.storage import Location
 
 PLOT_FILE = "loss.png"
 METRICS_FILE = "metrics.csv"

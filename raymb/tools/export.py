@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from raymb.checkpoint import MODEL_FILE, load_model, load_state, payload_inputs
-from raymb.columns import Inputs
+from raymb.data.columns import Inputs
 from raymb.errors import RaymbError
+from raymb.rundir.checkpoint import MODEL_FILE, load_model, load_state, payload_inputs
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 TRACE_ROWS, CHECK_ROWS = 2, 4  # different sizes: the check proves the batch axis is free

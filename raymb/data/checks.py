@@ -22,9 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raymb import storage
-from raymb.columns import ShapeError, feature_shape, flat_values
+from raymb.data.columns import ShapeError, feature_shape, flat_values
 from raymb.errors import ConfigError, DataError, StorageError
+from raymb.rundir import storage
 
 PARQUET_SUFFIX = ".parquet"
 _GLOB_CHARS = frozenset("*?[")
@@ -96,7 +96,7 @@ def check_dataset(
     """Resolve `path` and check every file's features and label columns; raise DataError.
 
     A feature column is a list of numbers (fixed-size, or of equal length in every row) or a
-    fixed-shape tensor (see raymb.columns); `label` None (data.task = "lm") reads no label.
+    fixed-shape tensor (see raymb.data.columns); `label` None (data.task = "lm") reads no label.
     With `scan_features=False` the feature values (nulls, NaN, inf) are left to whoever
     reads them next (the training workers' first pass, `check_values`): only the footers and
     the label column are read here, list columns of variable length for their widths, and

@@ -1,6 +1,6 @@
 """The per-worker training loop: what each Ray Train worker runs, top to bottom.
 
-next step's rows (raymb.feed) -> train_step -> a metrics entry; when a checkpoint is due
+next step's rows (raymb.worker.feed) -> train_step -> a metrics entry; when a checkpoint is due
 (checkpoint.every_steps, an epoch's end at least checkpoint.min_interval_s after the last,
 the end): validate, then report with the checkpoint. Every rank checkpoints and gathers
 metrics at the same steps: ray.train.report and the gathers are collectives.
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import ray.train
 
-from raymb.columns import Inputs
 from raymb.config import Config
-from raymb.feed import train_source, val_batches
-from raymb.plan import Plan
-from raymb.storage import Location
-from raymb.worker import Progress, Shape, Worker, fault_wait_s
+from raymb.core.plan import Plan
+from raymb.data.columns import Inputs
+from raymb.rundir.storage import Location
+from raymb.worker.feed import train_source, val_batches
+from raymb.worker.worker import Progress, Shape, Worker, fault_wait_s
 
 
 def train_loop(payload: dict) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from raymb.errors import RaymbError
-from raymb.storage import Location
+from raymb.rundir.storage import Location
 
 BAR_WIDTH = 20
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from raymb.checkpoint import load_model, payload_inputs
 from raymb.config import Config
 from raymb.errors import CheckpointError, RaymbError
+from raymb.rundir.checkpoint import load_model, payload_inputs
 
 
 @dataclass(frozen=True)

@@ -17,19 +17,19 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raymb import plot, progress, storage
-from raymb.checkpoint import MODEL_FILE, claim_run
-from raymb.columns import Inputs, column_names
 from raymb.config import Config
+from raymb.core.plan import Plan
+from raymb.data.checks import DatasetInfo, check_dataset, describe_shape
+from raymb.data.columns import Inputs, column_names
 from raymb.data.manifest import find_manifest
 from raymb.errors import ConfigError, DataError, RaymbError, StorageError
-from raymb.loop import train_loop
-from raymb.plan import Plan
-from raymb.runs import latest_checkpoint, mark
-from raymb.schema import DatasetInfo, check_dataset, describe_shape
-from raymb.storage import Location
-from raymb.tracking import Tracker, mlflow_target
-from raymb.worker import POLL_ENV, POLL_S
+from raymb.rundir import plot, progress, storage
+from raymb.rundir.checkpoint import MODEL_FILE, claim_run
+from raymb.rundir.runs import latest_checkpoint, mark
+from raymb.rundir.storage import Location
+from raymb.rundir.tracking import Tracker, mlflow_target
+from raymb.worker.epochs import train_loop
+from raymb.worker.worker import POLL_ENV, POLL_S
 
 CACHE_SHARE = 0.25
 """data.cache = "auto" caches when the data takes at most this share of Ray's object store
@@ -55,7 +55,7 @@ def prepare(config: Config) -> tuple[Plan, Any, Any]:
     mlflow_target(config.log.mlflow_uri)  # asked for, and installed
     data = config.data
     label = data.label_column
-    # The feature values are checked by the workers' first read (raymb.feed).
+    # The feature values are checked by the workers' first read (raymb.worker.feed).
     train_info = check_dataset(
         data.train, data.features, label, what="data.train", scan_features=False, task=data.task
     )
@@ -307,7 +307,7 @@ def _itemsize(info: DatasetInfo) -> int:
 def data_spec(
     info: DatasetInfo, config: Config, cached: bool, what: str = "data.train"
 ) -> dict[str, Any]:
-    """What a worker needs to read a dataset (raymb.feed): the materialized blocks, or the
+    """What a worker needs to read a dataset (raymb.worker.feed): the materialized blocks, or the
     files to stream."""
     label = config.data.label_column
     columns = column_names(config.data.features, label)
@@ -327,7 +327,7 @@ def data_spec(
     if cached:
         import ray.data
 
-        # Blocks in file order: the row indices of raymb.order are positions in the files.
+        # Blocks in file order: the row indices of raymb.core.order are positions in the files.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         dataset = ray.data.read_parquet(list(info.files), filesystem=info.filesystem)
         dataset = dataset.select_columns(columns).materialize()

@@ -1,7 +1,7 @@
 """`raymb eval`: a saved model's loss and accuracy on a parquet set, in this process.
 
 `batch_sums` is the one definition of a validation batch's sums: the workers' validation
-pass (raymb.loop) adds it up across workers, `evaluate` across the files of a dataset.
+pass (raymb.worker.epochs) adds it up across workers, `evaluate` across the files of a dataset.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raymb.checkpoint import load_model, payload_inputs
-from raymb.columns import table_to_tensors
 from raymb.config import Config
+from raymb.data.checks import DatasetInfo, check_dataset
+from raymb.data.columns import table_to_tensors
 from raymb.errors import DataError
 from raymb.models import correct, summed_loss
-from raymb.schema import DatasetInfo, check_dataset
+from raymb.rundir.checkpoint import load_model, payload_inputs
 
 
 @torch.no_grad()

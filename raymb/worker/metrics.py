@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from raymb import storage
-from raymb.storage import Location
+from raymb.rundir import storage
+from raymb.rundir.storage import Location
 
 COLUMNS = (
     "step",

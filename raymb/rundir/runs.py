@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from raymb.errors import StorageError
-from raymb.storage import Location
+from raymb.rundir.storage import Location
 
 RUN_FILE = "run.json"
 STATUS_FILE = "status.json"

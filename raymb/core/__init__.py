@@ -1,0 +1,1 @@
+"""The exactness contract in plain torch: plan, row order, the step, sync strategies, optimizers."""

@@ -1,0 +1,1 @@
+"""A run directory: storage, checkpoints, status, progress, tracking, the loss plot."""

@@ -1,0 +1,1 @@
+"""Commands on a finished checkpoint, without Ray: eval, predict, sample, export."""
