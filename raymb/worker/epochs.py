@@ -1,9 +1,9 @@
-"""The per-worker training loop: what each Ray Train worker runs, top to bottom.
+"""The per-worker training loop: what each worker runs, top to bottom.
 
 next step's rows (raymb.worker.feed) -> train_step -> a metrics entry; when a checkpoint is due
 (checkpoint.every_steps, an epoch's end at least checkpoint.min_interval_s after the last,
 the end): validate, then report with the checkpoint. Every rank checkpoints and gathers
-metrics at the same steps: ray.train.report and the gathers are collectives.
+metrics at the same steps: the session's report and the gathers are collectives.
 """
 
 from __future__ import annotations
@@ -13,37 +13,47 @@ import signal
 import time
 from pathlib import Path
 
-import ray.train
-
 from raymb.config import Config
 from raymb.core.plan import Plan
 from raymb.data.columns import Inputs
 from raymb.rundir.storage import Location
 from raymb.worker.feed import train_source, val_batches
+from raymb.worker.session import RaySession, Session
+from raymb.worker.spec import EpochsSpec
 from raymb.worker.worker import Progress, Shape, Worker, fault_wait_s
 
 
-def train_loop(payload: dict) -> None:
-    config = Config.from_dict(payload["config"])
-    plan = Plan(**payload["plan"])
-    run_dir = payload["run_dir"]
+def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -> None:
+    """Ray Train calls it with its train_loop_config ({"spec": EpochsSpec}); a TorchSession
+    passes itself."""
+    spec = payload["spec"]
+    session = session or RaySession()
+    config, run_dir = spec.config, spec.run_dir
     faults = Faults(config, run_dir)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    plan = plan.for_world(world)  # elastic: as many workers as the cluster gave
+    rank, world = session.rank, session.world
+    plan = spec.plan.for_world(world)  # elastic: as many workers as the cluster gave
     features = config.data.features
     label = config.data.label_column
-    val = val_batches(payload["val"], features, label, rank, world, max(plan.microbatch, 1024))
+    fetch = session.fetch
+    val = val_batches(spec.val, fetch, features, label, rank, world, max(plan.microbatch, 1024))
     inputs = Inputs.from_dict(plan.inputs)
-    shape = Shape(inputs, plan.out_features, payload.get("tokenizer"))
-    worker = Worker(config, shape, run_dir, mode="epochs", total_steps=plan.total_steps, val=val)
+    shape = Shape(inputs, plan.out_features, spec.tokenizer)
+    worker = Worker(
+        config,
+        shape,
+        run_dir,
+        mode="epochs",
+        total_steps=plan.total_steps,
+        session=session,
+        val=val,
+    )
     progress, device = worker.progress, worker.device
     if worker.resumed and rank == 0:
         print(f"raymb: resumed from step {progress.step} (epoch {progress.epoch})", flush=True)
     if _finished(progress, plan):  # a finished run started again: report where it ended
         worker.report(with_checkpoint=False)
         return
-    source = train_source(payload["train"], features, label, plan, rank, world)
+    source = train_source(spec.train, fetch, features, label, plan, rank, world)
 
     m = plan.microbatch
     while not _finished(progress, plan):

@@ -18,13 +18,11 @@ file: the driver's check before Ray starts reads only footers and labels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
-import ray.data
+import pyarrow.parquet as pq
 import torch
 
 from raymb.core.order import epoch_order, epoch_seed, rank_rows, worker_rows
@@ -32,8 +30,11 @@ from raymb.core.plan import Plan
 from raymb.data.checks import check_values
 from raymb.data.columns import table_to_tensors
 from raymb.errors import DataError
+from raymb.worker.spec import DataSpec
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Fetch = Callable[[list], list]
+"""A session's fetch: a cached spec's blocks as pyarrow Tables (raymb.worker.session)."""
 PATH = "path"
 """The column Ray Data's include_paths adds: which file a streamed row came from."""
 
@@ -41,10 +42,10 @@ PATH = "path"
 class CachedSource:
     """The whole set as tensors in this worker; each step is an index gather."""
 
-    def __init__(self, spec: dict[str, Any], features, label, plan: Plan, rank: int, world: int):
-        self.x, self.y = _tensors(spec, features, label)
-        self.file_rows = spec["file_rows"]
-        self.shuffle, self.seed = spec["shuffle"], spec["seed"]
+    def __init__(self, spec: DataSpec, fetch: Fetch, features, label, plan: Plan, rank, world):
+        self.x, self.y = _tensors(spec, fetch, features, label)
+        self.file_rows = spec.file_rows
+        self.shuffle, self.seed = spec.shuffle, spec.seed
         self.plan, self.rank, self.world = plan, rank, world
 
     def steps(self, epoch: int, start: int) -> Iterator[Batch]:
@@ -58,22 +59,22 @@ class CachedSource:
 class StreamedSource:
     """Ray Data reads every epoch; this worker keeps its slice of each step's rows."""
 
-    def __init__(self, spec: dict[str, Any], features, label, plan: Plan, rank: int, world: int):
+    def __init__(self, spec: DataSpec, fetch: Fetch, features, label, plan: Plan, rank, world):
         self.spec, self.features, self.label = spec, features, label
         self.plan, self.rank, self.world = plan, rank, world
 
     def steps(self, epoch: int, start: int) -> Iterator[Batch]:
         spec, plan = self.spec, self.plan
-        files = list(spec["files"])
-        if spec["shuffle"] != "none":
-            order = epoch_order("files", spec["seed"], epoch, [1] * len(files)).tolist()
+        files = list(spec.files)
+        if spec.shuffle != "none":
+            order = epoch_order("files", spec.seed, epoch, [1] * len(files)).tolist()
             files = [files[i] for i in order]
         dataset = _stream(spec, files)
         shuffle = {}
-        if spec["shuffle"] == "rows":
+        if spec.shuffle == "rows":
             shuffle = dict(
-                local_shuffle_buffer_size=spec["shuffle_buffer"],
-                local_shuffle_seed=epoch_seed(spec["seed"], epoch) % 2**32,
+                local_shuffle_buffer_size=spec.shuffle_buffer,
+                local_shuffle_seed=epoch_seed(spec.seed, epoch) % 2**32,
             )
         batches = dataset.iter_batches(
             batch_size=plan.step_total,
@@ -90,20 +91,20 @@ class StreamedSource:
             yield table_to_tensors(table, self.features, self.label)
 
 
-def train_source(spec: dict[str, Any], features, label, plan: Plan, rank: int, world: int):
-    kind = CachedSource if spec["cached"] else StreamedSource
-    return kind(spec, features, label, plan, rank, world)
+def train_source(spec: DataSpec, fetch: Fetch, features, label, plan: Plan, rank, world):
+    kind = CachedSource if spec.cached else StreamedSource
+    return kind(spec, fetch, features, label, plan, rank, world)
 
 
 def val_batches(
-    spec: dict[str, Any] | None, features, label, rank: int, world: int, rows: int
+    spec: DataSpec | None, fetch: Fetch, features, label, rank: int, world: int, rows: int
 ) -> Iterator[Batch] | list[Batch] | None:
-    """This worker's part of data.val: cached batches (a list, reusable), or a function of
-    nothing that streams them again."""
+    """This worker's part of data.val: cached batches (a list, reusable), or an iterable that
+    streams them again each time."""
     if spec is None:
         return None
-    if spec["cached"]:
-        x, y = _tensors(spec, features, label)
+    if spec.cached:
+        x, y = _tensors(spec, fetch, features, label)
         x, y = x[rank::world], y[rank::world]
         return [(x[i : i + rows], y[i : i + rows]) for i in range(0, len(y), rows)]
     return _StreamedVal(spec, features, label, rank, world, rows)
@@ -116,7 +117,7 @@ class _StreamedVal:
 
     def __iter__(self) -> Iterator[Batch]:
         spec = self.spec
-        dataset = _stream(spec, list(spec["files"]))
+        dataset = _stream(spec, list(spec.files))
         for table in dataset.iter_batches(
             batch_size=self.rows * self.world, batch_format="pyarrow"
         ):
@@ -127,19 +128,26 @@ class _StreamedVal:
                 yield table_to_tensors(table, self.features, self.label)
 
 
-def _stream(spec: dict[str, Any], files: list[str]) -> ray.data.Dataset:
+def _stream(spec: DataSpec, files: list[str]):
     """The files as one Ray Data stream in this order, each row with its file's path."""
+    import ray.data
+
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset = ray.data.read_parquet(
-        files, filesystem=spec["filesystem"], override_num_blocks=len(files), include_paths=True
+        files, filesystem=spec.filesystem, override_num_blocks=len(files), include_paths=True
     )
-    return dataset.select_columns([*spec["columns"], PATH])
+    return dataset.select_columns([*spec.columns, PATH])
 
 
-def check_batch(table: pa.Table, spec: dict[str, Any]) -> None:
+def read_blocks(files: tuple[str, ...], columns: tuple[str, ...], filesystem) -> tuple:
+    """A dataset's files as pyarrow Tables in file order, read here (a TorchSession's cache)."""
+    return tuple(pq.read_table(f, columns=list(columns), filesystem=filesystem) for f in files)
+
+
+def check_batch(table: pa.Table, spec: DataSpec) -> None:
     """The feature values of streamed rows (check_dataset left them to this first read):
     a DataError names the file, counting the bad rows of this batch."""
-    columns = spec["scan"]
+    columns = spec.scan
     try:
         check_values(table, columns, "")
         return
@@ -147,16 +155,16 @@ def check_batch(table: pa.Table, spec: dict[str, Any]) -> None:
         pass  # which file: look again, file by file
     for path in pc.unique(table.column(PATH)).to_pylist():
         rows = table.filter(pc.equal(table.column(PATH), path))
-        check_values(rows, columns, f"{spec['what']}: {path}")
+        check_values(rows, columns, f"{spec.what}: {path}")
 
 
-def _tensors(spec: dict[str, Any], features, label) -> Batch:
+def _tensors(spec: DataSpec, fetch: Fetch, features, label) -> Batch:
     """The materialized blocks as tensors, their feature values checked file by file (the
     blocks are in file order)."""
-    tables = ray.get(list(spec["refs"]))
+    tables = fetch(list(spec.blocks))
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     start = 0
-    for path, rows in zip(spec["files"], spec["file_rows"]):
-        check_values(table.slice(start, rows), spec["scan"], f"{spec['what']}: {path}")
+    for path, rows in zip(spec.files, spec.file_rows):
+        check_values(table.slice(start, rows), spec.scan, f"{spec.what}: {path}")
         start += rows
     return table_to_tensors(table, features, label)  # over the blocks' shared memory

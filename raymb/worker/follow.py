@@ -51,6 +51,7 @@ from raymb.config import CheckpointSection, Config, DataSection
 from raymb.core.order import rank_rows
 from raymb.data.checks import PARQUET_SUFFIX, DatasetInfo, check_dataset
 from raymb.data.columns import Inputs, column_names, table_to_tensors
+from raymb.driver.preflight import run_location
 from raymb.driver.run import (
     Result,
     _first_line,
@@ -59,7 +60,6 @@ from raymb.driver.run import (
     data_spec,
     make_trainer,
     mark_failed,
-    run_location,
 )
 from raymb.errors import ConfigError, DataError, RaymbError, StorageError
 from raymb.rundir import checkpoint as ckpt
@@ -67,6 +67,7 @@ from raymb.rundir import storage
 from raymb.rundir.runs import latest_checkpoint, mark
 from raymb.rundir.storage import Location
 from raymb.worker.feed import val_batches
+from raymb.worker.session import RaySession
 from raymb.worker.worker import Shape, Worker
 
 STOP_FILE = "STOP"
@@ -137,14 +138,22 @@ def follow_loop(payload: dict) -> None:
     """What each Ray Train worker runs: agree on the next file, train one pass, checkpoint."""
     config = Config.from_dict(payload["config"])
     dims = payload["dims"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    session = RaySession()
+    rank, world = session.rank, session.world
     features, label = config.data.features, config.data.label
-    val = val_batches(payload["val"], features, label, rank, world, 4096)
+    val = val_batches(payload["val"], session.fetch, features, label, rank, world, 4096)
     inputs = Inputs.from_dict(dims["inputs"])
     shape = Shape(inputs, dims["out_features"])
     # constant or step schedules only: they need no total
-    worker = Worker(config, shape, payload["run_dir"], mode="follow", total_steps=1, val=val)
+    worker = Worker(
+        config,
+        shape,
+        payload["run_dir"],
+        mode="follow",
+        total_steps=1,
+        session=session,
+        val=val,
+    )
     progress, device = worker.progress, worker.device
     if worker.resumed and rank == 0:
         print(f"raymb: resumed at step {progress.step}, {len(progress.files)} files in")

@@ -1,9 +1,11 @@
-"""What every Ray Train worker of raymb holds, whichever loop drives it (epochs or --follow).
+"""What every worker of raymb holds, whichever loop drives it (epochs or --follow).
 
 `Worker` builds the model, optimizer, scheduler and sync strategy, restores them from the
 run's latest checkpoint, takes steps, keeps their metrics (raymb.worker.metrics) and, when the
 loop says a checkpoint is due, validates and reports one. The loops (raymb.worker.epochs for epochs,
 raymb.worker.follow for arriving files) decide only which rows each step trains on and when.
+What it needs of the runtime (rank, device, the latest checkpoint, reports) it asks of its
+session (raymb.worker.session): Ray Train, or a plain torch.distributed group.
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -34,6 +33,7 @@ from raymb.rundir.storage import Location
 from raymb.tools.evaluate import batch_sums, lm_metrics
 from raymb.worker.feed import Batch
 from raymb.worker.metrics import Entry, Ledger
+from raymb.worker.session import Session
 
 POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 0.2
 """How often Ray Train's controller polls the workers: a report waits for the next poll (every
@@ -91,13 +91,14 @@ class Worker:
         *,
         mode: str,
         total_steps: int,
+        session: Session,
         val: Any = None,
     ) -> None:
         self.config, self.shape, self.mode, self.val = config, shape, mode, val
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.device = device = ray.train.torch.get_device()
-        self.nodes = _count_nodes(self.world)
+        self.session = session
+        self.rank, self.world = session.rank, session.world
+        self.device = device = session.device
+        self.nodes = _count_nodes(session)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.train.seed)
@@ -111,12 +112,11 @@ class Worker:
         # each worker's generator state, so a resumed run draws what an uninterrupted one would.
         torch.manual_seed(config.train.seed * 1000 + self.rank)
         random.seed(config.train.seed * 1000 + self.rank)
-        restored = ray.train.get_checkpoint()
         saved_sync = None
-        if restored is not None:
-            with restored.as_directory() as directory:
-                saved_sync = self._restore(Path(directory))
-            self.progress.resumed_from_steps.append(self.progress.step)
+        with session.restored() as directory:
+            if directory is not None:
+                saved_sync = self._restore(directory)
+                self.progress.resumed_from_steps.append(self.progress.step)
         self.net = self.sync.wrap(self.model)
         if saved_sync is not None:
             self.sync.load_state_dict(saved_sync)
@@ -216,11 +216,9 @@ class Worker:
         if self.ledger.csv is not None:
             self.ledger.csv.flush()  # the rows up to this checkpoint, in storage before it
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
             if with_checkpoint:
                 self._save(Path(tmp))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            self.session.report(metrics, Path(tmp) if with_checkpoint else None)
         self.last_checkpoint = time.monotonic()
 
     @torch.no_grad()
@@ -352,12 +350,12 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _count_nodes(world: int) -> int:
-    """How many Ray nodes the workers run on (by node id: nodes may share an address)."""
-    node = ray.get_runtime_context().get_node_id()
-    if world == 1:
+def _count_nodes(session: Session) -> int:
+    """How many nodes the workers run on (by node id: nodes may share an address)."""
+    if session.world == 1:
         return 1
-    ids: list = [None] * world
+    node = session.node_id()
+    ids: list = [None] * session.world
     dist.all_gather_object(ids, node)
     return len(set(ids))
 

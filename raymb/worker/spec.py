@@ -1,0 +1,80 @@
+"""What crosses from the driver to the workers: frozen, typed specs instead of payload dicts.
+
+The driver (raymb.driver) builds them after every check; the loops (raymb.worker.epochs and
+raymb.worker.follow) read them. A spec holds only what a worker cannot work out itself, and
+nothing that reads the disk when it is built on the worker side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from raymb.config import Config
+from raymb.core.plan import Plan
+from raymb.data.checks import DatasetInfo
+from raymb.data.columns import column_names
+from raymb.rundir.storage import Location
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """How a worker reads one dataset (raymb.worker.feed): cached blocks, or files to stream."""
+
+    cached: bool
+    files: tuple[str, ...]
+    file_rows: tuple[int, ...]
+    filesystem: Any = field(repr=False)
+    columns: tuple[str, ...]
+    """Feature columns, then the label column (if any)."""
+    scan: tuple[str, ...]
+    """Feature columns whose values the first read checks (the driver read the labels)."""
+    what: str
+    """data.train or data.val: how errors name the set."""
+    shuffle: str
+    seed: int
+    shuffle_buffer: int
+    blocks: tuple = ()
+    """Cached: the set in file order, as Ray object refs (RaySession) or pyarrow Tables
+    (TorchSession); the session's fetch turns them into Tables."""
+
+    @classmethod
+    def of(
+        cls,
+        info: DatasetInfo,
+        config: Config,
+        *,
+        what: str = "data.train",
+        blocks: tuple | None = None,
+    ) -> DataSpec:
+        """The spec of a checked dataset; `blocks`: its cached blocks (None: streamed)."""
+        label = config.data.label_column
+        columns = tuple(column_names(config.data.features, label))
+        G = config.train.global_batch_size
+        step_rows = info.num_rows if G == "all" else G
+        return cls(
+            cached=blocks is not None,
+            files=tuple(info.files),
+            file_rows=tuple(info.file_rows),
+            filesystem=info.filesystem,
+            columns=columns,
+            scan=columns[: len(columns) - (label is not None)],
+            what=what,
+            shuffle=config.data.shuffle,
+            seed=config.train.seed,
+            shuffle_buffer=max(4096, 4 * step_rows),
+            blocks=tuple(blocks or ()),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochsSpec:
+    """What `raymb train` hands each worker of the epoch loop."""
+
+    config: Config
+    plan: Plan
+    run_dir: Location
+    train: DataSpec
+    val: DataSpec | None = None
+    tokenizer: dict | None = None
+    """lm: the tokenizer's spec (raymb.data.tokenizer), kept with the model for sampling."""
