@@ -113,7 +113,7 @@ def test_killed_worker_is_replaced_and_the_run_ends_as_if_never_killed(
     # Rank 1 dies before step 13, mid-epoch and mid-period (4 steps) of param sync: training
     # resumes from the checkpoint at step 10 with each worker's own optimizer state. (A kill
     # under grad: the exhausted-failures test below, the streamed kill, and a whole node lost
-    # in tests/test_multinode.py.)
+    # in tests/system/test_multinode.py.)
     straight = straight_param
     killed = _train(
         runs,
@@ -204,8 +204,8 @@ def test_a_run_resumed_with_other_numbers_of_workers_ends_as_the_straight_run(
 def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, runs):
     # 1024 rows, "all", 30 epochs on W=3 (342, 341 and 341 rows: uneven) x k=3 microbatches
     # of up to 128 against plain gradient descent. (W=2 and W=1, with elastic workers, a lost
-    # node and a bucket: tests/test_multinode.py.) The data is read once: the 29 epochs after
-    # the first cost seconds.
+    # node and a bucket: tests/system/test_multinode.py.) The data is read once: the 29
+    # epochs after the first cost seconds.
     common = (
         "train.global_batch_size=all",
         "train.epochs=30",

@@ -32,7 +32,7 @@ from raymb.data.tables import generate
 
 pytestmark = pytest.mark.timeout(600)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "jobs" / "train.py"
 RAY = Path(sys.executable).parent / "ray"  # the CLI of the Ray this interpreter imports
 RAY_ENV_VARS = (

@@ -30,9 +30,9 @@ if sys.version_info >= (3, 11):
 else:  # pyproject.toml installs tomli there
     import tomli as tomllib
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
-CRD_DIR = Path(__file__).resolve().parent / "data" / "kuberay"
+CRD_DIR = Path(__file__).resolve().parents[1] / "data" / "kuberay"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 RUNS_CLAIM = "raymb-runs"
 RUNS_MOUNT = "/mnt/raymb-runs"
