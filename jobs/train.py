@@ -104,8 +104,16 @@ def _load(args: argparse.Namespace) -> raymb.Config:
         return config
     else:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        name = f"{Path(args.config).stem}-{stamp}"
-    return dataclasses.replace(config, run=dataclasses.replace(config.run, name=name))
+        # A run name may not start with '.' (raymb's temporary siblings do): .x.toml -> x-...
+        name = f"{Path(args.config).stem.lstrip('.')}-{stamp}"
+    try:
+        run = dataclasses.replace(config.run, name=name)
+    except raymb.ConfigError as e:  # the name came from --name or the file's name, not run.name
+        if args.name is not None:
+            raise raymb.ConfigError(f"--name: {e}") from None
+        where = f"the run name from --config {args.config}"
+        raise raymb.ConfigError(f"{where}: {e}; give --name NAME") from None
+    return dataclasses.replace(config, run=run)
 
 
 def _check_storage(path: str) -> None:

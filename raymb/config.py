@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 import types
 import typing
@@ -18,7 +19,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
-from annotated_types import Ge, Interval
+from annotated_types import Ge, Gt, Interval, Le
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
@@ -40,8 +41,11 @@ def _section(where: str, **config: Any) -> Callable[[type[T]], type[T]]:
 
     def make(cls: type[T]) -> type[T]:
         # strict: no "5" for 5 and no true for 1 (an int is still taken for a float); extra:
-        # an unknown key is an error; the docstring under a field describes it in the schema.
-        checked = ConfigDict(strict=True, extra="forbid", use_attribute_docstrings=True)
+        # an unknown key is an error; no inf or nan in any float (none has a use for them);
+        # the docstring under a field describes it in the schema.
+        checked = ConfigDict(
+            strict=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True
+        )
         cls = dataclass(frozen=True, kw_only=True, config=ConfigDict(**checked, **config))(cls)
         init = cls.__init__
 
@@ -60,21 +64,46 @@ def _section(where: str, **config: Any) -> Callable[[type[T]], type[T]]:
 
 Fraction = Annotated[float, Interval(ge=0, lt=1)]
 
+# What the numbers are handed to can take: the worker seeds torch with seed * 1000 + rank
+# (at most 2**64 - 1), and a seed stays exact as a JSON or TensorBoard float (2**53 - 1);
+# epochs x steps per epoch (up to 2**32 of them) and the step counter stay in an int64.
+MAX_SEED = 2**53 - 1
+MAX_EPOCHS = 2**31 - 1
+MAX_STEPS = 2**63 - 1
+_LIMITS = {MAX_SEED, MAX_EPOCHS, MAX_STEPS}
+
+RUN_NAME = "a plain folder name (non-empty, no leading '.', no '/' or '\\', no control characters)"
+
 
 @_section("run")
 class RunSection:
     """Where the run lives."""
 
     name: str = "default"
-    """Run directory name under storage_path; starting a run whose name exists resumes it."""
+    """Run directory name under storage_path, a plain folder name (no leading '.', no '/' or
+    '\\', no control characters); starting a run whose name exists resumes it."""
     storage_path: str = "runs"
     """Where run directories live: a local path (shared between nodes on a cluster) or an
     object-store URI (s3://bucket/prefix, gs://..., any URI pyarrow's filesystems resolve)."""
 
     def __post_init__(self) -> None:
         name = self.name
-        _require(bool(name) and "/" not in name, "run.name", "a non-empty name without '/'", name)
+        _require(plain_name(name), "run.name", RUN_NAME, name)
+        size = len(name.encode("utf-8", "surrogatepass"))
+        _require(size <= 255, "run.name", f"at most 255 bytes long, not {size}", name)
         _require(bool(self.storage_path), "run.storage_path", "a path or URI", self.storage_path)
+
+
+def plain_name(name: str) -> bool:
+    """Whether `name` names one folder inside its parent: not the parent itself, not above
+    it, not hidden (raymb writes hidden siblings while it works), nothing a line would break on."""
+    return (
+        bool(name)
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and name.isprintable()  # no control, format or line-separator characters
+    )
 
 
 @_section("storage")
@@ -239,10 +268,13 @@ class TrainSection:
     of the model) fit train.memory_budget."""
     memory_budget: str = "1GiB"
     """Activation memory a microbatch may use when microbatch_size = "auto" (e.g. 512MiB)."""
-    epochs: PositiveInt = 5
-    max_steps: PositiveInt | None = None
+    epochs: Annotated[int, Gt(0), Le(MAX_EPOCHS)] = 5
+    """Passes over data.train (at most 2**31 - 1)."""
+    max_steps: Annotated[int, Gt(0), Le(MAX_STEPS)] | None = None
     """Stop after this many optimizer steps in total (counting steps of earlier attempts)."""
-    seed: int = 0
+    seed: Annotated[int, Ge(0), Le(MAX_SEED)] = 0
+    """Seeds the model's initialisation, the workers' random numbers and each epoch's row
+    order (0 to 2**53 - 1)."""
     sync: Literal["grad", "param", "diloco"] = "grad"
     """grad: DDP gradient all-reduce every step; param: local SGD, parameters averaged every
     average_every steps; diloco: local inner steps, then an outer step on the averaged
@@ -505,6 +537,7 @@ def _error(cls: type, where: str, values: dict[str, Any], error: Any) -> ConfigE
     key = error["loc"][0]
     fields = cls.__pydantic_fields__
     if error["type"] == "unexpected_keyword_argument":
+        key = key if str(key).isprintable() else repr(key)  # a key read from TOML: one line
         if not where:
             return ConfigError(f"unknown config section [{key}]; known: {', '.join(fields)}")
         return ConfigError(
@@ -512,16 +545,47 @@ def _error(cls: type, where: str, values: dict[str, Any], error: Any) -> ConfigE
         )
     f = fields[key]
     bound = error["type"].startswith(("greater_than", "less_than"))
-    what = _bounds(f) if bound else _describe(f.annotation)
+    ((side, limit),) = error["ctx"].items() if bound else [(None, None)]
+    if error["type"] == "finite_number":
+        what = _finite(f)
+    elif bound and limit in _LIMITS:  # name the limit of torch or the step counter crossed
+        what = f"{_BOUNDS[side]} {limit}"
+    elif bound:
+        what = _bounds(f)
+    else:
+        what = _describe(f.annotation)
     return ConfigError(f"{where}.{key} must be {what} (got {values[key]!r})".lstrip("."))
 
 
+def _finite(f: Any) -> str:
+    """What a float field that got inf or nan takes: 'a finite number > 0', ..."""
+    if typing.get_origin(_unwrap(f.annotation)) is list:
+        return "a list of finite numbers"
+    bounds = _bounds(f)
+    return f"a finite number {bounds}" if bounds else "a finite number"
+
+
+def _unwrap(tp: Any) -> Any:
+    """The type of an optional field, without None."""
+    args = [t for t in typing.get_args(tp) if t is not type(None)]
+    optional = typing.get_origin(tp) in (Union, types.UnionType)
+    return args[0] if optional and len(args) == 1 else tp
+
+
 def _bounds(f: Any) -> str:
-    """A field's bounds in words: '> 0', 'in [0, 1)'."""
+    """A field's bounds in words: '> 0', 'in [0, 1)'; '' for none. A limit of what torch and
+    the step counter take is left out (it is named only when a value crosses it)."""
     meta = [*f.metadata]
     for tp in typing.get_args(f.annotation):  # an optional field: Annotated inside the union
         meta += getattr(tp, "__metadata__", ())
-    found = {k: getattr(m, k) for m in meta for k in _BOUNDS if getattr(m, k, None) is not None}
+    found = {
+        k: getattr(m, k)
+        for m in meta
+        for k in _BOUNDS
+        if getattr(m, k, None) is not None and getattr(m, k) not in _LIMITS
+    }
+    if not found:
+        return ""
     if len(found) == 1:
         ((k, v),) = found.items()
         return f"{_BOUNDS[k]} {v}"
@@ -573,12 +637,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     """Read a TOML config (or the defaults when path is None) and apply --set overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raw = _read_toml(path)
     for item in overrides:
         path, value = parse_override(item)
         table = raw
@@ -588,6 +647,29 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                 raise ConfigError(f"--set {item!r}: {part} is not a table")
         table[path[-1]] = value
     return Config.from_dict(raw)
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's tables; a file that is missing, unreadable, not UTF-8 or not TOML is a
+    one-line ConfigError naming it."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")  # TOML is UTF-8, whatever the locale
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x}); "
+            "save it as UTF-8"
+        ) from None
+    except (OSError, ValueError) as e:  # permission, a NUL in the path, ...
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(f"config file {path} cannot be read: {reason}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
 
 def to_toml(config: Config) -> str:
@@ -618,7 +700,10 @@ def _toml_table(name: str, table: dict[str, Any], notes: dict[str, str], lines: 
     for key, value in table.items():
         if key in nested:
             continue
-        line = f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}"
+        try:
+            line = f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}"
+        except ValueError as e:
+            raise ConfigError(f"{name}.{key}={value!r} cannot be written as TOML: {e}") from None
         note = notes.get(f"{name}.{key}")
         lines.append(line if note is None else f"{line}  # {note}")
     lines.append("")
@@ -630,10 +715,33 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
+
+
+_TOML_ESCAPES = {
+    "\\": "\\\\",
+    '"': '\\"',
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def _toml_char(c: str) -> str:
+    """One character of a TOML basic string: control, format and line-separator characters
+    escaped, so a value with a newline stays on its line and reads back the same."""
+    if c in _TOML_ESCAPES:
+        return _TOML_ESCAPES[c]
+    if 0xD800 <= ord(c) < 0xE000:  # a byte that was not UTF-8 (surrogateescape): no TOML
+        raise ValueError("not UTF-8 text")
+    if c.isprintable():
+        return c
+    return f"\\u{ord(c):04X}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08X}"
 
 
 _UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
@@ -647,7 +755,9 @@ def parse_bytes(text: str) -> int | None:
         value = float(number)
     except ValueError:
         return None
-    return int(value * _UNITS[unit]) if unit in _UNITS and value > 0 else None
+    if unit not in _UNITS or not 0 < value * _UNITS[unit] < math.inf:  # no inf, nan, 1e400
+        return None
+    return int(value * _UNITS[unit])
 
 
 # ---------------------------------------------------------------- JSON Schema

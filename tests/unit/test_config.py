@@ -200,7 +200,11 @@ GOT = [
     ("checkpoint.keep=0", "checkpoint.keep must be > 0 (got 0)"),
     ("fault.rank=2", "fault.rank must be < scale.workers=2 (got 2)"),
     ("outer.momentum=0", "outer.nesterov must be false when momentum = 0 (got True)"),
-    ("run.name=a/b", "run.name must be a non-empty name without '/' (got 'a/b')"),
+    (
+        "run.name=a/b",
+        "run.name must be a plain folder name (non-empty, no leading '.', no '/' or '\\', "
+        "no control characters) (got 'a/b')",
+    ),
     (
         "data.mean=[0.5]",
         "data.mean and data.std must be set together, one value per channel each "
