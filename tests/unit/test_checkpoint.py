@@ -1,4 +1,5 @@
-"""raymb.rundir.checkpoint: atomic writes, and every unreadable or foreign checkpoint refused in one line.
+"""raymb.rundir.checkpoint: atomic writes, and every unreadable or foreign checkpoint refused
+in one line.
 
 Real files on disk throughout: torch.save, truncation by hand, pickles of other things.
 """

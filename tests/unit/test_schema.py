@@ -1,4 +1,5 @@
-"""raymb.data.checks: what a good dataset reports, and one clear line for each way data goes wrong."""
+"""raymb.data.checks: what a good dataset reports, and one clear line for each way data goes
+wrong."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Experiment tracking (raymb.rundir.tracking) without Ray: synthetic metrics.csv rows in, read back out.
+"""Experiment tracking (raymb.rundir.tracking) without Ray: synthetic metrics.csv rows in, read
+back out.
 
 TensorBoard's event files are read by TensorBoard's own EventAccumulator; MLflow through
 MlflowClient from a real `mlflow server` on 127.0.0.1 (one for the module); an object-store
