@@ -1,208 +1,43 @@
-"""Online training (--follow): files arriving while the run goes, exactly once across a restart.
+"""Online training (--follow) without Ray: which files are taken, how each step's rows split
+over the workers, and the settings refused before Ray starts.
 
-The Ray test shares one local Ray session; the rest needs no Ray cluster.
+The runs, files arriving while the run goes and exactly once across a restart:
+tests/integration/test_online_ray.py.
 """
 
 from __future__ import annotations
 
-import csv
-import os
-import signal
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import torch
+from online_files import G, follow_config, write_file
 
-from raymb import ConfigError, DataError, load_config
-from raymb.rundir.checkpoint import STATE_FILE, load_model, read
+from raymb import ConfigError, DataError
 from raymb.worker.follow import follow, next_file, open_directory, rank_rows, step_sizes
 
 pytestmark = pytest.mark.timeout(600)
-
-D = 2  # features
-LR = 0.1
-G = 8  # 2 workers x 4 microbatches of 1 row
-
-
-def _write(directory: Path, name: str, rows: int, seed: int, classes: bool = False) -> None:
-    """As a producer should: a hidden temporary name in DIR, then a rename."""
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(-1, 1, size=(rows, D)).astype(np.float32)
-    y = (x @ np.array([2.0, -3.0], np.float32) + 1 + 0.1 * rng.standard_normal(rows)).astype(
-        np.float32
-    )
-    if classes:
-        y = (y > 1).astype(np.int64)
-    features = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), D)
-    tmp = directory / f".{name}.tmp"
-    pq.write_table(pa.table({"features": features, "label": y}), tmp)
-    os.replace(tmp, directory / name)
-
-
-def _config(tmp: Path, *overrides: str):
-    return load_config(
-        None,
-        [
-            f"run.storage_path={tmp / 'runs'}",
-            "data.val=none",
-            "checkpoint.metric=train_loss",
-            "scale.workers=2",
-            f"train.global_batch_size={G}",
-            "train.microbatch_size=1",
-            "optim.momentum=0.0",
-            f"optim.lr={LR}",
-            *overrides,
-        ],
-    )
-
-
-def _reference(directory: Path, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One process, plain gradient descent: steps of G rows over each file in turn."""
-    torch.manual_seed(0)  # raymb seeds train.seed=0 before building the model
-    init = torch.nn.Linear(D, 1)
-    w, b = init.weight.detach().clone(), init.bias.detach().clone()
-    for name in names:
-        table = pq.read_table(directory / name)
-        x = torch.tensor(table["features"].to_pylist(), dtype=torch.float32)
-        y = torch.tensor(table["label"].to_pylist(), dtype=torch.float32)
-        for s in range(0, len(y), G):
-            xb, yb = x[s : s + G], y[s : s + G]
-            err = (xb @ w.T).squeeze(-1) + b - yb
-            w = w - LR * (2 * err[:, None] * xb).mean(0, keepdim=True)
-            b = b - LR * (2 * err).mean(0, keepdim=True)
-    return w, b
-
-
-def _files_recorded(run_dir: Path) -> int:
-    """Files the run has checkpointed so far, from metrics.csv (epoch counts files)."""
-    try:
-        with open(run_dir / "metrics.csv", newline="") as f:
-            return max((int(r["epoch"]) for r in csv.DictReader(f) if r.get("epoch")), default=0)
-    except (FileNotFoundError, ValueError):  # not there yet, or a row half-written
-        return 0
-
-
-@pytest.mark.ray
-def test_arriving_files_are_trained_exactly_once_across_a_restart(ray_session, tmp_path):
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    run_dir = tmp_path / "runs" / "stream"
-    # Arrival order differs from name order; 37 and 1 rows give short last steps that do not
-    # split evenly over 2 workers (1 row: one worker trains on an empty batch).
-    first = [("c.parquet", 64), ("a.parquet", 37), ("d.parquet", 1), ("b.parquet", 50)]
-    val = tmp_path / "val"
-    val.mkdir()
-    _write(val, "val.parquet", 40, seed=99)
-    failures: list[BaseException] = []
-
-    def producer() -> None:
-        try:
-            (incoming / "_SUCCESS").write_text("")  # markers and temporaries are not data
-            (incoming / ".e.parquet.tmp").write_bytes(b"PAR1 half")
-            for i, (name, rows) in enumerate(first):
-                _write(incoming, name, rows, seed=i)
-                deadline = time.monotonic() + 120
-                while _files_recorded(run_dir) < i + 1:
-                    assert time.monotonic() < deadline, f"{name} was never checkpointed"
-                    time.sleep(0.2)
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: stop after the file in hand
-        except BaseException as e:
-            failures.append(e)
-
-    thread = threading.Thread(target=producer)
-    thread.start()
-    config = _config(tmp_path, "run.name=stream", f"data.val={val}", "checkpoint.metric=val_loss")
-    try:
-        stopped = follow(config, incoming, idle_timeout=20)
-    finally:
-        thread.join()
-    assert not failures, failures
-    s = stopped.summary
-    assert s["stop_reason"] == "interrupted" and s["files_consumed"] == 4
-    assert s["steps"] == 8 + 5 + 1 + 7 and s["samples"] == 64 + 37 + 1 + 50
-
-    # Restart with two more files: a name that sorts before every consumed one, and one after.
-    _write(incoming, "e.parquet", 23, seed=10)
-    _write(incoming, "0-late.parquet", 64, seed=11)
-    resumed = follow(config, incoming, idle_timeout=3)
-    s = resumed.summary
-    assert s["stop_reason"] == "idle" and s["resumed_from_steps"] == [21]
-    assert s["steps"] == 21 + 8 + 3 and s["samples"] == 152 + 64 + 23
-    order = [n for n, _ in first] + ["0-late.parquet", "e.parquet"]
-    state = read(Path(s["checkpoint"]).parent / STATE_FILE)
-    assert state["progress"]["files"] == [
-        [n, pq.read_metadata(incoming / n).num_rows] for n in order
-    ]
-
-    model, _ = load_model(s["checkpoint"])
-    w, b = _reference(incoming, order)
-    torch.testing.assert_close(model.weight.detach(), w, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(model.bias.detach(), b, rtol=1e-5, atol=1e-6)
-    table = pq.read_table(val / "val.parquet")
-    x = torch.tensor(table["features"].to_pylist(), dtype=torch.float32)
-    y = torch.tensor(table["label"].to_pylist(), dtype=torch.float32)
-    val_loss = (((x @ w.T).squeeze(-1) + b - y) ** 2).mean().item()
-    assert s["val_loss"] == pytest.approx(val_loss, rel=1e-4)
-    steps = [int(r["step"]) for r in csv.DictReader(open(run_dir / "metrics.csv"))]
-    assert steps == sorted(set(steps)) and steps[-1] == 32
-
-
-@pytest.mark.ray
-def test_local_sgd_with_follow(ray_session, tmp_path):
-    # train.sync = "param" with H = 1 and plain SGD is gradient all-reduce when every step
-    # splits evenly (G = 8 over 2 workers, files of 16 and 24 rows): the single-process
-    # reference again. No data.val and no data.train: no validation, metric train_loss.
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    for i, (name, rows) in enumerate([("a.parquet", 16), ("b.parquet", 24)]):
-        _write(incoming, name, rows, seed=20 + i)
-    config = load_config(
-        None,
-        [
-            f"run.storage_path={tmp_path / 'runs'}",
-            "run.name=param",
-            "data.features=features",
-            "scale.workers=2",
-            f"train.global_batch_size={G}",
-            "train.sync=param",
-            "train.average_every=1",
-            "optim.momentum=0.0",
-            f"optim.lr={LR}",
-        ],
-    )
-    result = follow(config, incoming, idle_timeout=2)
-    assert result.summary["files_consumed"] == 2 and result.summary["steps"] == 5
-    assert result.summary["val_loss"] is None
-    model, _ = load_model(result.summary["checkpoint"])
-    w, b = _reference(incoming, ["a.parquet", "b.parquet"])
-    torch.testing.assert_close(model.weight.detach(), w, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(model.bias.detach(), b, rtol=1e-5, atol=1e-6)
 
 
 def test_nothing_arriving_is_a_one_line_error(tmp_path):
     started = time.monotonic()
     with pytest.raises(DataError, match="no complete \\*.parquet file arrived within 1 s"):
-        follow(_config(tmp_path), tmp_path, idle_timeout=1)
+        follow(follow_config(tmp_path), tmp_path, idle_timeout=1)
     assert time.monotonic() - started >= 1
     with pytest.raises(DataError, match="not a directory"):
-        follow(_config(tmp_path), tmp_path / "missing", idle_timeout=1)
+        follow(follow_config(tmp_path), tmp_path / "missing", idle_timeout=1)
 
 
 def test_only_complete_files_are_taken(tmp_path):
     fs, root = open_directory(tmp_path)
     (tmp_path / "_SUCCESS").write_text("")
     (tmp_path / "notes.txt").write_text("")
-    _write(tmp_path, "b.parquet", 5, seed=0)
+    write_file(tmp_path, "b.parquet", 5, seed=0)
     (tmp_path / ".a.parquet.tmp").write_bytes((tmp_path / "b.parquet").read_bytes())
     (tmp_path / "a.parquet").write_bytes((tmp_path / "b.parquet").read_bytes()[:-20])
     assert next_file(fs, root, set()) == ("b.parquet", 5)  # a.parquet: its footer is cut off
     assert next_file(fs, root, {"b.parquet"}) is None
-    _write(tmp_path, "a.parquet", 3, seed=1)  # rewritten whole: now it is taken, by name first
+    write_file(tmp_path, "a.parquet", 3, seed=1)  # rewritten whole: now it is taken, by name first
     assert next_file(fs, root, set()) == ("a.parquet", 3)
 
 
@@ -219,13 +54,13 @@ def test_steps_split_every_row_once(rows, world):
 
 
 def test_settings_follow_cannot_honour_are_errors(tmp_path):
-    _write(tmp_path, "a.parquet", 4, seed=0)
+    write_file(tmp_path, "a.parquet", 4, seed=0)
     with pytest.raises(ConfigError, match="optim.schedule='cosine'"):
-        follow(_config(tmp_path, "optim.schedule=cosine"), tmp_path, idle_timeout=1)
+        follow(follow_config(tmp_path, "optim.schedule=cosine"), tmp_path, idle_timeout=1)
     with pytest.raises(ConfigError, match="idle-timeout"):
-        follow(_config(tmp_path), tmp_path, idle_timeout=0)
+        follow(follow_config(tmp_path), tmp_path, idle_timeout=0)
     labels = tmp_path / "labels"
     labels.mkdir()
-    _write(labels, "a.parquet", 4, seed=0, classes=True)
+    write_file(labels, "a.parquet", 4, seed=0, classes=True)
     with pytest.raises(ConfigError, match="model.num_classes"):
-        follow(_config(tmp_path), labels, idle_timeout=1)
+        follow(follow_config(tmp_path), labels, idle_timeout=1)
