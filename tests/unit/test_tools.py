@@ -55,7 +55,7 @@ def metric_row(step: int, val: bool = False) -> dict:
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
-    """As raymb.metrics.MetricsCsv: csv.DictWriter, header on first write."""
+    """As raymb.worker.metrics.MetricsCsv: csv.DictWriter, header on first write."""
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
@@ -304,7 +304,7 @@ def test_raymb_plot_overlays_runs(tmp_path, capsys, monkeypatch) -> None:
     grad = make_run(tmp_path, "grad", steps=30)
     param = make_run(tmp_path, "param", steps=20, scale=2.0)
     drawn = {}
-    draw = raymb.plot._draw
+    draw = raymb.rundir.plot._draw
     monkeypatch.setattr(
         raymb.rundir.plot,
         "_draw",
