@@ -29,7 +29,7 @@ from raymb.config import (
     parse_bytes,
     to_toml,
 )
-from raymb.order import epoch_seed
+from raymb.core.order import epoch_seed
 
 if sys.version_info >= (3, 11):
     import tomllib

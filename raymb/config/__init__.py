@@ -1,32 +1,39 @@
-"""The run configuration (raymb.config.sections): one frozen, keyword-only pydantic dataclass per
-TOML section, read from a TOML file and --set overrides, written back as TOML."""
+"""The run configuration: one frozen, keyword-only pydantic dataclass per TOML section.
 
+pydantic checks types and bounds as a config is built (and writes the JSON Schema editors
+check a config file against); every user mistake in a config file or a `--set` override
+surfaces here as a one-line `ConfigError` naming the key and the value it got, before Ray
+starts. Building a config reads nothing: `load_config` reads the TOML file and a prepared
+folder's manifest, once, on the driver.
+
+- build.py: the pydantic plumbing (`section`, `build`) and the one-line errors
+- sections.py: the sections but [model]; model.py: [model]
+- config.py: `Config`, the sections together; load.py: `load_config`, --set, the manifest
+- toml.py: `to_toml` (--print-config); schema.py: `json_schema`
+"""
+
+from raymb.config.build import MAX_EPOCHS, MAX_SEED, MAX_STEPS
+from raymb.config.config import Config
+from raymb.config.load import load_config, parse_override, read_toml, with_manifest
+from raymb.config.model import BUILTIN_MODELS, ModelSection
+from raymb.config.schema import json_schema
 from raymb.config.sections import (
-    BUILTIN_MODELS,
-    MAX_EPOCHS,
-    MAX_SEED,
-    MAX_STEPS,
     RUN_NAME,
     CheckpointSection,
-    Config,
     DataSection,
     EarlyStopping,
     FaultSection,
     LogSection,
-    ModelSection,
     OptimSection,
     OuterSection,
     RunSection,
     ScaleSection,
     StorageSection,
     TrainSection,
-    json_schema,
-    load_config,
     parse_bytes,
-    parse_override,
     plain_name,
-    to_toml,
 )
+from raymb.config.toml import to_toml
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -52,5 +59,7 @@ __all__ = [
     "parse_bytes",
     "parse_override",
     "plain_name",
+    "read_toml",
     "to_toml",
+    "with_manifest",
 ]

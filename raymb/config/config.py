@@ -1,0 +1,97 @@
+"""Config: the whole run configuration, one section per TOML table, and what follows from
+several of them together (the batch arithmetic G = W x m x k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Any
+
+from raymb.config.build import build, require, section
+from raymb.config.model import ModelSection
+from raymb.config.sections import (
+    CheckpointSection,
+    DataSection,
+    FaultSection,
+    LogSection,
+    OptimSection,
+    OuterSection,
+    RunSection,
+    ScaleSection,
+    StorageSection,
+    TrainSection,
+)
+from raymb.errors import ConfigError
+
+
+@section("", title="raymb config")
+class Config:
+    """A raymb run: one table per section; every key is optional."""
+
+    run: RunSection = field(default_factory=RunSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    scale: ScaleSection = field(default_factory=ScaleSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    outer: OuterSection = field(default_factory=OuterSection)
+    fault: FaultSection = field(default_factory=FaultSection)
+
+    def __post_init__(self) -> None:
+        G, m, W = self.train.global_batch_size, self.train.microbatch_size, self.scale.max_workers
+        low = self.scale.min_workers
+        require(self.fault.rank < low, "fault.rank", f"< scale.workers={low}", self.fault.rank)
+        if G == "all" or m == "auto" or self.scale.elastic:
+            return  # elastic: a W that does not divide G splits steps unevenly (raymb.core.plan)
+        if m is None:
+            if G % W:
+                raise ConfigError(
+                    f"train.global_batch_size={G} is not divisible by scale.workers={W}"
+                )
+        elif G % (W * m):
+            valid = [d for d in range(1, G // W + 1) if G % (W * d) == 0]
+            raise ConfigError(
+                f"train.global_batch_size={G} is not divisible by scale.workers={W} x "
+                f"train.microbatch_size={m}; valid microbatch sizes: "
+                + (", ".join(map(str, valid)) if valid else f"none (G is not a multiple of W={W})")
+            )
+
+    def microbatch(self) -> int | None:
+        """m, resolved: G / W when unset (G / max W, rounded up, for elastic workers); None
+        where it depends on the data or the memory (full batch without m, "auto")."""
+        G, m = self.train.global_batch_size, self.train.microbatch_size
+        if m == "auto":
+            return None
+        if m is not None:
+            return m
+        return None if G == "all" else -(-G // self.scale.max_workers)
+
+    def accumulation_steps(self) -> int | None:
+        """k = G / (W·m); None for full batch, an automatic m or elastic workers, where it
+        depends on the data or the cluster."""
+        G, m = self.train.global_batch_size, self.microbatch()
+        if G == "all" or m is None or self.scale.elastic:
+            return None
+        return G // (self.scale.max_workers * m)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        """Build and check a Config from nested dicts (TOML tables), as given: nothing is read
+        (raymb.config.load.load_config merges a prepared folder's manifest first)."""
+        data = raw.get("data")
+        if isinstance(data, dict) and "train" in data and "val" not in data:
+            # Never validate a user's model on the demo set.
+            raw = {**raw, "data": {**data, "val": None}}
+        config = build(cls, raw, "")
+        if config.data.val is None and "metric" not in raw.get("checkpoint", {}):
+            # The default, val_loss, would refuse to train: fall back to what there is.
+            checkpoint = dataclasses.replace(config.checkpoint, metric="train_loss")
+            config = dataclasses.replace(config, checkpoint=checkpoint)
+        return config

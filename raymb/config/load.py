@@ -1,0 +1,96 @@
+"""Reading a config: the TOML file, the --set overrides over it, and the keys a prepared
+dataset folder's manifest gives. The driver side reads them once, here; a saved config
+(run.json, a checkpoint) is already merged and is built with Config.from_saved, reading nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from raymb.config.config import Config
+from raymb.data.manifest import data_defaults, find_manifest
+from raymb.errors import ConfigError, DataError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a TOML config (or the defaults when path is None), apply --set overrides, and
+    fill in the [data] keys of a prepared folder's manifest that neither sets."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_toml(path)
+    for item in overrides:
+        path, value = parse_override(item)
+        table = raw
+        for part in path[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a table")
+        table[path[-1]] = value
+    return Config.from_dict(with_manifest(raw))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'section.key=value' -> (['section', 'key'], value), the value read as TOML if it parses."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, text = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) not in (2, 3) or not all(path):
+        raise ConfigError(f"--set {item!r}: the key must be section.key, e.g. train.epochs")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word such as all or mlp
+    return path, value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's tables; a file that is missing, unreadable, not UTF-8 or not TOML is a
+    one-line ConfigError naming it."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")  # TOML is UTF-8, whatever the locale
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x}); "
+            "save it as UTF-8"
+        ) from None
+    except (OSError, ValueError) as e:  # permission, a NUL in the path, ...
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(f"config file {path} cannot be read: {reason}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def with_manifest(raw: dict[str, Any]) -> dict[str, Any]:
+    """The config's tables with the [data] keys a prepared folder's manifest gives (data.train
+    names the folder or its train split) under the ones the config sets."""
+    table = raw.get("data")
+    if not isinstance(table, dict) or not isinstance(table.get("train"), str):
+        return raw
+    try:
+        found = find_manifest(table["train"])
+    except DataError as e:
+        raise ConfigError(f"data.train: {e}") from None
+    if found is None:
+        return raw
+    folder, manifest = found
+    defaults = data_defaults(manifest)
+    val = folder / "val"
+    train = Path(table["train"]).expanduser().resolve()
+    if train == (folder / "train").resolve() and val.is_dir():
+        defaults["val"] = str(val)  # the folder's own validation split
+    return {**raw, "data": {**defaults, **table}}
