@@ -260,8 +260,9 @@ def test_an_unreadable_config_file_is_one_line(tmp_path: Path) -> None:
 )
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
 def test_no_float_setting_takes_inf_or_nan(key: str, value: str) -> None:
+    family = ["model.name=gpt"] if key == "model.dropout" else []  # the gpt's key
     with pytest.raises(ConfigError) as info:
-        load_config(None, [f"{key}={value}"])
+        load_config(None, [*family, f"{key}={value}"])
     message = one_line(info)
     assert message.startswith(f"{key} must be ") and message.endswith(f"(got {value})"), message
 
@@ -278,14 +279,19 @@ def test_every_float_field_is_checked_finite() -> None:
                 found.append(f"{prefix}.{key}")
         return found
 
-    defs = json_schema()["$defs"]
+    schema = json_schema()
+    defs = schema["$defs"]
     sections = {f.name: type(f.default_factory()).__name__ for f in dataclasses.fields(Config)}
-    keys = [k for name, ref in sections.items() for k in floats(defs[ref], name)]
-    keys += floats(defs["EarlyStopping"], "train.early_stopping")
-    assert "optim.lr" in keys and "scale.cpus_per_worker" in keys
-    for key in keys:
+    keys = [(k, []) for name, ref in sections.items() for k in floats(defs[ref], name)]
+    keys += [(k, []) for k in floats(defs["EarlyStopping"], "train.early_stopping")]
+    for form in schema["properties"]["model"]["oneOf"]:  # each model family's own keys
+        ref = defs[form["$ref"].split("/")[-1]]
+        name = ref["properties"]["name"].get("const", "my.models:make")
+        keys += [(k, [f"model.name={name}"]) for k in floats(ref, "model")]
+    assert {"optim.lr", "scale.cpus_per_worker", "model.dropout"} <= {k for k, _ in keys}
+    for key, family in keys:
         with pytest.raises(ConfigError, match=r"\(got inf\)$"):
-            load_config(None, [f"{key}=inf"])
+            load_config(None, [*family, f"{key}=inf"])
 
 
 def test_parse_bytes_takes_only_finite_positive_sizes() -> None:

@@ -7,7 +7,7 @@ starts. Building a config reads nothing: `load_config` reads the TOML file and a
 folder's manifest, once, on the driver.
 
 - build.py: the pydantic plumbing (`section`, `build`) and the one-line errors
-- sections.py: the sections but [model]; model.py: [model]
+- sections.py: the sections but [model]; model.py: [model], one class per family
 - config.py: `Config`, the sections together; load.py: `load_config`, --set, the manifest
 - toml.py: `to_toml` (--print-config); schema.py: `json_schema`
 """
@@ -15,7 +15,16 @@ folder's manifest, once, on the driver.
 from raymb.config.build import MAX_EPOCHS, MAX_SEED, MAX_STEPS
 from raymb.config.config import Config
 from raymb.config.load import load_config, parse_override, read_toml, with_manifest
-from raymb.config.model import BUILTIN_MODELS, ModelSection
+from raymb.config.model import (
+    BUILTIN_MODELS,
+    CnnModel,
+    FactoryModel,
+    GptModel,
+    LinearModel,
+    MlpModel,
+    Model,
+    ModelSection,
+)
 from raymb.config.schema import json_schema
 from raymb.config.sections import (
     RUN_NAME,
@@ -42,11 +51,17 @@ __all__ = [
     "MAX_STEPS",
     "RUN_NAME",
     "CheckpointSection",
+    "CnnModel",
     "Config",
     "DataSection",
     "EarlyStopping",
+    "FactoryModel",
     "FaultSection",
+    "GptModel",
+    "LinearModel",
     "LogSection",
+    "MlpModel",
+    "Model",
     "ModelSection",
     "OptimSection",
     "OuterSection",

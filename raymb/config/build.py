@@ -31,9 +31,13 @@ MAX_STEPS = 2**63 - 1
 _LIMITS = {MAX_SEED, MAX_EPOCHS, MAX_STEPS}
 
 
-def section(where: str, **config: Any) -> Callable[[type[T]], type[T]]:
+def section(
+    where: str, *, chosen_by: str | None = None, **config: Any
+) -> Callable[[type[T]], type[T]]:
     """A config section named `where`: a frozen, keyword-only pydantic dataclass whose
-    ValidationErrors become one-line ConfigErrors, however it is built."""
+    ValidationErrors become one-line ConfigErrors, however it is built. `chosen_by`: the key
+    that chose this class among the section's forms ([model]'s name), named by the error
+    for a key the class does not take."""
 
     def make(cls: type[T]) -> type[T]:
         # strict: no "5" for 5 and no true for 1 (an int is still taken for a float); extra:
@@ -43,6 +47,7 @@ def section(where: str, **config: Any) -> Callable[[type[T]], type[T]]:
             strict=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True
         )
         cls = dataclass(frozen=True, kw_only=True, config=ConfigDict(**checked, **config))(cls)
+        cls.__chosen_by__ = chosen_by
         init = cls.__init__
 
         @functools.wraps(init)
@@ -58,6 +63,19 @@ def section(where: str, **config: Any) -> Callable[[type[T]], type[T]]:
     return make
 
 
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """Annotated metadata of a section that takes one of several forms (a discriminated
+    union, such as [model]): `choose(table)` is the class a TOML table is built as."""
+
+    choose: Callable[[dict[str, Any]], type]
+
+
+def one_of(field_info: Any) -> OneOf | None:
+    """The OneOf of a pydantic field, None for a field of one type."""
+    return next((m for m in getattr(field_info, "metadata", ()) if isinstance(m, OneOf)), None)
+
+
 def build(cls: type, table: Any, where: str) -> Any:
     """A section from its TOML table (`where` its dotted name), its own tables first."""
     if not isinstance(table, dict):
@@ -66,9 +84,14 @@ def build(cls: type, table: Any, where: str) -> Any:
     fields = cls.__pydantic_fields__
     values = {}
     for key, value in table.items():
-        tp = fields[key].annotation if key in fields else None
-        if dataclasses.is_dataclass(tp):
-            value = build(tp, value, f"{where}.{key}".lstrip("."))
+        f = fields.get(key)
+        tp = f.annotation if f is not None else None
+        forms = one_of(f)
+        inner = f"{where}.{key}".lstrip(".")
+        if forms is not None:  # not a table: build says so before choosing
+            value = build(forms.choose(value) if isinstance(value, dict) else tp, value, inner)
+        elif dataclasses.is_dataclass(tp):
+            value = build(tp, value, inner)
         elif value in ("", "none") and type(None) in typing.get_args(tp):
             value = None  # TOML has no null: an optional key is unset with "" or none
         values[key] = value
@@ -88,9 +111,18 @@ def _error(cls: type, where: str, values: dict[str, Any], error: Any) -> ConfigE
         key = key if str(key).isprintable() else repr(key)  # a key read from TOML: one line
         if not where:
             return ConfigError(f"unknown config section [{key}]; known: {', '.join(fields)}")
+        by = cls.__chosen_by__
+        if by is not None:
+            chosen = values.get(by, fields[by].default)
+            keys = ", ".join(k for k in fields if k != by)
+            return ConfigError(
+                f"{where}.{key} is not a key of {where}.{by} = {chosen!r} (its keys: {keys})"
+            )
         return ConfigError(
             f"unknown config key {where}.{key}; known in [{where}]: {', '.join(fields)}"
         )
+    if error["type"] == "missing":  # only a custom factory's model.name has no default
+        return ConfigError(f"{where}.{key} must be set".lstrip("."))
     f = fields[key]
     bound = error["type"].startswith(("greater_than", "less_than"))
     ((side, limit),) = error["ctx"].items() if bound else [(None, None)]
@@ -150,11 +182,12 @@ def describe(tp: Any) -> str:
     if origin is Annotated:
         return describe(args[0])
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
+        return repr(args[0]) if len(args) == 1 else "one of " + ", ".join(map(repr, args))
     if origin is list:
         return "a list of " + {int: "integers", float: "numbers", str: "strings"}[args[0]]
-    if origin in (Union, types.UnionType):
-        return " or ".join(describe(t) for t in args if t is not type(None))
+    if origin in (Union, types.UnionType):  # the forms of [model] all read "a table of keys"
+        words = dict.fromkeys(describe(t) for t in args if t is not type(None))
+        return " or ".join(words)
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
 
 

@@ -9,7 +9,7 @@ from dataclasses import field
 from typing import Any
 
 from raymb.config.build import build, require, section
-from raymb.config.model import ModelSection
+from raymb.config.model import LinearModel, Model, saved_model
 from raymb.config.sections import (
     CheckpointSection,
     DataSection,
@@ -32,7 +32,8 @@ class Config:
     run: RunSection = field(default_factory=RunSection)
     storage: StorageSection = field(default_factory=StorageSection)
     data: DataSection = field(default_factory=DataSection)
-    model: ModelSection = field(default_factory=ModelSection)
+    model: Model = field(default_factory=LinearModel)
+    """The model: model.name chooses the family, and [model] takes that family's keys."""
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     scale: ScaleSection = field(default_factory=ScaleSection)
@@ -95,3 +96,12 @@ class Config:
             checkpoint = dataclasses.replace(config.checkpoint, metric="train_loss")
             config = dataclasses.replace(config, checkpoint=checkpoint)
         return config
+
+    @classmethod
+    def from_saved(cls, raw: dict[str, Any]) -> Config:
+        """The Config a run saved (run.json, a checkpoint's model.pt): from_dict, less the
+        other model families' keys that configs saved before [model] held one family's keep."""
+        model = raw.get("model")
+        if isinstance(model, dict):
+            raw = {**raw, "model": saved_model(model)}
+        return cls.from_dict(raw)

@@ -1,52 +1,160 @@
-"""[model]: the model, a built-in family or a factory of your own."""
+"""[model]: the keys of the family `model.name` chooses, and no other family's.
+
+One section class per family (linear, mlp, cnn, gpt, a factory of your own), joined in `Model`,
+a pydantic discriminated union on model.name. A [model] table is built as the class its name
+chooses, so a key of another family is an error naming the chosen family's keys, and
+--print-config shows those keys only. Configs saved before (run.json, a checkpoint's model.pt)
+hold every family's keys: `saved_model` keeps the chosen family's.
+"""
 
 from __future__ import annotations
 
 from dataclasses import field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union
 
 from annotated_types import Ge
+from pydantic import Discriminator, Field, Tag
 from pydantic.types import PositiveInt
 
-from raymb.config.build import Fraction, require, section
+from raymb.config.build import Fraction, OneOf, build, require, section
+from raymb.errors import ConfigError
 
 BUILTIN_MODELS = ("linear", "mlp", "cnn", "gpt")
+FACTORY = "package.module:factory"
+NAMES = ", ".join(BUILTIN_MODELS) + f" or {FACTORY}"
+
+Classes = Annotated[int, Ge(2)]
+
+# A family other than the default must be named: the JSON Schema requires model.name there,
+# so that exactly one form of [model] matches a table.
+_NAMED = {"json_schema_extra": {"required": ["name"]}}
 
 
-@section("model")
-class ModelSection:
-    """The model: a built-in family or a factory of your own."""
+@section("model", chosen_by="name")
+class LinearModel:
+    """linear (the default): one linear layer on the row's features (flattened)."""
 
-    name: str = "linear"
-    """linear, mlp, cnn, gpt, or package.module:factory (called as factory(in_features,
-    out_features) for flat features, factory(input_shape, out_features) for tensor columns;
-    out_features is the vocabulary size for data.task = "lm")."""
-    hidden: list[int] = field(default_factory=lambda: [64, 64])
-    """Hidden layer widths of the mlp."""
-    num_classes: Annotated[int, Ge(2)] | None = None
+    name: Literal["linear"] = "linear"
+    """The model family: linear, mlp, cnn, gpt, or package.module:factory; the other keys
+    of [model] are the family's own."""
+    num_classes: Classes | None = None
     """Classes of a classifier; unset: max label + 1."""
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
-    """cnn: channels of each residual stage (each stage after the first halves the image)."""
-    norm: Literal["batch", "group"] = "batch"
-    """cnn: BatchNorm (statistics depend on how a step is cut into microbatches: the
-    equivalence contract does not hold) or GroupNorm (exact)."""
-    depth: PositiveInt = 4
-    """gpt: transformer blocks."""
-    width: PositiveInt = 128
-    """gpt: embedding width (a multiple of model.heads)."""
-    heads: PositiveInt = 4
-    """gpt: attention heads."""
-    block_size: PositiveInt | None = None
-    """gpt: longest context (positions); unset: the data's block (tokens per row - 1)."""
-    dropout: Fraction = 0.0
-    """gpt: dropout rate (0 keeps the equivalence contract exact)."""
+
+
+@section("model", chosen_by="name", **_NAMED)
+class MlpModel:
+    """mlp: dense layers with ReLU between them on the row's features (flattened)."""
+
+    name: Literal["mlp"] = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    """Hidden layer widths."""
+    num_classes: Classes | None = None
+    """Classes of a classifier; unset: max label + 1."""
 
     def __post_init__(self) -> None:
-        name, hidden, widths = self.name, self.hidden, self.widths
-        names = ", ".join(BUILTIN_MODELS) + " or package.module:factory"
-        require(name in BUILTIN_MODELS or ":" in name, "model.name", names, name)
+        hidden = self.hidden
         require(all(h > 0 for h in hidden), "model.hidden", "positive layer widths", hidden)
-        what = "a non-empty list of positive channel counts"
+
+
+@section("model", chosen_by="name", **_NAMED)
+class CnnModel:
+    """cnn: a small ResNet for image rows [C, H, W]."""
+
+    name: Literal["cnn"] = "cnn"
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    """Channels of each residual stage (each stage after the first halves the image)."""
+    norm: Literal["batch", "group"] = "batch"
+    """BatchNorm (statistics depend on how a step is cut into microbatches: the equivalence
+    contract does not hold) or GroupNorm (exact)."""
+    num_classes: Classes | None = None
+    """Classes of a classifier; unset: max label + 1."""
+
+    def __post_init__(self) -> None:
+        widths, what = self.widths, "a non-empty list of positive channel counts"
         require(bool(widths) and all(w > 0 for w in widths), "model.widths", what, widths)
+
+
+@section("model", chosen_by="name", **_NAMED)
+class GptModel:
+    """gpt: a decoder-only transformer over token blocks (data.task = "lm")."""
+
+    name: Literal["gpt"] = "gpt"
+    depth: PositiveInt = 4
+    """Transformer blocks."""
+    width: PositiveInt = 128
+    """Embedding width (a multiple of model.heads)."""
+    heads: PositiveInt = 4
+    """Attention heads."""
+    block_size: PositiveInt | None = None
+    """Longest context (positions); unset: the data's block (tokens per row - 1)."""
+    dropout: Fraction = 0.0
+    """Dropout rate (0 keeps the equivalence contract exact)."""
+    num_classes: Classes | None = None
+    """The vocabulary (the output width); unset: the prepared folder's vocab_size, else the
+    largest token id + 1."""
+
+    def __post_init__(self) -> None:
         what = f"a multiple of model.heads={self.heads}"
         require(self.width % self.heads == 0, "model.width", what, self.width)
+
+
+@section("model", chosen_by="name")
+class FactoryModel:
+    """package.module:factory: a model of your own, called as factory(in_features,
+    out_features) for flat features and factory(input_shape, out_features) for tensor
+    columns (out_features: the classes, 1 for regression, the vocabulary for data.task =
+    "lm")."""
+
+    name: Annotated[str, Field(json_schema_extra={"pattern": ":"})]
+    """The factory, as package.module:callable (imported before Ray starts)."""
+    num_classes: Classes | None = None
+    """Classes of a classifier; unset: max label + 1."""
+
+    def __post_init__(self) -> None:
+        require(":" in self.name, "model.name", NAMES, self.name)
+
+
+FAMILIES: dict[str, type] = {
+    "linear": LinearModel,
+    "mlp": MlpModel,
+    "cnn": CnnModel,
+    "gpt": GptModel,
+    "factory": FactoryModel,
+}
+
+
+def _tag(value: Any) -> str | None:
+    """The family of a [model] table or section: linear, mlp, cnn, gpt or factory."""
+    name = value.get("name", "linear") if isinstance(value, dict) else getattr(value, "name", None)
+    if name in BUILTIN_MODELS:
+        return name
+    return "factory" if isinstance(name, str) and ":" in name else None
+
+
+def family(table: dict[str, Any]) -> type:
+    """The section class a [model] table is built as, by its name (linear when unset)."""
+    tag = _tag(table)
+    if tag is None:
+        raise ConfigError(f"model.name must be {NAMES} (got {table.get('name')!r})")
+    return FAMILIES[tag]
+
+
+Model = Annotated[
+    Union[tuple(Annotated[cls, Tag(tag)] for tag, cls in FAMILIES.items())],  # noqa: UP007
+    Discriminator(_tag),
+    OneOf(family),
+]
+"""The [model] section: one of the families, chosen by model.name."""
+
+
+def ModelSection(**keys: Any) -> Any:  # named as the one class [model] was before
+    """The [model] section of these keys, as a [model] table reads: ModelSection(name="mlp",
+    hidden=[8]) is an MlpModel; a key the family does not take is a ConfigError."""
+    return build(family(keys), keys, "model")
+
+
+def saved_model(table: dict[str, Any]) -> dict[str, Any]:
+    """A [model] table saved before [model] held one family's keys, less the other families'
+    keys (which the model never read)."""
+    keys = family(table).__pydantic_fields__
+    return {k: v for k, v in table.items() if k in keys}

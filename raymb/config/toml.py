@@ -23,7 +23,7 @@ def to_toml(config: Config) -> str:
 def _notes(config: Config) -> dict[str, str]:
     """Where a value gives up a promise, or was chosen for the user, --print-config says so."""
     notes = {}
-    if config.model.norm == "batch":
+    if getattr(config.model, "norm", None) == "batch":
         notes["model.norm"] = (
             "BatchNorm's statistics depend on how a step is cut into microbatches: the "
             'equivalence contract holds with norm = "group", not with batch'

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from raymb.config import ModelSection
+from raymb.config import Model
 from raymb.errors import ConfigError
 from raymb.models import cnn, gpt, mlp
 
@@ -21,9 +21,7 @@ __all__ = ["build_model", "correct", "load_factory", "summed_loss"]
 FAMILIES = {"linear": mlp.build, "mlp": mlp.build, "cnn": cnn.build, "gpt": gpt.build}
 
 
-def build_model(
-    section: ModelSection, input_shape: int | Sequence[int], out_features: int
-) -> nn.Module:
+def build_model(section: Model, input_shape: int | Sequence[int], out_features: int) -> nn.Module:
     """The model of `model.name` for rows of `input_shape` (d, or a shape such as (d,),
     (C, H, W) or (T,)) and the task's outputs (1, the classes, or the vocabulary size).
 

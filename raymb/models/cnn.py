@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from raymb.config import ModelSection
+from raymb.config import CnnModel
 from raymb.errors import ConfigError
 
 GROUPS = 8
@@ -22,7 +22,7 @@ GROUPS = 8
 of 8, 4 or 2 for other even widths, 1 (a LayerNorm over C, H, W) for odd ones."""
 
 
-def build(section: ModelSection, shape: tuple[int, ...], out_features: int) -> nn.Module:
+def build(section: CnnModel, shape: tuple[int, ...], out_features: int) -> nn.Module:
     if len(shape) != 3:
         raise ConfigError(
             f"model.name 'cnn' needs image rows of shape [C, H, W], got rows of shape "

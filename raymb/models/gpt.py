@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from raymb.config import ModelSection
+from raymb.config import GptModel
 from raymb.errors import ConfigError
 
 
-def build(section: ModelSection, shape: tuple[int, ...], vocab: int) -> nn.Module:
+def build(section: GptModel, shape: tuple[int, ...], vocab: int) -> nn.Module:
     """The gpt for token blocks of shape (T,); positions: model.block_size, or T if unset."""
     if len(shape) != 1:
         raise ConfigError(

@@ -6,10 +6,10 @@ import math
 
 from torch import nn
 
-from raymb.config import ModelSection
+from raymb.config import LinearModel, MlpModel
 
 
-def build(section: ModelSection, shape: tuple[int, ...], out_features: int) -> nn.Module:
+def build(section: LinearModel | MlpModel, shape: tuple[int, ...], out_features: int) -> nn.Module:
     """`model.name` linear or mlp (`model.hidden`) for rows of `shape`."""
     in_features = math.prod(shape)
     layers: list[nn.Module] = []

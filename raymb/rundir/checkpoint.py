@@ -135,7 +135,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
             f"give the {MODEL_FILE} of a checkpoint directory"
         )
     try:
-        config = Config.from_dict(payload["config"])
+        config = Config.from_saved(payload["config"])
         shape = payload_inputs(payload).model_shape
         model = build_model(config.model, shape, payload["out_features"])
     except ConfigError as e:
@@ -163,10 +163,11 @@ def check_compatible(saved_config: dict, config: Config, path: str | Path) -> No
     model_keys = ["model.name", *_MODEL_SHAPE_KEYS.get(saved_model.get("name"), ())]
     if saved_model.get("num_classes") is not None and now["model"]["num_classes"] is not None:
         model_keys.append("model.num_classes")  # unset: max label + 1, known from the data only
+    # A model of another family has none of the saved family's keys: None, which differs.
     differ = [
         k
         for k in [*model_keys, *_RUN_KEYS]
-        if _get(saved_config, k, _UNKNOWN) not in (_UNKNOWN, _get(now, k))
+        if _get(saved_config, k, _UNKNOWN) not in (_UNKNOWN, _get(now, k, None))
     ]
     if not differ:
         return

@@ -43,7 +43,7 @@ def evaluate(checkpoint: str, data: str, batch_rows: int = 65536) -> dict[str, A
     """Mean loss over every row (and accuracy for classifiers; per token, with perplexity
     and bits per byte, for a language model)."""
     model, payload = load_model(checkpoint)
-    config = Config.from_dict(payload["config"])
+    config = Config.from_saved(payload["config"])
     inputs = payload_inputs(payload)
     label = config.data.label_column
     info = check_dataset(data, config.data.features, label, what="--data", task=inputs.task)

@@ -120,7 +120,7 @@ def rebuild(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if missing:
         raise RaymbError(f"{path}: not a raymb export (no raymb.{missing[0]} in its metadata)")
     payload = {k: json.loads(metadata[f"raymb.{k}"]) for k in _META_KEYS}
-    config = Config.from_dict(payload["config"])
+    config = Config.from_saved(payload["config"])
     inputs = Inputs.from_dict(payload["inputs"])
     model = build_model(config.model, inputs.model_shape, payload["out_features"])
     load_state(model, load_file(str(path)), path, config.model.name)

@@ -29,7 +29,7 @@ from raymb.tools.evaluate import check_fits, read_batches
 def predict(checkpoint: str, data: str, out: str | Path, batch_rows: int = 65536) -> dict[str, Any]:
     """Write the predictions of the model in `checkpoint` for every row of `data` to `out`."""
     model, payload = load_model(checkpoint)
-    config = Config.from_dict(payload["config"])
+    config = Config.from_saved(payload["config"])
     inputs = payload_inputs(payload)
     if inputs.task == "lm":
         raise DataError(

@@ -63,8 +63,8 @@ def sample(
     vocab = payload["out_features"]
     if max(ids) >= vocab:
         raise CheckpointError(f"{checkpoint}: the prompt has token ids the model does not know")
-    config = Config.from_dict(payload["config"])
-    context = config.model.block_size or inputs.model_shape[0]
+    config = Config.from_saved(payload["config"])
+    context = getattr(config.model, "block_size", None) or inputs.model_shape[0]
     generator = torch.Generator().manual_seed(seed)
     model.eval()
     idx = torch.tensor([ids], dtype=torch.long)

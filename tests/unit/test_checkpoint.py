@@ -199,9 +199,14 @@ def test_claim_run_refuses_a_config_its_checkpoints_cannot_load(tmp_path, overri
 
 
 def test_check_compatible_ignores_what_the_model_does_not_use(tmp_path):
-    saved = load_config(None, ["model.name=linear", "model.hidden=[4]"]).to_dict()
-    # hidden means nothing to a linear model; num_classes unset follows the data.
-    check_compatible(saved, load_config(None, ["model.hidden=[8, 8]"]), tmp_path)
+    # A run.json from before [model] held one family's keys: a linear model with the mlp's
+    # hidden (and the cnn's and the gpt's keys). hidden means nothing to a linear model;
+    # num_classes unset follows the data.
+    saved = load_config(None).to_dict()
+    saved["model"] = {"name": "linear", "hidden": [4], "num_classes": None, "widths": [32, 64]}
+    saved["model"] |= {"norm": "batch", "depth": 4, "width": 128, "heads": 4, "block_size": None}
+    saved["model"]["dropout"] = 0.0
+    check_compatible(saved, load_config(None), tmp_path)
     check_compatible(saved, load_config(None, ["model.num_classes=3"]), tmp_path)
     saved["model"]["num_classes"] = 3
     with pytest.raises(CheckpointError, match="num_classes 3"):

@@ -156,7 +156,8 @@ def test_bad_config_names_the_key(overrides: list[str], message: str) -> None:
         ),
         ("epochs = 3\n", "unknown config section [epochs]"),
         ("train = 3\n", "[train] must be a table"),
-        ("[model]\nhidden = [64, 0]\n", "model.hidden"),
+        ('[model]\nname = "mlp"\nhidden = [64, 0]\n', "model.hidden must be positive"),
+        ("[model]\nhidden = [64, 0]\n", "model.hidden is not a key of model.name = 'linear'"),
     ],
 )
 def test_bad_config_file_names_the_key(tmp_path: Path, toml: str, message: str) -> None:
@@ -179,9 +180,27 @@ GOT = [
     ("optim.betas=[0.9]", "optim.betas must be two values in [0, 1) (got [0.9])"),
     ("optim.grad_clip=0", "optim.grad_clip must be > 0 (got 0)"),
     ("model.num_classes=1", "model.num_classes must be >= 2 (got 1)"),
-    ("model.dropout=1", "model.dropout must be in [0, 1) (got 1)"),
-    ("model.hidden=[64, 0]", "model.hidden must be positive layer widths (got [64, 0])"),
-    ("model.width=130", "model.width must be a multiple of model.heads=4 (got 130)"),
+    (("model.name=gpt", "model.dropout=1"), "model.dropout must be in [0, 1) (got 1)"),
+    (
+        ("model.name=mlp", "model.hidden=[64, 0]"),
+        "model.hidden must be positive layer widths (got [64, 0])",
+    ),
+    (
+        ("model.name=gpt", "model.width=130"),
+        "model.width must be a multiple of model.heads=4 (got 130)",
+    ),
+    (
+        ("model.name=mlp", "model.depth=3"),
+        "model.depth is not a key of model.name = 'mlp' (its keys: hidden, num_classes)",
+    ),
+    (
+        "model.widths=[8]",
+        "model.widths is not a key of model.name = 'linear' (its keys: num_classes)",
+    ),
+    (
+        ("model.name=my.models:make", "model.hidden=[8]"),
+        "model.hidden is not a key of model.name = 'my.models:make' (its keys: num_classes)",
+    ),
     ("train.epochs=0", "train.epochs must be > 0 (got 0)"),
     ("train.epochs=2.0", "train.epochs must be an integer (got 2.0)"),
     (
@@ -213,10 +232,12 @@ GOT = [
 ]
 
 
-@pytest.mark.parametrize(("override", "message"), GOT, ids=[o for o, _ in GOT])
-def test_error_names_the_value_it_got(override: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("override", "message"), GOT, ids=[o if isinstance(o, str) else " ".join(o) for o, _ in GOT]
+)
+def test_error_names_the_value_it_got(override: str | tuple[str, ...], message: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_config(None, [override] if isinstance(override, str) else list(override))
     assert str(info.value) == message
 
 
@@ -226,8 +247,10 @@ def test_sections_built_in_python_raise_config_errors_too() -> None:
         OptimSection(lr=-1)
     with pytest.raises(ConfigError, match=re.escape("optim.lr must be a number (got 'fast')")):
         dataclasses.replace(Config().optim, lr="fast")
-    with pytest.raises(ConfigError, match=re.escape("unknown config key model.depht")):
+    with pytest.raises(ConfigError, match=re.escape("model.depht is not a key of model.name")):
         ModelSection(depht=3)
+    with pytest.raises(ConfigError, match=re.escape("model.hidden must be a list of integers")):
+        ModelSection(name="mlp", hidden=3)
     with pytest.raises(ConfigError, match=re.escape("run must be a table of keys (got 3)")):
         dataclasses.replace(Config(), run=3)
     with pytest.raises(dataclasses.FrozenInstanceError):

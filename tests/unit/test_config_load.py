@@ -58,7 +58,7 @@ def test_from_dict_reads_no_file(prepared: Path, monkeypatch) -> None:
             m.setattr(os, name, refuse)
         m.setattr(builtins, "open", refuse)
         config = Config.from_dict(raw)
-        saved = Config.from_dict(config.to_dict())
+        saved = Config.from_saved(config.to_dict())
     # Not merged: the defaults, and no validation set (data.train is set without data.val).
     assert (config.data.features, config.data.task, config.data.scale) == ("features", "auto", None)
     assert config.data.val is None
@@ -72,7 +72,7 @@ def test_a_saved_config_keeps_its_keys_whatever_the_manifest_says(prepared: Path
     # ...and read back after the folder was prepared again with another feature column.
     write_manifest(prepared, {"task": "classify", "features": "pixels", "label": "digit"})
     assert load_config(None, [f"data.train={prepared / 'train'}"]).data.features == "pixels"
-    for again in (Config.from_dict(saved),):
+    for again in (Config.from_dict(saved), Config.from_saved(saved)):
         assert again == config
         assert (again.data.features, again.data.label) == ("image", "label")
 

@@ -29,7 +29,13 @@ VALIDATOR = jsonschema.validators.validator_for(SCHEMA)(SCHEMA)
 
 
 def schema_errors(doc: dict[str, Any]) -> list[str]:
-    return [e.message for e in VALIDATOR.iter_errors(doc)]
+    """Every message, those under a oneOf ([model]'s families) too."""
+    found, errors = [], list(VALIDATOR.iter_errors(doc))
+    while errors:
+        e = errors.pop()
+        found.append(e.message)
+        errors += e.context
+    return found
 
 
 def test_the_schema_is_a_valid_json_schema() -> None:
@@ -68,7 +74,7 @@ def test_descriptions_come_from_the_field_docs() -> None:
     )
     assert data["description"].startswith("The training and validation data")
     # A list default (a default_factory) is written out too.
-    assert SCHEMA["$defs"]["ModelSection"]["properties"]["hidden"]["default"] == [64, 64]
+    assert SCHEMA["$defs"]["MlpModel"]["properties"]["hidden"]["default"] == [64, 64]
 
 
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
@@ -129,10 +135,28 @@ REFUSED = [
         id="not-a-choice",
     ),
     pytest.param(
-        "[model]\nhidden = [64, 0.5]\n",
+        '[model]\nname = "mlp"\nhidden = [64, 0.5]\n',
         "0.5 is not of type 'integer'",
         "model.hidden must be a list of integers (got [64, 0.5])",
         id="float-in-int-list",
+    ),
+    pytest.param(
+        '[model]\nname = "mlp"\ndepth = 3\n',
+        "('depth' was unexpected)",
+        "model.depth is not a key of model.name = 'mlp' (its keys: hidden, num_classes)",
+        id="another-familys-key",
+    ),
+    pytest.param(
+        "[model]\nwidths = [8]\n",
+        "('widths' was unexpected)",
+        "model.widths is not a key of model.name = 'linear'",
+        id="a-key-of-no-linear-model",
+    ),
+    pytest.param(
+        '[model]\nname = "resnet"\n',
+        "'resnet' does not match ':'",
+        "model.name must be linear, mlp, cnn, gpt or package.module:factory (got 'resnet')",
+        id="unknown-family",
     ),
     pytest.param(
         "[optim]\nlr = 0\n",

@@ -263,9 +263,10 @@ def test_gpt_initialisation_scales_the_residual_projections():
 
 @pytest.mark.parametrize("name", ["linear", "mlp"])
 def test_dense_models_flatten_images(name):
-    model = build_model(ModelSection(name=name, hidden=[8]), (3, 4, 4), 5)
+    section = ModelSection(name=name, **({"hidden": [8]} if name == "mlp" else {}))
+    model = build_model(section, (3, 4, 4), 5)
     assert model(torch.randn(2, 3, 4, 4)).shape == (2, 5)
-    flat = build_model(ModelSection(name=name, hidden=[8]), 48, 5)
+    flat = build_model(section, 48, 5)
     assert flat(torch.randn(2, 48)).shape == (2, 5)
     # Flat rows keep today's modules, so existing checkpoints still load.
     keys = {"linear": {"weight", "bias"}, "mlp": {"0.weight", "0.bias", "2.weight", "2.bias"}}

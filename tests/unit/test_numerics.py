@@ -52,7 +52,9 @@ def _data(task: str) -> tuple[torch.Tensor, torch.Tensor]:
 def _fresh(model: str, task: str) -> nn.Module:
     torch.manual_seed(0)
     return build_model(
-        ModelSection(name=model, hidden=[8]), D, 3 if task == "classification" else 1
+        ModelSection(name=model, **({"hidden": [8]} if model == "mlp" else {})),
+        D,
+        3 if task == "classification" else 1,
     )
 
 
