@@ -9,7 +9,7 @@ folder's manifest, once, on the driver.
 - build.py: the pydantic plumbing (`section`, `build`) and the one-line errors
 - sections.py: the sections but [model]; model.py: [model], one class per family
 - config.py: `Config`, the sections together; load.py: `load_config`, --set, the manifest
-- toml.py: `to_toml` (--print-config); schema.py: `json_schema`
+- toml.py: `to_toml` (--print-config); schema.py: `json_schema`, and `markdown` (docs/config.md)
 """
 
 from raymb.config.build import MAX_EPOCHS, MAX_SEED, MAX_STEPS
@@ -25,7 +25,7 @@ from raymb.config.model import (
     Model,
     ModelSection,
 )
-from raymb.config.schema import json_schema
+from raymb.config.schema import json_schema, markdown
 from raymb.config.sections import (
     RUN_NAME,
     CheckpointSection,
@@ -71,6 +71,7 @@ __all__ = [
     "TrainSection",
     "json_schema",
     "load_config",
+    "markdown",
     "parse_bytes",
     "parse_override",
     "plain_name",

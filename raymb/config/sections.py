@@ -123,18 +123,24 @@ class OptimSection:
     """The optimizer and its learning-rate schedule."""
 
     name: Literal["sgd", "adagrad", "adam", "adamw"] = "sgd"
+    """torch.optim's SGD (with optim.momentum), Adagrad, Adam or AdamW (with optim.betas)."""
     lr: PositiveFloat = 0.05
+    """Learning rate: the peak, reached after the warm-up."""
     momentum: Fraction = 0.9
     """SGD momentum (ignored by the other optimizers)."""
     weight_decay: NonNegativeFloat = 0.0
+    """Weight decay as torch.optim takes it (an L2 term in the gradient; decoupled for adamw)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam and AdamW betas."""
     schedule: Literal["constant", "cosine", "step"] = "constant"
+    """The learning rate after the warm-up: constant; cosine, from lr down to min_lr at the
+    last step; step, multiplied by gamma every step_size steps."""
     warmup_steps: NonNegativeInt = 0
     """Linear warm-up from 0 to lr over this many optimizer steps."""
     step_size: PositiveInt = 100
     """step schedule: multiply lr by gamma every step_size optimizer steps."""
     gamma: Annotated[float, Interval(gt=0, le=1)] = 0.1
+    """step schedule: the factor lr is multiplied by every step_size optimizer steps."""
     min_lr: NonNegativeFloat = 0.0
     """cosine schedule: lr at the last step."""
     grad_clip: PositiveFloat | None = None
@@ -295,9 +301,13 @@ class OuterSection:
     pseudo-gradient (theta_global - theta_local) every train.average_every steps."""
 
     name: Literal["sgd"] = "sgd"
+    """The outer optimizer: SGD, as in DiLoCo."""
     lr: PositiveFloat = 0.7
+    """Outer learning rate, applied to the averaged pseudo-gradient."""
     momentum: Fraction = 0.9
+    """Outer momentum."""
     nesterov: bool = True
+    """Nesterov momentum (DiLoCo's choice); false when momentum = 0."""
 
     def __post_init__(self) -> None:
         what, nesterov = "false when momentum = 0", self.nesterov
