@@ -418,14 +418,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.follow is not None:
         if "://" not in args.follow and not Path(args.follow).is_dir():
             raise RaymbError(f"--follow {args.follow}: no such directory")
-        try:
-            from raymb.worker.follow import follow
-        except ModuleNotFoundError as e:
-            if e.name != "raymb.worker.follow":
-                raise
-            raise RaymbError(
-                "--follow: this raymb has no online training (raymb.worker.follow)"
-            ) from None
+        from raymb.driver.run import follow
+
         result = follow(config, args.follow, idle_timeout=idle_timeout, address=args.address)
     else:
         if args.config is None and config.data.train == DataSection().train:

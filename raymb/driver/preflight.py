@@ -6,15 +6,21 @@ and leaves nothing behind, in well under the 2 s a refusal may take.
 
 from __future__ import annotations
 
-from raymb.config import Config
+import dataclasses
+import time
+from pathlib import Path
+
+from raymb.config import CheckpointSection, Config, DataSection
 from raymb.core.plan import Plan
 from raymb.data.checks import DatasetInfo, check_dataset, describe_shape
 from raymb.data.columns import Inputs
 from raymb.data.manifest import find_manifest
-from raymb.errors import ConfigError
+from raymb.errors import ConfigError, DataError
 from raymb.rundir import storage
 from raymb.rundir.storage import Location
 from raymb.rundir.tracking import mlflow_target
+from raymb.worker.follow import check_fits, next_file, open_directory
+from raymb.worker.spec import Shape
 
 
 def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
@@ -143,3 +149,98 @@ def tokenizer_spec(config: Config) -> dict | None:
     from raymb.data.tokenizer import load_tokenizer
 
     return load_tokenizer(found[0]).spec
+
+
+# --follow DIR: what the first file fixes, and what --follow does not take yet.
+
+
+def prepare_follow(
+    config: Config, directory: str | Path, idle_timeout: float
+) -> tuple[Config, Shape, DatasetInfo | None, str]:
+    """Check a --follow run before Ray starts; wait for DIR's first complete file, which fixes
+    the model's widths. Returns (the config as --follow runs it, the model's shape, data.val's
+    info, DIR as the workers open it)."""
+    config = without_demo_val(config)
+    check_follow_config(config, idle_timeout)
+    storage.configure(config.storage)
+    fs, root = open_directory(directory)
+    location = root if "://" not in str(directory) else str(directory)
+    val_info = None
+    if config.data.val is not None:
+        val_info = check_dataset(
+            config.data.val, config.data.features, config.data.label, what="data.val"
+        )
+    first = wait_for_first_file(fs, root, idle_timeout, str(directory))
+    info = check_dataset(
+        f"{location.rstrip('/')}/{first}", config.data.features, config.data.label, what="--follow"
+    )
+    shape = follow_shape(config, info, first)
+    if val_info is not None:
+        check_fits(val_info, shape, what="data.val")
+    return config, shape, val_info, location
+
+
+def without_demo_val(config: Config) -> Config:
+    """--follow trains on DIR, not data.train: a config that sets neither data.train nor
+    data.val means no validation, not the demo set that data.val defaults to (and the best
+    checkpoint is then the one of lowest train_loss, unless checkpoint.metric says else)."""
+    default = DataSection()
+    if (config.data.train, config.data.val) != (default.train, default.val):
+        return config
+    checkpoint = config.checkpoint
+    if checkpoint.metric == CheckpointSection().metric:
+        checkpoint = dataclasses.replace(checkpoint, metric="train_loss")
+    data = dataclasses.replace(config.data, val=None)
+    return dataclasses.replace(config, data=data, checkpoint=checkpoint)
+
+
+def check_follow_config(config: Config, idle_timeout: float) -> None:
+    if not idle_timeout > 0:
+        raise ConfigError(f"--idle-timeout must be > 0 seconds, got {idle_timeout}")
+    unsupported = (
+        ("scale.workers", config.scale.workers, config.scale.elastic),
+        ("train.microbatch_size", "auto", config.train.microbatch_size == "auto"),
+        ("optim.schedule", "cosine", config.optim.schedule == "cosine"),
+    )
+    for key, value, bad in unsupported:
+        if bad:
+            raise ConfigError(f"{key}={value!r} is not supported with --follow yet")
+    if config.checkpoint.metric.startswith("val_") and config.data.val is None:
+        raise ConfigError(
+            f"checkpoint.metric={config.checkpoint.metric!r} needs data.val; set data.val "
+            "or checkpoint.metric=train_loss"
+        )
+
+
+def wait_for_first_file(fs, root: str, idle_timeout: float, shown: str) -> str:
+    """Any complete file (consumed or not): it fixes the model's input and output widths."""
+    deadline = time.monotonic() + idle_timeout
+    warned: set[str] = set()
+    while True:
+        found = next_file(fs, root, set(), warned)
+        if found is not None:
+            return found[0]
+        if time.monotonic() >= deadline:
+            raise DataError(
+                f"--follow {shown}: no complete *.parquet file arrived within {idle_timeout:g} s; "
+                "nothing trained"
+            )
+        time.sleep(min(1.0, idle_timeout / 10))
+
+
+def follow_shape(config: Config, info: DatasetInfo, name: str) -> Shape:
+    """What the first file in DIR fixes of the model: its input and output widths."""
+    if config.data.task == "lm":
+        raise ConfigError('--follow does not train language models (data.task = "lm") yet')
+    classify = info.label_kind == "int"
+    if classify and config.model.num_classes is None:
+        raise ConfigError(
+            f"--follow: {name} has integer labels: set model.num_classes (the labels of files "
+            "yet to come are unknown)"
+        )
+    if not classify and config.checkpoint.metric == "val_accuracy":
+        raise ConfigError("checkpoint.metric='val_accuracy' needs integer (class) labels")
+    inputs = Inputs.of(config.data, "classify" if classify else "regress", info.feature_shape)
+    shape = Shape(inputs, config.model.num_classes if classify else 1)
+    check_fits(info, shape, what=f"--follow: {name}")
+    return shape

@@ -1,26 +1,24 @@
-"""The driver: checks inputs, starts or joins Ray, runs the workers, writes the run's results.
+"""The driver's run path: `raymb train` and `raymb train --follow DIR` share it.
 
-Everything a user can get wrong is checked here before Ray starts, so a bad config or bad
-data costs a one-line error and leaves nothing behind.
+Both check everything before Ray starts (raymb.driver.preflight: Ray is not even imported
+until the checks pass), claim the run directory, start or join Ray and build the TorchTrainer
+(raymb.driver.cluster), then run it through one
+closing sequence: progress and tracking while it runs; on failure a one-line error that says
+what was kept; at the end summary.json, loss.png, the tracked run's artifacts, status.json.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-import ray
-import ray.train
-from ray.train.torch import TorchTrainer
-
 from raymb.config import Config
-from raymb.data.checks import DatasetInfo, describe_shape
-from raymb.data.columns import column_names
-from raymb.driver.preflight import prepare, run_location, tokenizer_spec
+from raymb.data.checks import describe_shape
+from raymb.driver.preflight import prepare, prepare_follow, run_location, tokenizer_spec
 from raymb.errors import DataError, RaymbError, StorageError
 from raymb.rundir import plot, progress, storage
 from raymb.rundir.checkpoint import MODEL_FILE, claim_run
@@ -28,12 +26,8 @@ from raymb.rundir.runs import latest_checkpoint, mark
 from raymb.rundir.storage import Location
 from raymb.rundir.tracking import Tracker
 from raymb.worker.epochs import train_loop
-from raymb.worker.spec import DataSpec, EpochsSpec
-from raymb.worker.worker import POLL_ENV, POLL_S
-
-CACHE_SHARE = 0.25
-"""data.cache = "auto" caches when the data takes at most this share of Ray's object store
-and of the memory Ray may use."""
+from raymb.worker.follow import STOP_FILE, follow_loop
+from raymb.worker.spec import EpochsSpec, FollowSpec
 
 
 @dataclass(frozen=True)
@@ -49,38 +43,15 @@ class Result:
         return self.summary["checkpoint"]
 
 
-def connect(config: Config, address: str | None) -> float:
-    """Start a local Ray cluster or join one; return the logical CPUs to give each worker.
-
-    A worker holding every CPU starves Ray Data's read tasks and the run waits forever, so
-    the workers together leave at least one CPU free.
-    """
-    W = config.scale.max_workers
-    if not ray.is_initialized():
-        if address is None:
-            ray.init(
-                address="local",
-                num_cpus=max(os.cpu_count() or 1, W + 1),
-                include_dashboard=False,
-                log_to_driver=True,
-            )
-        else:
-            ray.init(address=address)
-    if config.scale.cpus_per_worker is not None:
-        return config.scale.cpus_per_worker
-    total = ray.cluster_resources().get("CPU", 0)
-    return min(1.0, max(total - 1, total / 2) / W) if total else 1.0
-
-
 def train(config: Config, *, address: str | None = None) -> Result:
     """Train as configured and return the run's summary (also written to summary.json)."""
     plan, train_info, val_info = prepare(config)
+    from raymb.driver.cluster import connect, data_spec, make_trainer, use_cache  # Ray
+
     run_dir = run_location(config)
     fresh = not run_dir.exists()
     claim_run(run_dir, config)  # a resumed run must fit its checkpoints
     cpus = connect(config, address)
-    mark(run_dir, "running")
-    tracker = start_tracking(config, run_dir, resumed=not fresh)
     cached = use_cache(config, [train_info, val_info])
     print(
         f"raymb: data.train: {train_info.num_rows} rows, "
@@ -96,37 +67,109 @@ def train(config: Config, *, address: str | None = None) -> Result:
         tokenizer=tokenizer_spec(config),
     )
     trainer = make_trainer(config, train_loop, {"spec": spec}, cpus, run_dir)
+
+    def close(summary: dict[str, Any], metrics: dict[str, Any]) -> str:
+        return "stopped early" if summary["stopped_early"] else "finished"
+
+    return _run(
+        config, run_dir, trainer.fit, fresh=fresh, total_steps=plan.total_steps, close=close
+    )
+
+
+def follow(
+    config: Config, directory: str | Path, *, idle_timeout: float, address: str | None = None
+) -> Result:
+    """Train on each parquet file as it lands in `directory` until `idle_timeout` seconds pass
+    without one, or SIGINT; return the run's summary (also written to summary.json).
+
+    With no complete file in `directory` within `idle_timeout`, nothing starts: DataError.
+    """
+    config, shape, val_info, location = prepare_follow(config, directory, idle_timeout)
+    from raymb.driver.cluster import connect, data_spec, fit_stopping_on_sigint, make_trainer
+
+    run_dir = run_location(config)
+    fresh = not run_dir.exists()
+    claim_run(run_dir, config)  # a resumed run must fit its checkpoints
+    cpus = connect(config, address)
+    stop_file = run_dir / STOP_FILE
+    stop_file.remove()  # left by an earlier run
+    spec = FollowSpec(
+        config=config,
+        shape=shape,
+        run_dir=run_dir,
+        val=data_spec(val_info, config, True, "data.val") if val_info else None,
+        directory=location,
+        idle_timeout=float(idle_timeout),
+        poll_s=min(0.5, max(0.05, idle_timeout / 10)),
+        stop_file=stop_file,
+    )
+    trainer = make_trainer(config, follow_loop, {"spec": spec}, cpus, run_dir)
+
+    def close(summary: dict[str, Any], metrics: dict[str, Any]) -> str:
+        stopped = stop_file.exists()
+        summary["files_consumed"] = metrics.get("epoch", 0)  # the epochs of --follow are files
+        summary["stop_reason"] = "interrupted" if stopped else "idle"
+        return "stopped" if stopped else "finished"
+
+    try:
+        fit = lambda: fit_stopping_on_sigint(trainer, stop_file)  # noqa: E731
+        return _run(config, run_dir, fit, fresh=fresh, total_steps=None, close=close)
+    finally:
+        stop_file.remove()
+
+
+def _run(
+    config: Config,
+    run_dir: Location,
+    fit: Callable[[], Any],
+    *,
+    fresh: bool,
+    total_steps: int | None,
+    close: Callable[[dict[str, Any], dict[str, Any]], str],
+) -> Result:
+    """Run `fit` with progress and tracking; then the closing sequence. `close` adds the
+    mode's own keys to the summary and returns the status to mark."""
+    from raymb.driver.cluster import TrainingFailed
+
+    mark(run_dir, "running")
+    tracker = start_tracking(config, run_dir, resumed=not fresh)
     started = time.perf_counter()
     try:
-        with progress.watch(run_dir / "metrics.csv", plan.total_steps, on_rows=tracker.log_rows):
-            result = trainer.fit()
+        with progress.watch(run_dir / "metrics.csv", total_steps, on_rows=tracker.log_rows):
+            result = fit()
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         tracker.finish(summary=None, status=status, files={})
-        if not isinstance(e, ray.train.TrainingFailedError):
-            raise
-        latest, _ = latest_checkpoint(run_dir)
-        bad_data = _data_error(e)
-        if bad_data is not None:  # found by the workers' first read: nothing to keep
-            if fresh and latest is None:
-                run_dir.remove()
-            else:
-                mark_failed(run_dir, bad_data)
-            raise DataError(bad_data) from None
-        kept = (
-            f"latest checkpoint: {latest} (run again with run.name={config.run.name!r} to resume)"
-            if latest
-            else "no checkpoint was written"
-        )
-        mark_failed(run_dir, _first_line(e))
-        raise RaymbError(f"training failed: {_first_line(e)} ({kept})") from e
-    wall = time.perf_counter() - started
-    summary = _summary(result, wall, config, run_dir)
+        if isinstance(e, TrainingFailed):
+            _failed(e, config, run_dir, fresh=fresh)
+        raise
+    summary = _summary(result, time.perf_counter() - started, config, run_dir)
+    status = close(summary, result.metrics or {})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot.write_run_plot(run_dir)
     finish_tracking(tracker, summary, run_dir)
-    mark(run_dir, "stopped early" if summary["stopped_early"] else "finished")
+    mark(run_dir, status)
     return Result(run_dir=run_dir, summary=summary)
+
+
+def _failed(error: BaseException, config: Config, run_dir: Location, *, fresh: bool) -> None:
+    """The workers failed: say it in one line, with what was kept (a fresh run that bad data
+    stopped before any checkpoint leaves nothing)."""
+    latest, _ = latest_checkpoint(run_dir)
+    bad_data = _data_error(error)
+    if bad_data is not None:  # found by the workers' first read: nothing to keep
+        if fresh and latest is None:
+            run_dir.remove()
+        else:
+            mark_failed(run_dir, bad_data)
+        raise DataError(bad_data) from None
+    kept = (
+        f"latest checkpoint: {latest} (run again with run.name={config.run.name!r} to resume)"
+        if latest
+        else "no checkpoint was written"
+    )
+    mark_failed(run_dir, _first_line(error))
+    raise RaymbError(f"training failed: {_first_line(error)} ({kept})") from error
 
 
 def start_tracking(config: Config, run_dir: Location, *, resumed: bool) -> Tracker:
@@ -156,72 +199,6 @@ def mark_failed(run_dir: Location, error: str) -> None:
         mark(run_dir, "failed", error=error)
     except StorageError:
         pass
-
-
-def use_cache(config: Config, infos: list[DatasetInfo | None]) -> bool:
-    """data.cache, with "auto" resolved against what the cluster holds."""
-    if config.data.cache != "auto":
-        return bool(config.data.cache)
-    size = sum(i.bytes for i in infos if i is not None)
-    resources = ray.cluster_resources()
-    room = min(resources.get("object_store_memory", 0), resources.get("memory", 0))
-    # Each worker also keeps the rows as float32 tensors.
-    rows = sum(i.num_rows * (i.num_features * _itemsize(i) + 8) for i in infos if i is not None)
-    return size <= CACHE_SHARE * room and rows * config.scale.max_workers <= CACHE_SHARE * room
-
-
-def _itemsize(info: DatasetInfo) -> int:
-    """Bytes a feature value takes in a worker's cache: as stored, floats as float32."""
-    kind = np.dtype(info.feature_type) if info.feature_type in np.sctypeDict else np.float32
-    return 4 if np.issubdtype(kind, np.floating) else np.dtype(kind).itemsize
-
-
-def data_spec(
-    info: DatasetInfo, config: Config, cached: bool, what: str = "data.train"
-) -> DataSpec:
-    """What a worker needs to read a dataset (raymb.worker.feed): the blocks materialized in
-    Ray's object store, or the files to stream."""
-    if not cached:
-        return DataSpec.of(info, config, what=what)
-    import ray.data
-
-    # Blocks in file order: the row indices of raymb.core.order are positions in the files.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dataset = ray.data.read_parquet(list(info.files), filesystem=info.filesystem)
-    columns = column_names(config.data.features, config.data.label_column)
-    dataset = dataset.select_columns(columns).materialize()
-    return DataSpec.of(info, config, what=what, blocks=tuple(dataset.to_arrow_refs()))
-
-
-def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: Location):
-    """The TorchTrainer of a run: its workers, storage, failures, checkpoints. Each worker
-    writes its checkpoint files straight to run_dir's filesystem (Ray Train's upload)."""
-    # Ray passes the setting on to the controller that fit() starts.
-    os.environ.setdefault(POLL_ENV, str(POLL_S))
-    return TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=(
-                (config.scale.min_workers, config.scale.max_workers)
-                if config.scale.elastic
-                else config.scale.max_workers
-            ),
-            use_gpu=config.scale.use_gpu,
-            resources_per_worker={"CPU": cpus} if not config.scale.use_gpu else None,
-        ),
-        run_config=ray.train.RunConfig(
-            name=config.run.name,
-            storage_path=run_dir.parent.path,
-            storage_filesystem=None if run_dir.local else run_dir.fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.scale.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=config.checkpoint.keep,
-                checkpoint_score_attribute=config.checkpoint.metric,
-                checkpoint_score_order=config.checkpoint.mode,
-            ),
-        ),
-    )
 
 
 def _best_checkpoint(result, config: Config, run_dir: Location) -> str | None:

@@ -19,8 +19,8 @@ from raymb.data.columns import Inputs
 from raymb.rundir.storage import Location
 from raymb.worker.feed import train_source, val_batches
 from raymb.worker.session import RaySession, Session
-from raymb.worker.spec import EpochsSpec
-from raymb.worker.worker import Progress, Shape, Worker, fault_wait_s
+from raymb.worker.spec import EpochsSpec, Shape
+from raymb.worker.worker import Progress, Worker, fault_wait_s
 
 
 def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -> None:

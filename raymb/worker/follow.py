@@ -31,44 +31,24 @@ with no row in a step steps on zero gradients, which momentum still moves).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
-import ray.train
-import ray.train.torch
 import torch.distributed as dist
 
-from raymb.config import CheckpointSection, Config, DataSection
+from raymb.config import Config
 from raymb.core.order import rank_rows
 from raymb.data.checks import PARQUET_SUFFIX, DatasetInfo, check_dataset
-from raymb.data.columns import Inputs, column_names, table_to_tensors
-from raymb.driver.preflight import run_location
-from raymb.driver.run import (
-    Result,
-    _first_line,
-    _summary,
-    connect,
-    data_spec,
-    make_trainer,
-    mark_failed,
-)
-from raymb.errors import ConfigError, DataError, RaymbError, StorageError
-from raymb.rundir import checkpoint as ckpt
+from raymb.data.columns import column_names, table_to_tensors
+from raymb.errors import DataError, RaymbError, StorageError
 from raymb.rundir import storage
-from raymb.rundir.runs import latest_checkpoint, mark
-from raymb.rundir.storage import Location
 from raymb.worker.feed import val_batches
-from raymb.worker.session import RaySession
-from raymb.worker.worker import Shape, Worker
+from raymb.worker.session import RaySession, Session
+from raymb.worker.spec import FollowSpec, Shape
+from raymb.worker.worker import Worker
 
 STOP_FILE = "STOP"
 """In the run directory: the workers stop after the file in hand when it appears."""
@@ -134,21 +114,21 @@ def step_sizes(rows: int, global_batch: int | str) -> list[int]:
 # The worker loop.
 
 
-def follow_loop(payload: dict) -> None:
-    """What each Ray Train worker runs: agree on the next file, train one pass, checkpoint."""
-    config = Config.from_dict(payload["config"])
-    dims = payload["dims"]
-    session = RaySession()
+def follow_loop(payload: dict[str, FollowSpec], session: Session | None = None) -> None:
+    """What each worker runs: agree on the next file, train one pass, checkpoint. Ray Train
+    calls it with its train_loop_config ({"spec": FollowSpec})."""
+    spec = payload["spec"]
+    session = session or RaySession()
+    config, shape = spec.config, spec.shape
     rank, world = session.rank, session.world
     features, label = config.data.features, config.data.label
-    val = val_batches(payload["val"], session.fetch, features, label, rank, world, 4096)
-    inputs = Inputs.from_dict(dims["inputs"])
-    shape = Shape(inputs, dims["out_features"])
+    val = val_batches(spec.val, session.fetch, features, label, rank, world, 4096)
+    inputs = shape.inputs
     # constant or step schedules only: they need no total
     worker = Worker(
         config,
         shape,
-        payload["run_dir"],
+        spec.run_dir,
         mode="follow",
         total_steps=1,
         session=session,
@@ -157,7 +137,7 @@ def follow_loop(payload: dict) -> None:
     progress, device = worker.progress, worker.device
     if worker.resumed and rank == 0:
         print(f"raymb: resumed at step {progress.step}, {len(progress.files)} files in")
-    fs, root = open_directory(payload["directory"])
+    fs, root = open_directory(spec.directory)
     consumed = {name for name, _ in progress.files}
     G, m = config.train.global_batch_size, config.microbatch()
 
@@ -166,11 +146,11 @@ def follow_loop(payload: dict) -> None:
     while True:
         decision = None
         if rank == 0:
-            decision = _decide(payload, fs, root, consumed, warned, idle_since, dims, config)
+            decision = _decide(spec, fs, root, consumed, warned, idle_since)
         decision = _broadcast(decision, world)
         if decision["do"] == "wait":
             if rank == 0:
-                time.sleep(payload["poll_s"])
+                time.sleep(spec.poll_s)
             continue
         if decision["do"] == "error":
             raise DataError(decision["message"])
@@ -207,46 +187,47 @@ def follow_loop(payload: dict) -> None:
         idle_since = time.monotonic()
 
 
-def _decide(payload, fs, root, consumed, warned, idle_since, dims, config) -> dict:
+def _decide(spec: FollowSpec, fs, root, consumed, warned, idle_since) -> dict:
     """Rank 0: what every worker does next."""
-    if payload["stop_file"].exists():
+    if spec.stop_file.exists():
         return {"do": "stop"}
     found = next_file(fs, root, consumed, warned)
     if found is not None:
         name, rows = found
-        message = _check_file(payload["directory"], name, rows, dims, config)
+        message = _check_file(spec.directory, name, rows, spec.shape, spec.config)
         if message is not None:
             return {"do": "error", "message": message}
         return {"do": "file", "name": name, "rows": rows}
-    if time.monotonic() - idle_since >= payload["idle_timeout"]:
+    if time.monotonic() - idle_since >= spec.idle_timeout:
         return {"do": "stop"}
     return {"do": "wait"}
 
 
-def _check_file(directory: str, name: str, rows: int, dims: dict, config: Config) -> str | None:
+def _check_file(directory: str, name: str, rows: int, shape: Shape, config: Config) -> str | None:
     """A one-line reason the file does not fit the run, or None."""
     if rows == 0:
         return None
     location = f"{directory.rstrip('/')}/{name}"
     try:
         info = check_dataset(location, config.data.features, config.data.label, what="--follow")
-        _check_fits(info, dims, what=f"--follow: {name}")
+        check_fits(info, shape, what=f"--follow: {name}")
     except RaymbError as e:
         return f"{e} (the run stopped before this file; fix or move it, then start again)"
     return None
 
 
-def _check_fits(info: DatasetInfo, dims: dict, *, what: str) -> None:
-    kind = "int" if dims["classify"] else "float"
-    if (info.num_features, info.label_kind) != (dims["in_features"], kind):
+def check_fits(info: DatasetInfo, shape: Shape, *, what: str) -> None:
+    """A set (a file in DIR, data.val) against the model the first file fixed."""
+    kind = "int" if shape.classify else "float"
+    if (info.num_features, info.label_kind) != (shape.in_features, kind):
         raise DataError(
             f"{what} has {info.num_features} features and {info.label_kind} labels; the run "
-            f"has {dims['in_features']} and {kind}"
+            f"has {shape.in_features} and {kind}"
         )
-    if dims["classify"] and info.num_classes > dims["out_features"]:
+    if shape.classify and info.num_classes > shape.out_features:
         raise DataError(
             f"{what} has labels up to {info.num_classes - 1}, but model.num_classes="
-            f"{dims['out_features']}"
+            f"{shape.out_features}"
         )
 
 
@@ -256,184 +237,3 @@ def _broadcast(decision: dict | None, world: int) -> dict:
         dist.broadcast_object_list(box, src=0)
         decision = box[0]
     return decision
-
-
-# The driver.
-
-
-def follow(
-    config: Config, directory: str | Path, *, idle_timeout: float, address: str | None = None
-) -> Result:
-    """Train on each parquet file as it lands in `directory` until `idle_timeout` seconds pass
-    without one, or SIGINT; return the run's summary (also written to summary.json).
-
-    With no complete file in `directory` within `idle_timeout`, nothing starts: DataError.
-    """
-    config = _without_demo_val(config)
-    _check_config(config, idle_timeout)
-    storage.configure(config.storage)
-    fs, root = open_directory(directory)
-    location = root if "://" not in str(directory) else str(directory)
-    val_info = None
-    if config.data.val is not None:
-        val_info = check_dataset(
-            config.data.val, config.data.features, config.data.label, what="data.val"
-        )
-    first = _wait_for_first_file(fs, root, idle_timeout, str(directory))
-    info = check_dataset(
-        f"{location.rstrip('/')}/{first}", config.data.features, config.data.label, what="--follow"
-    )
-    dims = _dims(config, info, first)
-    if val_info is not None:
-        _check_fits(val_info, dims, what="data.val")
-
-    run_dir = run_location(config)
-    ckpt.claim_run(run_dir, config)  # a resumed run must fit its checkpoints
-    cpus = connect(config, address)
-    stop_file = run_dir / STOP_FILE
-    stop_file.remove()  # left by an earlier run
-    mark(run_dir, "running")
-    loop_config = {
-        "config": config.to_dict(),
-        "dims": dims,
-        "run_dir": run_dir,
-        "val": data_spec(val_info, config, True, "data.val") if val_info else None,
-        "directory": location,
-        "idle_timeout": float(idle_timeout),
-        "poll_s": min(0.5, max(0.05, idle_timeout / 10)),
-        "stop_file": stop_file,
-    }
-    trainer = make_trainer(config, follow_loop, loop_config, cpus, run_dir)
-    started = time.perf_counter()
-    try:
-        result = _fit_stopping_on_sigint(trainer, stop_file)
-        stopped = stop_file.exists()
-    except ray.train.TrainingFailedError as e:
-        latest, _ = latest_checkpoint(run_dir)
-        kept = f"latest checkpoint: {latest}" if latest else "no checkpoint was written"
-        mark_failed(run_dir, _first_line(e))
-        raise RaymbError(f"training failed: {_first_line(e)} ({kept})") from e
-    finally:
-        stop_file.remove()
-    summary = _summary(result, time.perf_counter() - started, config, run_dir)
-    metrics = result.metrics or {}
-    summary["files_consumed"] = metrics.get("epoch", 0)  # the epochs of --follow are files
-    summary["stop_reason"] = "interrupted" if stopped else "idle"
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    mark(run_dir, "stopped" if stopped else "finished")
-    return Result(run_dir=run_dir, summary=summary)
-
-
-def _without_demo_val(config: Config) -> Config:
-    """--follow trains on DIR, not data.train: a config that sets neither data.train nor
-    data.val means no validation, not the demo set that data.val defaults to (and the best
-    checkpoint is then the one of lowest train_loss, unless checkpoint.metric says else)."""
-    default = DataSection()
-    if (config.data.train, config.data.val) != (default.train, default.val):
-        return config
-    checkpoint = config.checkpoint
-    if checkpoint.metric == CheckpointSection().metric:
-        checkpoint = dataclasses.replace(checkpoint, metric="train_loss")
-    data = dataclasses.replace(config.data, val=None)
-    return dataclasses.replace(config, data=data, checkpoint=checkpoint)
-
-
-def _check_config(config: Config, idle_timeout: float) -> None:
-    if not idle_timeout > 0:
-        raise ConfigError(f"--idle-timeout must be > 0 seconds, got {idle_timeout}")
-    unsupported = (
-        ("scale.workers", config.scale.workers, config.scale.elastic),
-        ("train.microbatch_size", "auto", config.train.microbatch_size == "auto"),
-        ("optim.schedule", "cosine", config.optim.schedule == "cosine"),
-    )
-    for key, value, bad in unsupported:
-        if bad:
-            raise ConfigError(f"{key}={value!r} is not supported with --follow yet")
-    if config.checkpoint.metric.startswith("val_") and config.data.val is None:
-        raise ConfigError(
-            f"checkpoint.metric={config.checkpoint.metric!r} needs data.val; set data.val "
-            "or checkpoint.metric=train_loss"
-        )
-
-
-def _wait_for_first_file(fs, root: str, idle_timeout: float, shown: str) -> str:
-    """Any complete file (consumed or not): it fixes the model's input and output widths."""
-    deadline = time.monotonic() + idle_timeout
-    warned: set[str] = set()
-    while True:
-        found = next_file(fs, root, set(), warned)
-        if found is not None:
-            return found[0]
-        if time.monotonic() >= deadline:
-            raise DataError(
-                f"--follow {shown}: no complete *.parquet file arrived within {idle_timeout:g} s; "
-                "nothing trained"
-            )
-        time.sleep(min(1.0, idle_timeout / 10))
-
-
-def _dims(config: Config, info: DatasetInfo, name: str) -> dict[str, Any]:
-    if config.data.task == "lm":
-        raise ConfigError('--follow does not train language models (data.task = "lm") yet')
-    classify = info.label_kind == "int"
-    if classify and config.model.num_classes is None:
-        raise ConfigError(
-            f"--follow: {name} has integer labels: set model.num_classes (the labels of files "
-            "yet to come are unknown)"
-        )
-    if not classify and config.checkpoint.metric == "val_accuracy":
-        raise ConfigError("checkpoint.metric='val_accuracy' needs integer (class) labels")
-    dims = {
-        "in_features": info.num_features,
-        "out_features": config.model.num_classes if classify else 1,
-        "classify": classify,
-        "inputs": Inputs.of(
-            config.data, "classify" if classify else "regress", info.feature_shape
-        ).to_dict(),
-    }
-    _check_fits(info, dims, what=f"--follow: {name}")
-    return dims
-
-
-def _fit_stopping_on_sigint(trainer, stop_file: Location):
-    """fit(); the first SIGINT asks the workers to stop after the file in hand.
-
-    fit() runs in a thread: on the main thread Ray Train installs its own SIGINT handler,
-    which aborts the workers at once. A second SIGINT raises KeyboardInterrupt here at once
-    (a local Ray cluster ends with the process; the run resumes from its last checkpoint).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return trainer.fit()  # no signals here
-    outcome: dict[str, Any] = {}
-    interrupts = 0
-
-    def run() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as e:  # re-raised on the caller's thread
-            outcome["error"] = e
-
-    def on_sigint(signum, frame) -> None:
-        nonlocal interrupts
-        interrupts += 1
-        if interrupts > 1:
-            raise KeyboardInterrupt
-        stop_file.write_bytes(b"")
-        print(
-            "raymb: stopping after the file in hand, then checkpointing "
-            "(Ctrl-C again to abandon it)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    thread = threading.Thread(target=run, name="raymb-follow-fit", daemon=True)
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.2)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]

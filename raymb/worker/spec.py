@@ -13,8 +13,26 @@ from typing import Any
 from raymb.config import Config
 from raymb.core.plan import Plan
 from raymb.data.checks import DatasetInfo
-from raymb.data.columns import column_names
+from raymb.data.columns import Inputs, column_names
 from raymb.rundir.storage import Location
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the model is built for and what a checkpoint records of it."""
+
+    inputs: Inputs
+    out_features: int
+    tokenizer: dict | None = None
+    """lm: the tokenizer's spec (raymb.data.tokenizer), kept with the model for sampling."""
+
+    @property
+    def in_features(self) -> int:
+        return self.inputs.in_features
+
+    @property
+    def classify(self) -> bool:
+        return self.inputs.task != "regress"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,3 +96,19 @@ class EpochsSpec:
     val: DataSpec | None = None
     tokenizer: dict | None = None
     """lm: the tokenizer's spec (raymb.data.tokenizer), kept with the model for sampling."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FollowSpec:
+    """What `raymb train --follow DIR` hands each worker of the online loop."""
+
+    config: Config
+    shape: Shape
+    """Fixed by the first file in DIR: every later file must fit it."""
+    run_dir: Location
+    val: DataSpec | None
+    directory: str
+    """DIR, as a path on its filesystem or a URI."""
+    idle_timeout: float
+    poll_s: float
+    stop_file: Location

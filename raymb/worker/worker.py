@@ -25,7 +25,6 @@ from raymb.config import Config
 from raymb.core.optim import build_optimizer, build_scheduler
 from raymb.core.step import train_step
 from raymb.core.sync import build_sync
-from raymb.data.columns import Inputs
 from raymb.errors import CheckpointError
 from raymb.models import build_model
 from raymb.rundir import checkpoint as ckpt
@@ -34,6 +33,7 @@ from raymb.tools.evaluate import batch_sums, lm_metrics
 from raymb.worker.feed import Batch
 from raymb.worker.metrics import Entry, Ledger
 from raymb.worker.session import Session
+from raymb.worker.spec import Shape
 
 POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 0.2
 """How often Ray Train's controller polls the workers: a report waits for the next poll (every
@@ -62,24 +62,6 @@ class Progress:
     stopped_early: bool = False
     files: list[list] = field(default_factory=list)
     """--follow: [name, rows] of every file trained on, in order."""
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What the model is built for and what a checkpoint records of it."""
-
-    inputs: Inputs
-    out_features: int
-    tokenizer: dict | None = None
-    """lm: the tokenizer's spec (raymb.data.tokenizer), kept with the model for sampling."""
-
-    @property
-    def in_features(self) -> int:
-        return self.inputs.in_features
-
-    @property
-    def classify(self) -> bool:
-        return self.inputs.task != "regress"
 
 
 class Worker:

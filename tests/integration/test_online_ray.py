@@ -19,8 +19,8 @@ import torch
 from online_files import LR, D, G, follow_config, write_file
 
 from raymb import load_config
+from raymb.driver.run import follow
 from raymb.rundir.checkpoint import STATE_FILE, load_model, read
-from raymb.worker.follow import follow
 
 pytestmark = pytest.mark.timeout(600)
 

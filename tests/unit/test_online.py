@@ -14,7 +14,9 @@ import pytest
 from online_files import G, follow_config, write_file
 
 from raymb import ConfigError, DataError
-from raymb.worker.follow import follow, next_file, open_directory, rank_rows, step_sizes
+from raymb.core.order import rank_rows
+from raymb.driver.run import follow
+from raymb.worker.follow import next_file, open_directory, step_sizes
 
 pytestmark = pytest.mark.timeout(600)
 

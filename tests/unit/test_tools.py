@@ -550,7 +550,7 @@ def test_train_follow_calls_online_follow_and_prints_the_table(
         calls.append((config.run.name, directory, idle_timeout, address))
         return types.SimpleNamespace(run_dir=tmp_path / "runs" / "live", summary=summary)
 
-    monkeypatch.setitem(sys.modules, "raymb.worker.follow", types.SimpleNamespace(follow=follow))
+    monkeypatch.setitem(sys.modules, "raymb.driver.run", types.SimpleNamespace(follow=follow))
     code, out, err = run_cli(
         capsys, "train", "--set", "run.name=live", "--follow", str(tmp_path), "--idle-timeout", "5"
     )
@@ -560,14 +560,6 @@ def test_train_follow_calls_online_follow_and_prints_the_table(
 
     code, _, err = run_cli(capsys, "train", "--follow", str(tmp_path))
     assert code == 0 and calls[-1][2] == 60.0  # the default idle timeout
-
-
-def test_train_follow_without_raymb_online(tmp_path, capsys, monkeypatch) -> None:
-    monkeypatch.setitem(
-        sys.modules, "raymb.worker.follow", None
-    )  # as before raymb.worker.follow existed
-    code, _, err = run_cli(capsys, "train", "--follow", str(tmp_path))
-    assert "--follow: this raymb has no online training" in one_line_error(code, err)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,164 @@
+"""The driver's side of Ray: start or join a cluster, cache the data in its object store, build
+the TorchTrainer, and run it. The only driver module that imports Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from raymb.config import Config
+from raymb.data.checks import DatasetInfo
+from raymb.data.columns import column_names
+from raymb.rundir.storage import Location
+from raymb.worker.spec import DataSpec
+from raymb.worker.worker import POLL_ENV, POLL_S
+
+TrainingFailed = ray.train.TrainingFailedError
+"""What fit() raises when the workers fail (the run directory keeps its checkpoints)."""
+
+
+CACHE_SHARE = 0.25
+"""data.cache = "auto" caches when the data takes at most this share of Ray's object store
+and of the memory Ray may use."""
+
+
+def connect(config: Config, address: str | None) -> float:
+    """Start a local Ray cluster or join one; return the logical CPUs to give each worker.
+
+    A worker holding every CPU starves Ray Data's read tasks and the run waits forever, so
+    the workers together leave at least one CPU free.
+    """
+    W = config.scale.max_workers
+    if not ray.is_initialized():
+        if address is None:
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, W + 1),
+                include_dashboard=False,
+                log_to_driver=True,
+            )
+        else:
+            ray.init(address=address)
+    if config.scale.cpus_per_worker is not None:
+        return config.scale.cpus_per_worker
+    total = ray.cluster_resources().get("CPU", 0)
+    return min(1.0, max(total - 1, total / 2) / W) if total else 1.0
+
+
+def use_cache(config: Config, infos: list[DatasetInfo | None]) -> bool:
+    """data.cache, with "auto" resolved against what the cluster holds."""
+    if config.data.cache != "auto":
+        return bool(config.data.cache)
+    size = sum(i.bytes for i in infos if i is not None)
+    resources = ray.cluster_resources()
+    room = min(resources.get("object_store_memory", 0), resources.get("memory", 0))
+    # Each worker also keeps the rows as float32 tensors.
+    rows = sum(i.num_rows * (i.num_features * _itemsize(i) + 8) for i in infos if i is not None)
+    return size <= CACHE_SHARE * room and rows * config.scale.max_workers <= CACHE_SHARE * room
+
+
+def _itemsize(info: DatasetInfo) -> int:
+    """Bytes a feature value takes in a worker's cache: as stored, floats as float32."""
+    kind = np.dtype(info.feature_type) if info.feature_type in np.sctypeDict else np.float32
+    return 4 if np.issubdtype(kind, np.floating) else np.dtype(kind).itemsize
+
+
+def data_spec(
+    info: DatasetInfo, config: Config, cached: bool, what: str = "data.train"
+) -> DataSpec:
+    """What a worker needs to read a dataset (raymb.worker.feed): the blocks materialized in
+    Ray's object store, or the files to stream."""
+    if not cached:
+        return DataSpec.of(info, config, what=what)
+    import ray.data
+
+    # Blocks in file order: the row indices of raymb.core.order are positions in the files.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    dataset = ray.data.read_parquet(list(info.files), filesystem=info.filesystem)
+    columns = column_names(config.data.features, config.data.label_column)
+    dataset = dataset.select_columns(columns).materialize()
+    return DataSpec.of(info, config, what=what, blocks=tuple(dataset.to_arrow_refs()))
+
+
+def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: Location):
+    """The TorchTrainer of a run: its workers, storage, failures, checkpoints. Each worker
+    writes its checkpoint files straight to run_dir's filesystem (Ray Train's upload)."""
+    # Ray passes the setting on to the controller that fit() starts.
+    os.environ.setdefault(POLL_ENV, str(POLL_S))
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(
+                (config.scale.min_workers, config.scale.max_workers)
+                if config.scale.elastic
+                else config.scale.max_workers
+            ),
+            use_gpu=config.scale.use_gpu,
+            resources_per_worker={"CPU": cpus} if not config.scale.use_gpu else None,
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,
+            storage_path=run_dir.parent.path,
+            storage_filesystem=None if run_dir.local else run_dir.fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.scale.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.checkpoint.keep,
+                checkpoint_score_attribute=config.checkpoint.metric,
+                checkpoint_score_order=config.checkpoint.mode,
+            ),
+        ),
+    )
+
+
+def fit_stopping_on_sigint(trainer, stop_file: Location):
+    """fit(); the first SIGINT asks the workers to stop after the file in hand.
+
+    fit() runs in a thread: on the main thread Ray Train installs its own SIGINT handler,
+    which aborts the workers at once. A second SIGINT raises KeyboardInterrupt here at once
+    (a local Ray cluster ends with the process; the run resumes from its last checkpoint).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()  # no signals here
+    outcome: dict[str, Any] = {}
+    interrupts = 0
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # re-raised on the caller's thread
+            outcome["error"] = e
+
+    def on_sigint(signum, frame) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            raise KeyboardInterrupt
+        stop_file.write_bytes(b"")
+        print(
+            "raymb: stopping after the file in hand, then checkpointing "
+            "(Ctrl-C again to abandon it)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    thread = threading.Thread(target=run, name="raymb-follow-fit", daemon=True)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -1,0 +1,5 @@
+"""`raymb.online.follow`, kept where it was: online training is raymb.driver.run.follow."""
+
+from raymb.driver.run import follow
+
+__all__ = ["follow"]
