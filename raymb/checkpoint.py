@@ -36,7 +36,7 @@ _MODEL_KEYS = ("config", "in_features", "out_features", "state_dict")
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary name, then rename: a reader never sees half a file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = storage.temp_sibling(path)  # unique: two savers of one path do not collide
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)

@@ -294,7 +294,8 @@ def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument(
         "--strict",
         action="store_true",
-        help="refuse an unreadable or non-image file instead of skipping it",
+        help="refuse an unreadable or non-image file, or a class folder or file that is a "
+        "link out of ROOT, instead of skipping it",
     )
     i.set_defaults(func=_prepare_images)
     t = kinds.add_parser(
@@ -337,6 +338,12 @@ def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
         metavar="PATTERN",
         help="which files below a folder to read, e.g. '*.py' (default '*'); files named "
         "directly are always read",
+    )
+    t.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a file below a folder that is a link out of that folder, instead of "
+        "skipping it",
     )
     t.set_defaults(func=_prepare_text)
 
@@ -511,8 +518,16 @@ def _prepare_images(args: argparse.Namespace) -> int:
     if skipped := manifest["source"]["skipped"]:
         example = manifest["source"]["skipped_examples"][0]
         print(f"raymb: skipped {skipped} unreadable files, e.g. {example}", file=sys.stderr)
+    _warn_links(manifest, args.root)
     print(f"raymb: wrote {args.out}/ ({describe(manifest)})")
     return 0
+
+
+def _warn_links(manifest: dict, root: str) -> None:
+    """One stderr line for the links out of ROOT that prepare skipped."""
+    if skipped := manifest["source"]["skipped_links"]:
+        example = manifest["source"]["skipped_link_examples"][0]
+        print(f"raymb: skipped {skipped} links that leave {root}, e.g. {example}", file=sys.stderr)
 
 
 def _prepare_text(args: argparse.Namespace) -> int:
@@ -529,7 +544,9 @@ def _prepare_text(args: argparse.Namespace) -> int:
         seed=args.seed,
         shards=args.shards,
         glob=args.glob,
+        strict=args.strict,
     )
+    _warn_links(manifest, ", ".join(p for p in args.paths if Path(p).is_dir()))
     print(f"raymb: wrote {args.out}/ ({describe(manifest)})")
     return 0
 

@@ -23,6 +23,7 @@ from raymb.config import Config
 from raymb.errors import DataError
 from raymb.evaluate import check_fits, read_batches
 from raymb.schema import DatasetInfo, check_dataset, resolve_files
+from raymb.storage import temp_sibling
 
 
 @torch.no_grad()
@@ -45,7 +46,7 @@ def predict(checkpoint: str, data: str, out: str | Path, batch_rows: int = 65536
     if out.is_dir():
         raise DataError(f"--out: {out} is a directory, expected a file name such as preds.parquet")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = temp_sibling(out)  # unique: two predicts into one --out do not collide
     model.eval()
     rows = 0
     writer: pq.ParquetWriter | None = None

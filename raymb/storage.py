@@ -16,7 +16,7 @@ whatever `pyarrow.fs.FileSystem.from_uri` makes of them.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -206,16 +206,33 @@ def write_local(path: Path, data: bytes) -> None:
     """Write a local file through a hidden temporary sibling and a rename (a reader never sees
     a part of it, nor mistakes the temporary file for a shard), synced before the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temp_sibling(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def temp_sibling(path: Path, *, folder: bool = False) -> Path:
+    """A new empty file (or folder) beside `path`, named `.NAME.<random>.tmp`, to write and then
+    rename onto `path`. The name is unique, so two writers of one path never share it; the
+    mode is what open() or mkdir() gives (0666 or 0777 less the umask), not mkstemp's private
+    0600, so what is renamed into place is as readable as any other file the user writes."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def _reason(e: BaseException) -> str:
