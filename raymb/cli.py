@@ -182,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON line: the prompt, the drawn token ids and their text",
     )
+    _add_trust_argument(sm)
     sm.set_defaults(func=_sample)
 
     ex = sub.add_parser(
@@ -208,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the file format to write",
     )
     ex.add_argument("--out", required=True, metavar="FILE", help="output file")
+    _add_trust_argument(ex)
     ex.set_defaults(func=_export)
 
     rn = sub.add_parser(
@@ -382,6 +384,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="parquet file, directory or glob, with the feature columns the model was trained on",
     )
+    _add_trust_argument(parser)
+
+
+def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="let a checkpoint whose model.name is a custom package.module:factory import and "
+        "call that factory to rebuild its model (it runs code the file names: only for a "
+        "checkpoint you trust; built-in models never need it). For jobs: "
+        "RAYMB_TRUST_MODEL_CODE=1",
+    )
 
 
 def add_config_arguments(
@@ -551,23 +565,34 @@ def _prepare_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """The checkpoint's refusals (malformed, an untrusted factory) before a tool imports
+    torch, which alone takes a second or more: a refusal comes at once."""
+    from raymb.checkpoint import preflight
+
+    preflight(args.checkpoint, trust_model_code=args.trust_model_code)
+
+
 def _eval(args: argparse.Namespace) -> int:
+    _preflight(args)
     from raymb.evaluate import evaluate
 
-    metrics = evaluate(args.checkpoint, args.data)
+    metrics = evaluate(args.checkpoint, args.data, trust_model_code=args.trust_model_code)
     print(json.dumps(metrics))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
+    _preflight(args)
     from raymb.predict import predict
 
-    written = predict(args.checkpoint, args.data, args.out)
+    written = predict(args.checkpoint, args.data, args.out, trust_model_code=args.trust_model_code)
     print(f"raymb: wrote {written['rows']} predictions to {written['out']}")
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
+    _preflight(args)
     from raymb.sample import sample
 
     drawn = sample(
@@ -577,6 +602,7 @@ def _sample(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
+        trust_model_code=args.trust_model_code,
     )
     if args.json:
         print(json.dumps({"prompt": args.prompt, "tokens": drawn.tokens, "text": drawn.text}))
@@ -586,9 +612,10 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    _preflight(args)
     from raymb.export import export, format_size
 
-    written = export(args.checkpoint, args.format, args.out)
+    written = export(args.checkpoint, args.format, args.out, trust_model_code=args.trust_model_code)
     print(
         f"raymb: wrote {written['out']} ({written['format']}, {format_size(written['bytes'])}; "
         f"max abs difference vs torch {written['max_abs_diff']:.2g} on {written['rows']} rows)"
