@@ -1,7 +1,10 @@
 """The driver: checks inputs, starts or joins Ray, runs the workers, writes the run's results.
 
 Everything a user can get wrong is checked here before Ray starts, so a bad config or bad
-data costs a one-line error and leaves nothing behind.
+data costs a one-line error and leaves nothing behind. Ray is imported only once the checks
+have passed, and the modules that need torch only by the checks of the data: a bad run name,
+a storage path that is a file or a run another driver holds is refused at once. A driver
+holds its run directory's lock (raymb.runs.lock_run) from its first write to its end.
 """
 
 from __future__ import annotations
@@ -10,26 +13,22 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import ray
-import ray.train
-from ray.train.torch import TorchTrainer
 
-from raymb import plot, progress, storage
-from raymb.checkpoint import MODEL_FILE, claim_run
-from raymb.columns import Inputs, column_names
+from raymb import plot, progress, runs, storage
 from raymb.config import Config
 from raymb.data.manifest import find_manifest
 from raymb.errors import ConfigError, DataError, RaymbError, StorageError
-from raymb.loop import train_loop
-from raymb.plan import Plan
-from raymb.runs import latest_checkpoint, mark
-from raymb.schema import DatasetInfo, check_dataset, describe_shape
+from raymb.runs import RunLock, latest_checkpoint, mark
 from raymb.storage import Location
 from raymb.tracking import Tracker, mlflow_target
-from raymb.worker import POLL_ENV, POLL_S
+
+if TYPE_CHECKING:
+    from raymb.columns import Inputs
+    from raymb.plan import Plan
+    from raymb.schema import DatasetInfo
 
 CACHE_SHARE = 0.25
 """data.cache = "auto" caches when the data takes at most this share of Ray's object store
@@ -51,18 +50,36 @@ class Result:
 
 def prepare(config: Config) -> tuple[Plan, Any, Any]:
     """Check the data against the config; nothing is started or written."""
+    from raymb.columns import Inputs
+    from raymb.plan import Plan
+    from raymb.schema import MAX_CLASSES, check_dataset, describe_shape
+
     storage.configure(config.storage)  # the endpoint of s3:// data and runs
     mlflow_target(config.log.mlflow_uri)  # asked for, and installed
     data = config.data
     label = data.label_column
+    # Without model.num_classes the labels size the model: one outlier must not.
+    max_classes = MAX_CLASSES if config.model.num_classes is None else None
     # The feature values are checked by the workers' first read (raymb.feed).
     train_info = check_dataset(
-        data.train, data.features, label, what="data.train", scan_features=False, task=data.task
+        data.train,
+        data.features,
+        label,
+        what="data.train",
+        scan_features=False,
+        task=data.task,
+        max_classes=max_classes,
     )
     val_info = None
     if data.val is not None:
         val_info = check_dataset(
-            data.val, data.features, label, what="data.val", scan_features=False, task=data.task
+            data.val,
+            data.features,
+            label,
+            what="data.val",
+            scan_features=False,
+            task=data.task,
+            max_classes=max_classes,
         )
         if (val_info.feature_shape, val_info.label_kind) != (
             train_info.feature_shape,
@@ -134,6 +151,8 @@ def _out_features(
 
 def _check_model_fits(config: Config, inputs: Inputs, info: DatasetInfo) -> None:
     """The built-in models against the data's shape and task, in one line before Ray starts."""
+    from raymb.schema import describe_shape
+
     name, shape, rows = config.model.name, inputs.shape, describe_shape(info, config.data.features)
     if inputs.task == "lm" and (len(shape) != 1 or shape[0] < 2):
         raise ConfigError(
@@ -167,6 +186,8 @@ def connect(config: Config, address: str | None) -> float:
     A worker holding every CPU starves Ray Data's read tasks and the run waits forever, so
     the workers together leave at least one CPU free.
     """
+    import ray
+
     W = config.scale.max_workers
     if not ray.is_initialized():
         if address is None:
@@ -186,28 +207,55 @@ def connect(config: Config, address: str | None) -> float:
 
 def train(config: Config, *, address: str | None = None) -> Result:
     """Train as configured and return the run's summary (also written to summary.json)."""
+    run_dir = check_run_dir(config)  # before the data checks: no torch needed
     plan, train_info, val_info = prepare(config)
-    run_dir = run_location(config)
-    fresh = not run_dir.exists()
-    claim_run(run_dir, config)  # a resumed run must fit its checkpoints
-    cpus = connect(config, address)
-    mark(run_dir, "running")
-    tracker = start_tracking(config, run_dir, resumed=not fresh)
-    cached = use_cache(config, [train_info, val_info])
-    print(
-        f"raymb: data.train: {train_info.num_rows} rows, "
-        f"{describe_shape(train_info, config.data.features)}, task {plan.inputs['task']}",
-        flush=True,
-    )
-    loop_config = {
-        "config": config.to_dict(),
-        "plan": plan.to_dict(),
-        "tokenizer": tokenizer_spec(config),
-        "train": data_spec(train_info, config, cached),
-        "val": data_spec(val_info, config, cached, "data.val") if val_info else None,
-        "run_dir": run_dir,
-    }
-    trainer = make_trainer(config, train_loop, loop_config, cpus, run_dir)
+    lock = runs.lock_run(run_dir)
+    try:
+        return _train(config, address, lock, plan, train_info, val_info)
+    finally:
+        lock.release()  # on failure and Ctrl-C too
+
+
+def _train(
+    config: Config,
+    address: str | None,
+    lock: RunLock,
+    plan: Plan,
+    train_info: DatasetInfo,
+    val_info: DatasetInfo | None,
+) -> Result:
+    """The run, once its directory is held."""
+    from raymb.checkpoint import claim_run
+    from raymb.schema import describe_shape
+
+    run_dir, fresh = lock.run_dir, lock.created
+    try:
+        claim_run(run_dir, config)  # a resumed run must fit its checkpoints
+        cpus = connect(config, address)  # Ray from here on, not before the last refusal
+        from raymb.loop import train_loop
+
+        mark(run_dir, "running")
+        tracker = start_tracking(config, run_dir, resumed=not fresh)
+        cached = use_cache(config, [train_info, val_info])
+        print(
+            f"raymb: data.train: {train_info.num_rows} rows, "
+            f"{describe_shape(train_info, config.data.features)}, task {plan.inputs['task']}",
+            flush=True,
+        )
+        loop_config = {
+            "config": config.to_dict(),
+            "plan": plan.to_dict(),
+            "tokenizer": tokenizer_spec(config),
+            "train": data_spec(train_info, config, cached),
+            "val": data_spec(val_info, config, cached, "data.val") if val_info else None,
+            "run_dir": run_dir,
+        }
+        trainer = make_trainer(config, train_loop, loop_config, cpus, run_dir)
+    except BaseException:
+        lock.discard()  # a new run that never started leaves nothing; an older one is kept
+        raise
+    import ray.train
+
     started = time.perf_counter()
     try:
         with progress.watch(run_dir / "metrics.csv", plan.total_steps, on_rows=tracker.log_rows):
@@ -220,11 +268,14 @@ def train(config: Config, *, address: str | None = None) -> Result:
         latest, _ = latest_checkpoint(run_dir)
         bad_data = _data_error(e)
         if bad_data is not None:  # found by the workers' first read: nothing to keep
+            left = None
             if fresh and latest is None:
-                run_dir.remove()
+                left = lock.discard()
             else:
                 mark_failed(run_dir, bad_data)
-            raise DataError(bad_data) from None
+            # The data error is the news; a run directory that would not go is a footnote.
+            note = f" ({run_dir} is left: {left})" if left else ""
+            raise DataError(f"{bad_data}{note}") from None
         kept = (
             f"latest checkpoint: {latest} (run again with run.name={config.run.name!r} to resume)"
             if latest
@@ -256,6 +307,8 @@ def start_tracking(config: Config, run_dir: Location, *, resumed: bool) -> Track
 
 def finish_tracking(tracker: Tracker, summary: dict[str, Any], run_dir: Location) -> None:
     """End the tracked run with summary.json and the best model as artifacts."""
+    from raymb.checkpoint import MODEL_FILE
+
     files = {"summary.json": run_dir / "summary.json"}
     if summary.get("best_checkpoint"):
         files[MODEL_FILE] = storage.resolve(summary["best_checkpoint"])
@@ -266,14 +319,33 @@ def mark_failed(run_dir: Location, error: str) -> None:
     """status.json says failed, unless the store is what failed: the error at hand is the news."""
     try:
         mark(run_dir, "failed", error=error)
-    except StorageError:
+    except (StorageError, OSError):
         pass
 
 
+def check_run_dir(config: Config) -> Location:
+    """The run directory, checked before anything is written (the storage path's place, the
+    name, no other driver holding it); the lock is taken later, by raymb.runs.lock_run."""
+    storage.configure(config.storage)  # the endpoint of s3:// runs
+    run_dir = run_location(config)
+    runs.check_unlocked(run_dir)
+    return run_dir
+
+
 def run_location(config: Config) -> Location:
-    """<run.storage_path>/<run.name>: a local directory or a prefix in an object store."""
+    """<run.storage_path>/<run.name>: a local directory or a prefix in an object store, always
+    directly inside the storage path. Only checked, nothing written: a storage path that is a
+    file, or a name that is not one plain name (the config refuses those first), is one line."""
     root = storage.resolve(config.run.storage_path, what="run.storage_path")
-    return root / config.run.name
+    try:
+        run_dir = root.child(config.run.name)
+    except ValueError:
+        name = config.run.name
+        raise ConfigError(f"run.name must be a plain folder name (got {name!r})") from None
+    root.check_can_hold("run.storage_path")
+    if run_dir.is_file():
+        raise StorageError(run_dir.uri, "is a file, not a run directory: use another run.name")
+    return run_dir
 
 
 def tokenizer_spec(config: Config) -> dict | None:
@@ -288,6 +360,8 @@ def tokenizer_spec(config: Config) -> dict | None:
 
 def use_cache(config: Config, infos: list[DatasetInfo | None]) -> bool:
     """data.cache, with "auto" resolved against what the cluster holds."""
+    import ray
+
     if config.data.cache != "auto":
         return bool(config.data.cache)
     size = sum(i.bytes for i in infos if i is not None)
@@ -309,6 +383,8 @@ def data_spec(
 ) -> dict[str, Any]:
     """What a worker needs to read a dataset (raymb.feed): the materialized blocks, or the
     files to stream."""
+    from raymb.columns import column_names
+
     label = config.data.label_column
     columns = column_names(config.data.features, label)
     features = columns[: len(columns) - (label is not None)]
@@ -343,6 +419,11 @@ def _step_rows(config: Config, info: DatasetInfo) -> int:
 def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: Location):
     """The TorchTrainer of a run: its workers, storage, failures, checkpoints. Each worker
     writes its checkpoint files straight to run_dir's filesystem (Ray Train's upload)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raymb.worker import POLL_ENV, POLL_S
+
     # Ray passes the setting on to the controller that fit() starts.
     os.environ.setdefault(POLL_ENV, str(POLL_S))
     return TorchTrainer(
@@ -372,6 +453,8 @@ def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: 
 
 
 def _best_checkpoint(result, config: Config, run_dir: Location) -> str | None:
+    from raymb.checkpoint import MODEL_FILE
+
     scored = [
         (m[config.checkpoint.metric], run_dir.on_same(c.path))
         for c, m in (result.best_checkpoints or [])
@@ -385,6 +468,8 @@ def _best_checkpoint(result, config: Config, run_dir: Location) -> str | None:
 
 def _summary(result, wall_s: float, config: Config, run_dir: Location) -> dict[str, Any]:
     """summary.json: the last metrics, and the checkpoints as paths or URIs to give eval."""
+    from raymb.checkpoint import MODEL_FILE
+
     m = result.metrics or {}
     final = f"{run_dir.on_same(result.checkpoint.path)}/{MODEL_FILE}" if result.checkpoint else None
     best = _best_checkpoint(result, config, run_dir) or final

@@ -42,9 +42,6 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
-import ray.train
-import ray.train.torch
 import torch.distributed as dist
 
 from raymb import checkpoint as ckpt
@@ -55,19 +52,17 @@ from raymb.driver import (
     Result,
     _first_line,
     _summary,
+    check_run_dir,
     connect,
     data_spec,
     make_trainer,
     mark_failed,
-    run_location,
 )
 from raymb.errors import ConfigError, DataError, RaymbError, StorageError
-from raymb.feed import val_batches
 from raymb.order import rank_rows
-from raymb.runs import latest_checkpoint, mark
+from raymb.runs import RunLock, latest_checkpoint, lock_run, mark
 from raymb.schema import PARQUET_SUFFIX, DatasetInfo, check_dataset
 from raymb.storage import Location
-from raymb.worker import Shape, Worker
 
 STOP_FILE = "STOP"
 """In the run directory: the workers stop after the file in hand when it appears."""
@@ -135,6 +130,11 @@ def step_sizes(rows: int, global_batch: int | str) -> list[int]:
 
 def follow_loop(payload: dict) -> None:
     """What each Ray Train worker runs: agree on the next file, train one pass, checkpoint."""
+    import ray.train  # Ray only in the workers and once the driver's checks have passed
+
+    from raymb.feed import val_batches
+    from raymb.worker import Shape, Worker
+
     config = Config.from_dict(payload["config"])
     dims = payload["dims"]
     context = ray.train.get_context()
@@ -263,6 +263,7 @@ def follow(
     config = _without_demo_val(config)
     _check_config(config, idle_timeout)
     storage.configure(config.storage)
+    run_dir = check_run_dir(config)  # a second driver is refused before waiting for a file
     fs, root = open_directory(directory)
     location = root if "://" not in str(directory) else str(directory)
     val_info = None
@@ -277,24 +278,46 @@ def follow(
     dims = _dims(config, info, first)
     if val_info is not None:
         _check_fits(val_info, dims, what="data.val")
+    lock = lock_run(run_dir)
+    try:
+        return _follow(config, lock, location, dims, val_info, idle_timeout, address)
+    finally:
+        lock.release()  # on failure and Ctrl-C too
 
-    run_dir = run_location(config)
-    ckpt.claim_run(run_dir, config)  # a resumed run must fit its checkpoints
-    cpus = connect(config, address)
+
+def _follow(
+    config: Config,
+    lock: RunLock,
+    location: str,
+    dims: dict[str, Any],
+    val_info: DatasetInfo | None,
+    idle_timeout: float,
+    address: str | None,
+) -> Result:
+    """The run, once its directory is held."""
+    run_dir = lock.run_dir
     stop_file = run_dir / STOP_FILE
-    stop_file.remove()  # left by an earlier run
-    mark(run_dir, "running")
-    loop_config = {
-        "config": config.to_dict(),
-        "dims": dims,
-        "run_dir": run_dir,
-        "val": data_spec(val_info, config, True, "data.val") if val_info else None,
-        "directory": location,
-        "idle_timeout": float(idle_timeout),
-        "poll_s": min(0.5, max(0.05, idle_timeout / 10)),
-        "stop_file": stop_file,
-    }
-    trainer = make_trainer(config, follow_loop, loop_config, cpus, run_dir)
+    try:
+        ckpt.claim_run(run_dir, config)  # a resumed run must fit its checkpoints
+        cpus = connect(config, address)
+        stop_file.remove()  # left by an earlier run
+        mark(run_dir, "running")
+        loop_config = {
+            "config": config.to_dict(),
+            "dims": dims,
+            "run_dir": run_dir,
+            "val": data_spec(val_info, config, True, "data.val") if val_info else None,
+            "directory": location,
+            "idle_timeout": float(idle_timeout),
+            "poll_s": min(0.5, max(0.05, idle_timeout / 10)),
+            "stop_file": stop_file,
+        }
+        trainer = make_trainer(config, follow_loop, loop_config, cpus, run_dir)
+    except BaseException:
+        lock.discard()  # a new run that never started leaves nothing; an older one is kept
+        raise
+    import ray.train  # connect() imported it; not before a resumed run's refusal
+
     started = time.perf_counter()
     try:
         result = _fit_stopping_on_sigint(trainer, stop_file)

@@ -59,10 +59,25 @@ class Location:
 
     @property
     def parent(self) -> Location:
+        if self.local:  # the parent of "/name" is "/"
+            return Location(self.fs, os.path.dirname(self.path), os.path.dirname(self.uri))
         return Location(self.fs, self.path.rsplit("/", 1)[0], self.uri.rsplit("/", 1)[0])
 
     def __truediv__(self, name: str) -> Location:
         return Location(self.fs, f"{self.path}/{name}", f"{self.uri}/{name}")
+
+    def child(self, name: str) -> Location:
+        """The entry `name` directly inside this directory, never this directory itself nor one
+        above it: ValueError for "", ".", "..", a separator or a control character."""
+        if name in ("", ".", "..") or "/" in name or "\\" in name or not name.isprintable():
+            raise ValueError(f"{name!r} is not a plain name of one entry in {self.uri}")
+        if not self.local:
+            return self / name
+        path = os.path.join(self.path, name)  # "/" and "r" make "/r", not "//r"
+        # The test of the text above already rules this out; the path is what gets deleted.
+        if os.path.dirname(os.path.normpath(path)) != os.path.normpath(self.path):
+            raise ValueError(f"{name!r} does not name an entry directly in {self.uri}")
+        return Location(self.fs, path, path)
 
     def __str__(self) -> str:
         return self.uri
@@ -130,11 +145,30 @@ class Location:
 
     def remove(self) -> None:
         """Delete a file or a whole directory; nothing when it does not exist."""
-        kind = self.info().type
-        if kind == pafs.FileType.Directory:
-            self._call(self.fs.delete_dir, self.path)
-        elif kind == pafs.FileType.File:
-            self._call(self.fs.delete_file, self.path)
+        for _ in range(2):  # a file that vanishes meanwhile (Ray's own clean-up) stops a pass
+            kind = self.info().type
+            try:
+                if kind == pafs.FileType.Directory:
+                    self._call(self.fs.delete_dir, self.path)
+                elif kind == pafs.FileType.File:
+                    self._call(self.fs.delete_file, self.path)
+                return
+            except FileNotFoundError:
+                continue
+
+    def check_can_hold(self, what: str) -> None:
+        """A one-line StorageError naming `what` when this is a file, or (locally) lies under
+        one, so that no directory can be made here; nothing is written."""
+        if not self.local:
+            if self.is_file():
+                raise StorageError(f"{what} {self.uri}", "is a file, not a directory")
+            return
+        path = Path(self.path)
+        while not os.path.lexists(path) and path.parent != path:
+            path = path.parent
+        if not path.is_dir():
+            shown = "is a file" if str(path) == self.path else f"is under {path}, a file"
+            raise StorageError(f"{what} {self.uri}", f"{shown}, not a directory")
 
     def fetch(self, into: Path) -> Path:
         """A local copy of this file or directory under `into` (itself, when it is local)."""
