@@ -182,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON line: the prompt, the drawn token ids and their text",
     )
+    _add_trust_argument(sm)
     sm.set_defaults(func=_sample)
 
     ex = sub.add_parser(
@@ -208,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the file format to write",
     )
     ex.add_argument("--out", required=True, metavar="FILE", help="output file")
+    _add_trust_argument(ex)
     ex.set_defaults(func=_export)
 
     rn = sub.add_parser(
@@ -294,7 +296,8 @@ def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument(
         "--strict",
         action="store_true",
-        help="refuse an unreadable or non-image file instead of skipping it",
+        help="refuse an unreadable or non-image file, or a class folder or file that is a "
+        "link out of ROOT, instead of skipping it",
     )
     i.set_defaults(func=_prepare_images)
     t = kinds.add_parser(
@@ -338,6 +341,12 @@ def _add_prepare_parser(sub: argparse._SubParsersAction) -> None:
         help="which files below a folder to read, e.g. '*.py' (default '*'); files named "
         "directly are always read",
     )
+    t.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a file below a folder that is a link out of that folder, instead of "
+        "skipping it",
+    )
     t.set_defaults(func=_prepare_text)
 
 
@@ -374,6 +383,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         metavar="PATH",
         help="parquet file, directory or glob, with the feature columns the model was trained on",
+    )
+    _add_trust_argument(parser)
+
+
+def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="let a checkpoint whose model.name is a custom package.module:factory import and "
+        "call that factory to rebuild its model (it runs code the file names: only for a "
+        "checkpoint you trust; built-in models never need it). For jobs: "
+        "RAYMB_TRUST_MODEL_CODE=1",
     )
 
 
@@ -507,8 +528,16 @@ def _prepare_images(args: argparse.Namespace) -> int:
     if skipped := manifest["source"]["skipped"]:
         example = manifest["source"]["skipped_examples"][0]
         print(f"raymb: skipped {skipped} unreadable files, e.g. {example}", file=sys.stderr)
+    _warn_links(manifest, args.root)
     print(f"raymb: wrote {args.out}/ ({describe(manifest)})")
     return 0
+
+
+def _warn_links(manifest: dict, root: str) -> None:
+    """One stderr line for the links out of ROOT that prepare skipped."""
+    if skipped := manifest["source"]["skipped_links"]:
+        example = manifest["source"]["skipped_link_examples"][0]
+        print(f"raymb: skipped {skipped} links that leave {root}, e.g. {example}", file=sys.stderr)
 
 
 def _prepare_text(args: argparse.Namespace) -> int:
@@ -525,28 +554,41 @@ def _prepare_text(args: argparse.Namespace) -> int:
         seed=args.seed,
         shards=args.shards,
         glob=args.glob,
+        strict=args.strict,
     )
+    _warn_links(manifest, ", ".join(p for p in args.paths if Path(p).is_dir()))
     print(f"raymb: wrote {args.out}/ ({describe(manifest)})")
     return 0
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """The checkpoint's refusals (malformed, an untrusted factory) before a tool imports
+    torch, which alone takes a second or more: a refusal comes at once."""
+    from raymb.rundir.checkpoint import preflight
+
+    preflight(args.checkpoint, trust_model_code=args.trust_model_code)
+
+
 def _eval(args: argparse.Namespace) -> int:
+    _preflight(args)
     from raymb.tools.evaluate import evaluate
 
-    metrics = evaluate(args.checkpoint, args.data)
+    metrics = evaluate(args.checkpoint, args.data, trust_model_code=args.trust_model_code)
     print(json.dumps(metrics))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
+    _preflight(args)
     from raymb.tools.predict import predict
 
-    written = predict(args.checkpoint, args.data, args.out)
+    written = predict(args.checkpoint, args.data, args.out, trust_model_code=args.trust_model_code)
     print(f"raymb: wrote {written['rows']} predictions to {written['out']}")
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
+    _preflight(args)
     from raymb.tools.sample import sample
 
     drawn = sample(
@@ -556,6 +598,7 @@ def _sample(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
+        trust_model_code=args.trust_model_code,
     )
     if args.json:
         print(json.dumps({"prompt": args.prompt, "tokens": drawn.tokens, "text": drawn.text}))
@@ -565,9 +608,10 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    _preflight(args)
     from raymb.tools.export import export, format_size
 
-    written = export(args.checkpoint, args.format, args.out)
+    written = export(args.checkpoint, args.format, args.out, trust_model_code=args.trust_model_code)
     print(
         f"raymb: wrote {written['out']} ({written['format']}, {format_size(written['bytes'])}; "
         f"max abs difference vs torch {written['max_abs_diff']:.2g} on {written['rows']} rows)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,9 @@ from raymb.rundir import storage
 PARQUET_SUFFIX = ".parquet"
 _GLOB_CHARS = frozenset("*?[")
 _SCAN_ROWS = 1 << 16  # rows per batch when scanning a file's columns
+# Classes inferred from the labels (max label + 1) above this are refused unless
+# model.num_classes says so: one stray label of 10**12 would otherwise size the model.
+MAX_CLASSES = 100_000
 
 
 @dataclass(frozen=True)
@@ -61,18 +65,15 @@ def resolve_files(path: str, *, what: str = "data.train") -> tuple[list[str], pa
         raise DataError(f"{what}: cannot open {path}: {_one_line(e)}") from None
 
     if info.type == pafs.FileType.NotFound and _GLOB_CHARS & set(root):
-        candidates = _glob(fs, root)
+        candidates = _glob(fs, root, location.local, what, path)
         if not candidates:
             raise DataError(f"{what}: no files match {path}")
     elif info.type == pafs.FileType.NotFound:
         raise DataError(f"{what}: no such file or directory: {path}")
     elif info.type == pafs.FileType.Directory:
-        selector = pafs.FileSelector(root, recursive=True)
-        candidates = [
-            f.path
-            for f in fs.get_file_info(selector)
-            if f.type == pafs.FileType.File and not _is_metadata(f.path[len(root) :])
-        ]
+        if location.local and os.path.dirname(root) == root:
+            raise DataError(f"{what}: {path} is the root of the filesystem; name the data's folder")
+        candidates = _files_below(fs, root, location.local, what, path)
         if not candidates:
             raise DataError(f"{what}: no parquet files under {path}")
     else:
@@ -92,6 +93,7 @@ def check_dataset(
     what: str = "data.train",
     scan_features: bool = True,
     task: str = "auto",
+    max_classes: int | None = None,
 ) -> DatasetInfo:
     """Resolve `path` and check every file's features and label columns; raise DataError.
 
@@ -100,7 +102,8 @@ def check_dataset(
     With `scan_features=False` the feature values (nulls, NaN, inf) are left to whoever
     reads them next (the training workers' first pass, `check_values`): only the footers and
     the label column are read here, list columns of variable length for their widths, and
-    token ids (lm) for their range.
+    token ids (lm) for their range. `max_classes`: integer labels at or above it are refused
+    (pass MAX_CLASSES where the class count is inferred from them, no model.num_classes).
     """
     if isinstance(features, str):
         feature_cols = [features]
@@ -194,6 +197,12 @@ def check_dataset(
                 raise DataError(
                     f"{prefix}: label column {label!r} has negative value {lo}, "
                     "expected class indices 0..C-1"
+                )
+            if max_classes is not None and hi >= max_classes:
+                raise DataError(
+                    f"{prefix}: label column {label!r} holds {hi}, which makes {hi + 1} "
+                    f"classes, over the {max_classes} raymb infers from labels; set "
+                    "model.num_classes if the data has that many, else fix the label"
                 )
             max_label = hi if max_label is None else max(max_label, hi)
 
@@ -335,15 +344,56 @@ def _widen(span: tuple[int, int] | None, lo: int, hi: int) -> tuple[int, int]:
     return (lo, hi) if span is None else (min(span[0], lo), max(span[1], hi))
 
 
-def _glob(fs: pafs.FileSystem, pattern: str) -> list[str]:
+def _files_below(fs: pafs.FileSystem, root: str, local: bool, what: str, path: str) -> list[str]:
+    """The data files below a directory (hidden and `_` names skipped). Locally the walk stops
+    at the first file that is not parquet, refused then, so a folder that is no dataset (a
+    home directory, say) fails at once instead of after listing all of it."""
+    if not local:
+        selector = pafs.FileSelector(root, recursive=True)
+        try:
+            found = fs.get_file_info(selector)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{what}: cannot list {path}: {_one_line(e)}") from None
+        return [
+            f.path
+            for f in found
+            if f.type == pafs.FileType.File and not _is_metadata(f.path[len(root) :])
+        ]
+
+    def unreadable(e: OSError) -> None:
+        raise DataError(f"{what}: cannot list {e.filename}: {e.strerror or e}")
+
+    files = []
+    # followlinks: as pyarrow's listing, a linked folder of shards is read.
+    for folder, dirs, names in os.walk(root, onerror=unreadable, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not _is_metadata(d))
+        for name in sorted(names):
+            f = os.path.join(folder, name)
+            if _is_metadata(name) or not os.path.isfile(f):
+                continue
+            if not name.endswith(PARQUET_SUFFIX):
+                raise DataError(f"{what}: not a parquet file: {f} (expected a *.parquet name)")
+            files.append(f)
+    return files
+
+
+def _glob(fs: pafs.FileSystem, pattern: str, local: bool, what: str, path: str) -> list[str]:
     # pyarrow filesystems have no glob, and remote ones must be matched too: list below the
     # longest literal prefix, then match segment by segment ('*' stays inside one segment).
     parts = pattern.split("/")
     n = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
     base = "/".join(parts[:n]) or "/"
+    if local and os.path.dirname(base) == base:
+        raise DataError(
+            f"{what}: {path} would list the whole filesystem; start the pattern with the "
+            "data's folder"
+        )
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         return []
-    found = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    try:
+        found = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{what}: cannot list {path}: {_one_line(e)}") from None
     return [
         f.path
         for f in found

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,26 +20,54 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymb.errors import ConfigError, DataError
+from raymb.rundir.storage import temp_sibling
 
 TARGET_FILE_BYTES = 256 * 2**20  # the default --shards keeps files below about this
+
+
+def check_new_folder(out: str | Path) -> Path:
+    """`out` as an absolute path, if it is new or an empty folder: a file, a link or a folder
+    with anything in it is refused in one line, before any work, so nothing is overwritten."""
+    given = Path(out).expanduser()
+    path = Path(os.path.abspath(given))
+    if given.is_symlink() or path.is_symlink():
+        raise DataError(f"--out {out}: a symbolic link; name a new folder, not a link")
+    if path.exists() and not path.is_dir():
+        raise DataError(f"--out {out}: exists and is a file; choose a new folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise DataError(f"--out {out}: exists and is not an empty folder; choose a new one")
+    return path
 
 
 @contextmanager
 def new_folder(out: str | Path) -> Iterator[Path]:
     """A temporary sibling of `out` to write into: renamed to `out` when the block ends,
-    removed when it raises, so a failed run leaves nothing behind. A non-empty `out` is
-    refused before any work."""
-    out = Path(out).expanduser()
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise DataError(f"--out {out}: exists and is not an empty folder; choose a new one")
+    removed when it raises, so a failed run leaves nothing behind. An `out` that
+    check_new_folder refuses is refused before any work."""
+    out = check_new_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_sibling(out, folder=True)  # the umask's mode, not mkdtemp's private 0700
     try:
         yield tmp
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def leaves(path: Path, root: Path) -> bool:
+    """Whether `path`, its links followed, lies outside `root` (a resolved folder)."""
+    return not path.resolve().is_relative_to(root)
+
+
+def skip_or_refuse_link(path: Path, root: Path, strict: bool, skipped: list[str]) -> None:
+    """Note a link that leaves `root` in `skipped`, or, with `strict`, refuse it in one line."""
+    if strict:
+        raise DataError(
+            f"{path}: a link to {path.resolve()}, outside {root}; --strict refuses links that "
+            "leave the folder (without it they are skipped)"
+        )
+    skipped.append(str(path))
 
 
 def check_split_options(val_fraction: float, seed: int, shards: int | None) -> None:

@@ -26,8 +26,10 @@ from PIL import Image
 from raymb.data.folder import (
     check_split_options,
     flat_array,
+    leaves,
     new_folder,
     shard_bounds,
+    skip_or_refuse_link,
     split_rows,
     split_shards,
     write_split,
@@ -58,8 +60,8 @@ def prepare_images(
     """Write the prepared set of ROOT's class folders to `out`; return its manifest.
 
     `size` (H, W) resizes every image (bilinear, aspect ratio not kept); without it all
-    images must share one size. Unreadable files are skipped (listed in the manifest's
-    source), or refused with `strict`.
+    images must share one size. Unreadable files, and links (class folders or files) that
+    lead out of ROOT, are skipped (counted in the manifest's source), or refused with `strict`.
     """
     check_split_options(val_fraction, seed, shards)
     if size is not None and (len(size) != 2 or min(size) < 1):
@@ -67,7 +69,8 @@ def prepare_images(
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
-    classes, files = _list(root)
+    links: list[str] = []  # class folders and files that are links out of ROOT
+    classes, files = _list(root, strict, links)
     with new_folder(out) as tmp:
         skipped: list[str] = []
         headers = []  # (path, label, mode, (width, height)) of each readable file
@@ -100,6 +103,8 @@ def prepare_images(
             "images": sum(s["rows"] for s in splits.values()),
             "skipped": len(skipped),
             "skipped_examples": skipped[:10],
+            "skipped_links": len(links),
+            "skipped_link_examples": links[:10],
         }
         manifest = image_manifest(shape, len(classes), splits, seed, source)
         write_manifest(tmp, manifest)
@@ -136,9 +141,16 @@ def image_table(images: np.ndarray, labels: np.ndarray) -> pa.Table:
     )
 
 
-def _list(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names in label order, and every (non-hidden) file below each class folder."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
+def _list(root: Path, strict: bool, links: list[str]) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names in label order, and every (non-hidden) file below each class folder; a
+    class folder or file that is a link out of ROOT goes to `links` (refused with `strict`)."""
+    inside = root.resolve()
+    classes = []
+    for p in sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name)):
+        if leaves(p, inside):
+            skip_or_refuse_link(p, inside, strict, links)
+        else:
+            classes.append(p.name)
     if not classes:
         raise DataError(
             f"{root}: no class folders (expected {root}/CLASS/IMAGE.png, the label the folder name)"
@@ -147,7 +159,13 @@ def _list(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     for label, name in enumerate(classes):
         folder = root / name
         found = (p for p in folder.rglob("*") if p.is_file())
-        files += [(p, label) for p in sorted(found) if not _hidden(*p.relative_to(folder).parts)]
+        for p in sorted(found):
+            if _hidden(*p.relative_to(folder).parts):
+                continue
+            if leaves(p, inside):
+                skip_or_refuse_link(p, inside, strict, links)
+            else:
+                files.append((p, label))
     if not files:
         raise DataError(f"{root}: its {len(classes)} class folders hold no files")
     return classes, files

@@ -57,8 +57,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
     """Write DIR/raymb-data.json atomically (format and version added)."""
+    from raymb.rundir.storage import temp_sibling  # pyarrow.fs: not for a config's mere look-up
+
     path = Path(folder) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    tmp = temp_sibling(path)
     body = {"format": FORMAT, "version": VERSION, **manifest}
     try:
         tmp.write_text(json.dumps(body, indent=2) + "\n")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from raymb.data.folder import (
+    check_new_folder,
     check_split_options,
     new_folder,
     shard_bounds,
@@ -46,6 +48,12 @@ MAX_SHIFT = 2
 DEFAULTS = {"images": {"classes": 10, "noise": 0.25}, "tokens": {"block_size": 32}}
 ALPHABET = b"abcdefghijklmnopqrstuvwxyz .,!?\n"
 SUCCESSORS = 3
+# Bounds checked before anything is allocated (the set is made in memory at once): images
+# take ~16 bytes a pixel value on the way (~2 GiB at the bound), a class's 25 shifted
+# patterns 77 KB; a token is one step of a Python loop (~4 s and ~700 MB at the bound).
+MAX_IMAGES = 150_000
+MAX_IMAGE_CLASSES = 1000
+MAX_TOKENS = 2**24
 
 
 def generate_prepared(
@@ -71,10 +79,10 @@ def generate_prepared(
     if rows < 1:
         raise ConfigError(f"gen-data: --rows must be >= 1 (got {rows})")
     val_rows = max(1, round(rows * val_fraction)) if val_fraction > 0 else 0
+    _check_size(kind, options, rows, rows + val_rows)
+    check_new_folder(out)  # before the work: an existing dataset is left alone
     rng = np.random.default_rng(seed)
     if kind == "images":
-        if options["classes"] < 2 or not options["noise"] >= 0:
-            raise ConfigError("gen-data images: --classes must be >= 2 and --noise >= 0")
         x, y = _images(rng, rows + val_rows, options["classes"], options["noise"])
 
         def table(lo: int, hi: int) -> pa.Table:
@@ -82,16 +90,12 @@ def generate_prepared(
 
         row_bytes, source = x[0].size, {}
     elif kind == "tokens":
-        if options["block_size"] < 1:
-            raise ConfigError("gen-data tokens: --block-size must be >= 1")
         blocks, entropy = _markov_blocks(rng, rows + val_rows, options["block_size"] + 1)
 
         def table(lo: int, hi: int) -> pa.Table:
             return token_table(blocks[lo:hi])
 
         row_bytes, source = 4 * blocks.shape[1], {"entropy_nats": round(entropy, 6)}
-    else:
-        raise ConfigError(f"gen-data: unknown kind {kind!r} (choose one of {', '.join(KINDS)})")
 
     with new_folder(out) as tmp:
         splits = {}
@@ -110,6 +114,34 @@ def generate_prepared(
             manifest = text_manifest(options["block_size"], BYTE_VOCAB, spec, splits, seed, source)
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _check_size(kind: str, options: dict[str, Any], rows: int, n: int) -> None:
+    """The options of `kind` against the bounds, for `n` rows with validation, in one line."""
+    if kind == "images":
+        classes, noise = options["classes"], options["noise"]
+        if not 2 <= classes <= MAX_IMAGE_CLASSES:
+            raise ConfigError(
+                f"gen-data images: --classes must be from 2 to {MAX_IMAGE_CLASSES} (got {classes})"
+            )
+        if not 0 <= noise < math.inf:
+            raise ConfigError(f"gen-data images: --noise must be a finite number >= 0 ({noise})")
+        if n > MAX_IMAGES:
+            raise ConfigError(
+                f"gen-data images: --rows {rows} makes {n} images with validation; at most "
+                f"{MAX_IMAGES} (about 2 GiB of memory)"
+            )
+    elif kind == "tokens":
+        block_size = options["block_size"]
+        if block_size < 1:
+            raise ConfigError("gen-data tokens: --block-size must be >= 1")
+        if n * (block_size + 1) > MAX_TOKENS:
+            raise ConfigError(
+                f"gen-data tokens: --rows x (--block-size + 1) is {n * (block_size + 1)} tokens "
+                f"with validation; at most {MAX_TOKENS}: fewer rows or a smaller block size"
+            )
+    else:
+        raise ConfigError(f"gen-data: unknown kind {kind!r} (choose one of {', '.join(KINDS)})")
 
 
 def _images(

@@ -3,32 +3,37 @@
 Each dataset is `out_dir/train/part-NNNNN.parquet`, optionally `out_dir/val/...`, and
 `out_dir/truth.json` holding the parameters that generated it, so a test or a user can
 check what training recovers. Columns: `features` (fixed_size_list<float32>[d]) and
-`label` (float32 for regression kinds, int64 for classification).
+`label` (float32 for regression kinds, int64 for classification). `out_dir` must be new or
+empty; the set is written into a temporary sibling and renamed into place, as `raymb
+prepare` writes, so an existing dataset is never overwritten and a failed run leaves nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raymb.data.folder import check_new_folder, new_folder
 from raymb.errors import ConfigError
-from raymb.rundir.storage import write_local
 
 KINDS = ("linear", "regression", "classification")
 DEFAULT_FEATURES = {"linear": 1, "regression": 8, "classification": 16}
 REGRESSION_BIAS = 0.5
 FEATURES_COLUMN = "features"
 LABEL_COLUMN = "label"
-
-_PART_RE = re.compile(r"part-(\d{5,})\.parquet")
+# Bounds checked before anything is allocated: the whole set is made in memory at once.
+MAX_ROWS = 10_000_000
+MAX_FEATURES = 100_000
+MAX_SHARDS = 10_000
+MAX_CLASSES = 100_000  # raymb.data.checks's (not imported: it imports torch): trains as it is
+# rows x (features + outputs), val included: each value takes about 16 bytes on the way
+# (float32 features, their float64 product, the float64 signal and its noise): ~2 GiB.
+MAX_VALUES = 2**27
 
 
 def generate(
@@ -52,6 +57,13 @@ def generate(
     d = features if features is not None else DEFAULT_FEATURES[kind]
     val_rows = max(1, round(rows * val_fraction)) if val_fraction > 0 else 0
     val_shards = min(max(1, shards // 2), val_rows)
+    values = (rows + val_rows) * (d + (classes if kind == "classification" else 1))
+    if values > MAX_VALUES:
+        raise ConfigError(
+            f"gen-data: --rows x (--features + outputs) is {values} values, validation rows "
+            f"included; at most {MAX_VALUES} (about 2 GiB of memory): fewer rows or features"
+        )
+    check_new_folder(out_dir)  # before the work: an existing dataset is left alone
 
     # Independent streams per role: the true parameters depend only on (seed, d, classes),
     # not on rows, so datasets of different sizes from one seed share one teacher.
@@ -95,13 +107,11 @@ def generate(
     if kind == "classification":
         truth["classes"] = int(classes)
 
-    out_dir = Path(out_dir)
-    _write_split(out_dir / "train", x[:rows], y[:rows], shards)
-    if val_rows:
-        _write_split(out_dir / "val", x[rows:], y[rows:], val_shards)
-    else:
-        _remove_stale_parts(out_dir / "val", keep=0)
-    write_local(out_dir / "truth.json", (json.dumps(truth, indent=2) + "\n").encode())
+    with new_folder(out_dir) as tmp:
+        _write_split(tmp / "train", x[:rows], y[:rows], shards)
+        if val_rows:
+            _write_split(tmp / "val", x[rows:], y[rows:], val_shards)
+        (tmp / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
     return truth
 
 
@@ -123,16 +133,19 @@ def _validate(
 
     if kind not in KINDS:
         fail(f"unknown kind {kind!r} (choose one of {', '.join(KINDS)})")
-    if not is_int(rows) or rows < 1:
-        fail(f"--rows must be an integer >= 1 (got {rows!r})")
-    if not is_int(shards) or not 1 <= shards <= rows:
-        fail(f"--shards must be between 1 and --rows (got {shards!r}, --rows {rows})")
-    if features is not None and (not is_int(features) or features < 1):
-        fail(f"--features must be an integer >= 1 (got {features!r})")
+    if not is_int(rows) or not 1 <= rows <= MAX_ROWS:
+        fail(f"--rows must be an integer from 1 to {MAX_ROWS} (got {rows!r})")
+    if not is_int(shards) or not 1 <= shards <= min(rows, MAX_SHARDS):
+        fail(
+            f"--shards must be between 1 and --rows, at most {MAX_SHARDS} "
+            f"(got {shards!r}, --rows {rows})"
+        )
+    if features is not None and (not is_int(features) or not 1 <= features <= MAX_FEATURES):
+        fail(f"--features must be an integer from 1 to {MAX_FEATURES} (got {features!r})")
     if kind == "linear" and features not in (None, 1):
         fail(f"--features must be 1 for kind 'linear' (y = 2x + 1), got {features}")
-    if kind == "classification" and (not is_int(classes) or classes < 2):
-        fail(f"--classes must be an integer >= 2 (got {classes!r})")
+    if kind == "classification" and (not is_int(classes) or not 2 <= classes <= MAX_CLASSES):
+        fail(f"--classes must be an integer from 2 to {MAX_CLASSES} (got {classes!r})")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
         fail(f"--noise must be a number >= 0 (got {noise!r})")
     if not math.isfinite(noise):
@@ -152,21 +165,8 @@ def _write_split(split_dir: Path, x: np.ndarray, y: np.ndarray, shards: int) -> 
     lo = 0
     for i in range(shards):
         hi = lo + base + (1 if i < extra else 0)
-        _atomic_write_table(split_dir / f"part-{i:05d}.parquet", _table(x[lo:hi], y[lo:hi]))
+        pq.write_table(_table(x[lo:hi], y[lo:hi]), split_dir / f"part-{i:05d}.parquet")
         lo = hi
-    _remove_stale_parts(split_dir, keep=shards)
-
-
-def _remove_stale_parts(split_dir: Path, keep: int) -> None:
-    # A rerun with fewer shards must not leave old parts behind for a reader to pick up.
-    if not split_dir.is_dir():
-        return
-    for p in split_dir.iterdir():
-        m = _PART_RE.fullmatch(p.name)
-        if m and int(m.group(1)) >= keep:
-            p.unlink()
-    if keep == 0 and not any(split_dir.iterdir()):
-        split_dir.rmdir()
 
 
 def _table(x: np.ndarray, y: np.ndarray) -> pa.Table:
@@ -178,15 +178,3 @@ def _table(x: np.ndarray, y: np.ndarray) -> pa.Table:
             LABEL_COLUMN: pa.array(y),
         }
     )
-
-
-def _atomic_write_table(path: Path, table: pa.Table) -> None:
-    # The temp file is hidden (leading dot), so a reader never mistakes it for a shard.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -18,8 +18,10 @@ import pyarrow as pa
 from raymb.data.folder import (
     check_split_options,
     flat_array,
+    leaves,
     new_folder,
     shard_bounds,
+    skip_or_refuse_link,
     split_rows,
     split_shards,
     write_split,
@@ -53,9 +55,12 @@ def prepare_text(
     seed: int = 0,
     shards: int | None = None,
     glob: str = "*",
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Write the prepared token blocks of the text files under `paths` to `out`; return
-    its manifest. `glob` picks the files below a folder (files named directly are taken)."""
+    its manifest. `glob` picks the files below a folder (files named directly are taken); a
+    file below a folder that is a link out of it is skipped (counted in the manifest's
+    source), or refused with `strict`."""
     check_split_options(val_fraction, seed, shards)
     if block_size < 1:
         raise ConfigError(f"--block-size must be >= 1 (got {block_size})")
@@ -66,7 +71,8 @@ def prepare_text(
     if tokenizer == "bpe":
         vocab_size = vocab_size or DEFAULT_VOCAB
         check_vocab_size(vocab_size)
-    files = list_files(paths, glob)
+    links: list[str] = []
+    files = list_files(paths, glob, strict=strict, links=links)
     with new_folder(out) as tmp:
         texts = [_read_utf8(path) for path in files]
         if not any(texts):
@@ -101,6 +107,8 @@ def prepare_text(
             "paths": [str(Path(p).expanduser().resolve()) for p in paths],
             "glob": glob,
             "files": len(files),
+            "skipped_links": len(links),
+            "skipped_link_examples": links[:10],
             "tokens": len(stream),
             "dropped_tokens": len(stream) % width,
             "vocab_size_requested": vocab_size,
@@ -136,17 +144,36 @@ def token_table(blocks: np.ndarray) -> pa.Table:
     )
 
 
-def list_files(paths: Sequence[str | Path], glob: str = "*") -> list[Path]:
+def list_files(
+    paths: Sequence[str | Path],
+    glob: str = "*",
+    *,
+    strict: bool = False,
+    links: list[str] | None = None,
+) -> list[Path]:
     """The files named, and those matching `glob` below each folder named (sorted, hidden
-    files and folders skipped)."""
+    files and folders skipped). A file below a folder that is a link out of that folder is
+    left out and noted in `links`, or refused with `strict`: a folder's files are its own."""
     if not paths:
         raise DataError("no text files given")
+    if not glob or Path(glob).is_absolute() or ".." in Path(glob).parts:
+        raise ConfigError(
+            f"--glob {glob!r}: expected a pattern relative to each folder, without '..' "
+            "(e.g. '*.txt' or 'docs/**/*.md'); name other files directly"
+        )
+    links = [] if links is None else links
     files: list[Path] = []
     for given in paths:
         path = Path(given).expanduser()
         if path.is_dir():
-            below = (p for p in path.rglob(glob) if p.is_file())
-            files += sorted(p for p in below if not _hidden(p.relative_to(path)))
+            inside = path.resolve()
+            for p in sorted(_below(path, glob)):
+                if _hidden(p.relative_to(path)):
+                    continue
+                if leaves(p, inside):
+                    skip_or_refuse_link(p, inside, strict, links)
+                else:
+                    files.append(p)
         elif path.is_file():
             files.append(path)
         else:
@@ -163,6 +190,13 @@ def encode_stream(tok: Tokenizer, texts: list[str]) -> np.ndarray:
     assert isinstance(tok, BpeTokenizer)
     ids = tok.encode_batch([t for t in texts if t])
     return np.concatenate([np.asarray(i, dtype=np.int32) for i in ids])
+
+
+def _below(folder: Path, glob: str) -> list[Path]:
+    try:
+        return [p for p in folder.rglob(glob) if p.is_file()]
+    except (ValueError, NotImplementedError) as e:  # pathlib's word on a malformed pattern
+        raise ConfigError(f"--glob {glob!r}: not a pattern pathlib takes ({e})") from None
 
 
 def _hidden(relative: Path) -> bool:

@@ -129,7 +129,14 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     if not isinstance(spec, dict):
         raise DataError(f"{root}: its manifest names no tokenizer (task {manifest.get('task')})")
     if spec.get("kind") == "bpe" and "file" in spec:
-        path = root / spec["file"]
+        name = spec["file"]
+        path = root / str(name)
+        # The manifest may come from anyone: its file stays in its folder, links followed.
+        if not isinstance(name, str) or not path.resolve().is_relative_to(root.resolve()):
+            raise DataError(
+                f"{root}: its manifest's tokenizer file {name!r} is not in the folder (links "
+                f"followed); expected a file name in it such as {BPE_FILE!r}"
+            )
         try:
             return BpeTokenizer.from_json(path.read_text())
         except Exception as e:  # OSError, or the tokenizers library's own parse error

@@ -1,7 +1,9 @@
 """Every check before Ray starts: the config against the data, the model against its rows.
 
 Nothing here starts Ray or writes a file, so a bad config or bad data costs a one-line error
-and leaves nothing behind, in well under the 2 s a refusal may take.
+and leaves nothing behind, in well under the 2 s a refusal may take: the run directory is
+checked first (its place, its name, no other driver holding it), before the data checks
+import torch.
 """
 
 from __future__ import annotations
@@ -9,35 +11,39 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raymb.config import CheckpointSection, Config, DataSection
-from raymb.core.plan import Plan
-from raymb.data.checks import DatasetInfo, check_dataset, describe_shape
-from raymb.data.columns import Inputs
+from raymb.data.checks import MAX_CLASSES, DatasetInfo, check_dataset, describe_shape
 from raymb.data.manifest import find_manifest
-from raymb.errors import ConfigError, DataError
-from raymb.rundir import storage
+from raymb.errors import ConfigError, DataError, StorageError
+from raymb.rundir import runs, storage
 from raymb.rundir.storage import Location
 from raymb.rundir.tracking import mlflow_target
-from raymb.worker.follow import check_fits, next_file, open_directory
-from raymb.worker.spec import Shape
+
+if TYPE_CHECKING:
+    from raymb.core.plan import Plan
+    from raymb.data.columns import Inputs
+    from raymb.worker.spec import Shape
 
 
 def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
     """Check the data against the config; nothing is started or written."""
+    from raymb.core.plan import Plan
+    from raymb.data.columns import Inputs
+
     storage.configure(config.storage)  # the endpoint of s3:// data and runs
     mlflow_target(config.log.mlflow_uri)  # asked for, and installed
     data = config.data
     label = data.label_column
+    # Without model.num_classes the labels size the model: one outlier must not.
+    max_classes = MAX_CLASSES if config.model.num_classes is None else None
     # The feature values are checked by the workers' first read (raymb.worker.feed).
-    train_info = check_dataset(
-        data.train, data.features, label, what="data.train", scan_features=False, task=data.task
-    )
+    checks = dict(scan_features=False, task=data.task, max_classes=max_classes)
+    train_info = check_dataset(data.train, data.features, label, what="data.train", **checks)
     val_info = None
     if data.val is not None:
-        val_info = check_dataset(
-            data.val, data.features, label, what="data.val", scan_features=False, task=data.task
-        )
+        val_info = check_dataset(data.val, data.features, label, what="data.val", **checks)
         if (val_info.feature_shape, val_info.label_kind) != (
             train_info.feature_shape,
             train_info.label_kind,
@@ -135,10 +141,29 @@ def _check_model_fits(config: Config, inputs: Inputs, info: DatasetInfo) -> None
         )
 
 
+def check_run_dir(config: Config) -> Location:
+    """The run directory, checked before anything is written (the storage path's place, the
+    name, no other driver holding it); the lock is taken later, by raymb.rundir.runs.lock_run."""
+    storage.configure(config.storage)  # the endpoint of s3:// runs
+    run_dir = run_location(config)
+    runs.check_unlocked(run_dir)
+    return run_dir
+
+
 def run_location(config: Config) -> Location:
-    """<run.storage_path>/<run.name>: a local directory or a prefix in an object store."""
+    """<run.storage_path>/<run.name>: a local directory or a prefix in an object store, always
+    directly inside the storage path. Only checked, nothing written: a storage path that is a
+    file, or a name that is not one plain name (the config refuses those first), is one line."""
     root = storage.resolve(config.run.storage_path, what="run.storage_path")
-    return root / config.run.name
+    try:
+        run_dir = root.child(config.run.name)
+    except ValueError:
+        name = config.run.name
+        raise ConfigError(f"run.name must be a plain folder name (got {name!r})") from None
+    root.check_can_hold("run.storage_path")
+    if run_dir.is_file():
+        raise StorageError(run_dir.uri, "is a file, not a run directory: use another run.name")
+    return run_dir
 
 
 def tokenizer_spec(config: Config) -> dict | None:
@@ -160,6 +185,8 @@ def prepare_follow(
     """Check a --follow run before Ray starts; wait for DIR's first complete file, which fixes
     the model's widths. Returns (the config as --follow runs it, the model's shape, data.val's
     info, DIR as the workers open it)."""
+    from raymb.worker.follow import check_fits, open_directory
+
     config = without_demo_val(config)
     check_follow_config(config, idle_timeout)
     storage.configure(config.storage)
@@ -214,6 +241,8 @@ def check_follow_config(config: Config, idle_timeout: float) -> None:
 
 def wait_for_first_file(fs, root: str, idle_timeout: float, shown: str) -> str:
     """Any complete file (consumed or not): it fixes the model's input and output widths."""
+    from raymb.worker.follow import next_file
+
     deadline = time.monotonic() + idle_timeout
     warned: set[str] = set()
     while True:
@@ -230,6 +259,10 @@ def wait_for_first_file(fs, root: str, idle_timeout: float, shown: str) -> str:
 
 def follow_shape(config: Config, info: DatasetInfo, name: str) -> Shape:
     """What the first file in DIR fixes of the model: its input and output widths."""
+    from raymb.data.columns import Inputs
+    from raymb.worker.follow import check_fits
+    from raymb.worker.spec import Shape
+
     if config.data.task == "lm":
         raise ConfigError('--follow does not train language models (data.task = "lm") yet')
     classify = info.label_kind == "int"

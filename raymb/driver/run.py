@@ -1,8 +1,9 @@
 """The driver's run path: `raymb train` and `raymb train --follow DIR` share it.
 
-Both check everything before Ray starts (raymb.driver.preflight: Ray is not even imported
-until the checks pass), claim the run directory, start or join Ray and build the TorchTrainer
-(raymb.driver.cluster), then run it through one
+Both check everything before Ray starts (raymb.driver.preflight: neither Ray nor the worker
+modules are imported until the checks pass), hold the run directory's lock (raymb.rundir.runs)
+to the end, start or join Ray and build the TorchTrainer (raymb.driver.cluster), then run it
+through one
 closing sequence: progress and tracking while it runs; on failure a one-line error that says
 what was kept; at the end summary.json, loss.png, the tracked run's artifacts, status.json.
 """
@@ -14,20 +15,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raymb.config import Config
 from raymb.data.checks import describe_shape
-from raymb.driver.preflight import prepare, prepare_follow, run_location, tokenizer_spec
+from raymb.driver.preflight import check_run_dir, prepare, prepare_follow, tokenizer_spec
 from raymb.errors import DataError, RaymbError, StorageError
 from raymb.rundir import plot, progress, storage
 from raymb.rundir.checkpoint import MODEL_FILE, claim_run
-from raymb.rundir.runs import latest_checkpoint, mark
+from raymb.rundir.runs import RunLock, latest_checkpoint, lock_run, mark
 from raymb.rundir.storage import Location
 from raymb.rundir.tracking import Tracker
-from raymb.worker.epochs import train_loop
-from raymb.worker.follow import STOP_FILE, follow_loop
-from raymb.worker.spec import EpochsSpec, FollowSpec
+
+if TYPE_CHECKING:
+    from raymb.core.plan import Plan
+    from raymb.data.checks import DatasetInfo
 
 
 @dataclass(frozen=True)
@@ -45,35 +47,55 @@ class Result:
 
 def train(config: Config, *, address: str | None = None) -> Result:
     """Train as configured and return the run's summary (also written to summary.json)."""
+    run_dir = check_run_dir(config)  # before the data checks: no torch needed
     plan, train_info, val_info = prepare(config)
-    from raymb.driver.cluster import connect, data_spec, make_trainer, use_cache  # Ray
+    lock = lock_run(run_dir)
+    try:
+        return _train(config, address, lock, plan, train_info, val_info)
+    finally:
+        lock.release()  # on failure and Ctrl-C too
 
-    run_dir = run_location(config)
-    fresh = not run_dir.exists()
-    claim_run(run_dir, config)  # a resumed run must fit its checkpoints
-    cpus = connect(config, address)
-    cached = use_cache(config, [train_info, val_info])
-    print(
-        f"raymb: data.train: {train_info.num_rows} rows, "
-        f"{describe_shape(train_info, config.data.features)}, task {plan.inputs['task']}",
-        flush=True,
-    )
-    spec = EpochsSpec(
-        config=config,
-        plan=plan,
-        run_dir=run_dir,
-        train=data_spec(train_info, config, cached),
-        val=data_spec(val_info, config, cached, "data.val") if val_info else None,
-        tokenizer=tokenizer_spec(config),
-    )
-    trainer = make_trainer(config, train_loop, {"spec": spec}, cpus, run_dir)
+
+def _train(
+    config: Config,
+    address: str | None,
+    lock: RunLock,
+    plan: Plan,
+    train_info: DatasetInfo,
+    val_info: DatasetInfo | None,
+) -> Result:
+    """The run, once its directory is held."""
+    run_dir = lock.run_dir
+    try:
+        claim_run(run_dir, config)  # a resumed run must fit its checkpoints
+        from raymb.driver.cluster import connect, data_spec, make_trainer, use_cache
+        from raymb.worker.epochs import train_loop
+        from raymb.worker.spec import EpochsSpec
+
+        cpus = connect(config, address)  # Ray from here on, not before the last refusal
+        cached = use_cache(config, [train_info, val_info])
+        print(
+            f"raymb: data.train: {train_info.num_rows} rows, "
+            f"{describe_shape(train_info, config.data.features)}, task {plan.inputs['task']}",
+            flush=True,
+        )
+        spec = EpochsSpec(
+            config=config,
+            plan=plan,
+            run_dir=run_dir,
+            train=data_spec(train_info, config, cached),
+            val=data_spec(val_info, config, cached, "data.val") if val_info else None,
+            tokenizer=tokenizer_spec(config),
+        )
+        trainer = make_trainer(config, train_loop, {"spec": spec}, cpus, run_dir)
+    except BaseException:
+        lock.discard()  # a new run that never started leaves nothing; an older one is kept
+        raise
 
     def close(summary: dict[str, Any], metrics: dict[str, Any]) -> str:
         return "stopped early" if summary["stopped_early"] else "finished"
 
-    return _run(
-        config, run_dir, trainer.fit, fresh=fresh, total_steps=plan.total_steps, close=close
-    )
+    return _run(config, lock, trainer.fit, total_steps=plan.total_steps, close=close)
 
 
 def follow(
@@ -84,26 +106,33 @@ def follow(
 
     With no complete file in `directory` within `idle_timeout`, nothing starts: DataError.
     """
+    run_dir = check_run_dir(config)  # a second driver is refused before waiting for a file
     config, shape, val_info, location = prepare_follow(config, directory, idle_timeout)
-    from raymb.driver.cluster import connect, data_spec, fit_stopping_on_sigint, make_trainer
+    lock = lock_run(run_dir)
+    try:
+        claim_run(run_dir, config)  # a resumed run must fit its checkpoints
+        from raymb.driver.cluster import connect, data_spec, fit_stopping_on_sigint, make_trainer
+        from raymb.worker.follow import STOP_FILE, follow_loop
+        from raymb.worker.spec import FollowSpec
 
-    run_dir = run_location(config)
-    fresh = not run_dir.exists()
-    claim_run(run_dir, config)  # a resumed run must fit its checkpoints
-    cpus = connect(config, address)
-    stop_file = run_dir / STOP_FILE
-    stop_file.remove()  # left by an earlier run
-    spec = FollowSpec(
-        config=config,
-        shape=shape,
-        run_dir=run_dir,
-        val=data_spec(val_info, config, True, "data.val") if val_info else None,
-        directory=location,
-        idle_timeout=float(idle_timeout),
-        poll_s=min(0.5, max(0.05, idle_timeout / 10)),
-        stop_file=stop_file,
-    )
-    trainer = make_trainer(config, follow_loop, {"spec": spec}, cpus, run_dir)
+        cpus = connect(config, address)
+        stop_file = run_dir / STOP_FILE
+        stop_file.remove()  # left by an earlier run
+        spec = FollowSpec(
+            config=config,
+            shape=shape,
+            run_dir=run_dir,
+            val=data_spec(val_info, config, True, "data.val") if val_info else None,
+            directory=location,
+            idle_timeout=float(idle_timeout),
+            poll_s=min(0.5, max(0.05, idle_timeout / 10)),
+            stop_file=stop_file,
+        )
+        trainer = make_trainer(config, follow_loop, {"spec": spec}, cpus, run_dir)
+    except BaseException:
+        lock.discard()  # a new run that never started leaves nothing; an older one is kept
+        lock.release()
+        raise
 
     def close(summary: dict[str, Any], metrics: dict[str, Any]) -> str:
         stopped = stop_file.exists()
@@ -113,17 +142,17 @@ def follow(
 
     try:
         fit = lambda: fit_stopping_on_sigint(trainer, stop_file)  # noqa: E731
-        return _run(config, run_dir, fit, fresh=fresh, total_steps=None, close=close)
+        return _run(config, lock, fit, total_steps=None, close=close)
     finally:
         stop_file.remove()
+        lock.release()  # on failure and Ctrl-C too
 
 
 def _run(
     config: Config,
-    run_dir: Location,
+    lock: RunLock,
     fit: Callable[[], Any],
     *,
-    fresh: bool,
     total_steps: int | None,
     close: Callable[[dict[str, Any], dict[str, Any]], str],
 ) -> Result:
@@ -131,8 +160,9 @@ def _run(
     mode's own keys to the summary and returns the status to mark."""
     from raymb.driver.cluster import TrainingFailed
 
+    run_dir = lock.run_dir
     mark(run_dir, "running")
-    tracker = start_tracking(config, run_dir, resumed=not fresh)
+    tracker = start_tracking(config, run_dir, resumed=not lock.created)
     started = time.perf_counter()
     try:
         with progress.watch(run_dir / "metrics.csv", total_steps, on_rows=tracker.log_rows):
@@ -141,7 +171,7 @@ def _run(
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         tracker.finish(summary=None, status=status, files={})
         if isinstance(e, TrainingFailed):
-            _failed(e, config, run_dir, fresh=fresh)
+            _failed(e, config, lock)
         raise
     summary = _summary(result, time.perf_counter() - started, config, run_dir)
     status = close(summary, result.metrics or {})
@@ -152,17 +182,21 @@ def _run(
     return Result(run_dir=run_dir, summary=summary)
 
 
-def _failed(error: BaseException, config: Config, run_dir: Location, *, fresh: bool) -> None:
-    """The workers failed: say it in one line, with what was kept (a fresh run that bad data
+def _failed(error: BaseException, config: Config, lock: RunLock) -> None:
+    """The workers failed: say it in one line, with what was kept (a new run that bad data
     stopped before any checkpoint leaves nothing)."""
+    run_dir = lock.run_dir
     latest, _ = latest_checkpoint(run_dir)
     bad_data = _data_error(error)
     if bad_data is not None:  # found by the workers' first read: nothing to keep
-        if fresh and latest is None:
-            run_dir.remove()
+        left = None
+        if lock.created and latest is None:
+            left = lock.discard()
         else:
             mark_failed(run_dir, bad_data)
-        raise DataError(bad_data) from None
+        # The data error is the news; a run directory that would not go is a footnote.
+        note = f" ({run_dir} is left: {left})" if left else ""
+        raise DataError(f"{bad_data}{note}") from None
     kept = (
         f"latest checkpoint: {latest} (run again with run.name={config.run.name!r} to resume)"
         if latest
@@ -197,7 +231,7 @@ def mark_failed(run_dir: Location, error: str) -> None:
     """status.json says failed, unless the store is what failed: the error at hand is the news."""
     try:
         mark(run_dir, "failed", error=error)
-    except StorageError:
+    except (StorageError, OSError):
         pass
 
 

@@ -7,6 +7,7 @@ shape: (d,) flat features, (C, H, W) images, (T,) token blocks.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -42,8 +43,17 @@ def build_model(section: Model, input_shape: int | Sequence[int], out_features: 
 
 
 def load_factory(name: str):
-    """Import `package.module:factory`, with an error naming model.name when it fails."""
+    """Import `package.module:factory`, with an error naming model.name when it fails.
+
+    Anything but a dotted module path and an identifier is refused before importing, and a
+    builtin (os:kill, os:system) after: a factory is Python code that builds a model.
+    """
     module_name, _, attr = name.partition(":")
+    if not (all(part.isidentifier() for part in module_name.split(".")) and attr.isidentifier()):
+        raise ConfigError(
+            f"model.name {name!r}: expected package.module:factory (a dotted module path, "
+            "a colon, a function or class name)"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -51,6 +61,11 @@ def load_factory(name: str):
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"model.name {name!r}: {module_name} has no callable {attr!r}")
+    if inspect.isbuiltin(factory):
+        raise ConfigError(
+            f"model.name {name!r}: {attr} is a builtin function, not a model factory (a Python "
+            "function or class that returns a torch.nn.Module)"
+        )
     return factory
 
 

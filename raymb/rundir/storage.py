@@ -16,7 +16,7 @@ whatever `pyarrow.fs.FileSystem.from_uri` makes of them.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,10 +59,25 @@ class Location:
 
     @property
     def parent(self) -> Location:
+        if self.local:  # the parent of "/name" is "/"
+            return Location(self.fs, os.path.dirname(self.path), os.path.dirname(self.uri))
         return Location(self.fs, self.path.rsplit("/", 1)[0], self.uri.rsplit("/", 1)[0])
 
     def __truediv__(self, name: str) -> Location:
         return Location(self.fs, f"{self.path}/{name}", f"{self.uri}/{name}")
+
+    def child(self, name: str) -> Location:
+        """The entry `name` directly inside this directory, never this directory itself nor one
+        above it: ValueError for "", ".", "..", a separator or a control character."""
+        if name in ("", ".", "..") or "/" in name or "\\" in name or not name.isprintable():
+            raise ValueError(f"{name!r} is not a plain name of one entry in {self.uri}")
+        if not self.local:
+            return self / name
+        path = os.path.join(self.path, name)  # "/" and "r" make "/r", not "//r"
+        # The test of the text above already rules this out; the path is what gets deleted.
+        if os.path.dirname(os.path.normpath(path)) != os.path.normpath(self.path):
+            raise ValueError(f"{name!r} does not name an entry directly in {self.uri}")
+        return Location(self.fs, path, path)
 
     def __str__(self) -> str:
         return self.uri
@@ -130,11 +145,30 @@ class Location:
 
     def remove(self) -> None:
         """Delete a file or a whole directory; nothing when it does not exist."""
-        kind = self.info().type
-        if kind == pafs.FileType.Directory:
-            self._call(self.fs.delete_dir, self.path)
-        elif kind == pafs.FileType.File:
-            self._call(self.fs.delete_file, self.path)
+        for _ in range(2):  # a file that vanishes meanwhile (Ray's own clean-up) stops a pass
+            kind = self.info().type
+            try:
+                if kind == pafs.FileType.Directory:
+                    self._call(self.fs.delete_dir, self.path)
+                elif kind == pafs.FileType.File:
+                    self._call(self.fs.delete_file, self.path)
+                return
+            except FileNotFoundError:
+                continue
+
+    def check_can_hold(self, what: str) -> None:
+        """A one-line StorageError naming `what` when this is a file, or (locally) lies under
+        one, so that no directory can be made here; nothing is written."""
+        if not self.local:
+            if self.is_file():
+                raise StorageError(f"{what} {self.uri}", "is a file, not a directory")
+            return
+        path = Path(self.path)
+        while not os.path.lexists(path) and path.parent != path:
+            path = path.parent
+        if not path.is_dir():
+            shown = "is a file" if str(path) == self.path else f"is under {path}, a file"
+            raise StorageError(f"{what} {self.uri}", f"{shown}, not a directory")
 
     def fetch(self, into: Path) -> Path:
         """A local copy of this file or directory under `into` (itself, when it is local)."""
@@ -206,16 +240,33 @@ def write_local(path: Path, data: bytes) -> None:
     """Write a local file through a hidden temporary sibling and a rename (a reader never sees
     a part of it, nor mistakes the temporary file for a shard), synced before the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temp_sibling(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def temp_sibling(path: Path, *, folder: bool = False) -> Path:
+    """A new empty file (or folder) beside `path`, named `.NAME.<random>.tmp`, to write and then
+    rename onto `path`. The name is unique, so two writers of one path never share it; the
+    mode is what open() or mkdir() gives (0666 or 0777 less the umask), not mkstemp's private
+    0600, so what is renamed into place is as readable as any other file the user writes."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def _reason(e: BaseException) -> str:

@@ -39,10 +39,13 @@ def batch_sums(
     )
 
 
-def evaluate(checkpoint: str, data: str, batch_rows: int = 65536) -> dict[str, Any]:
+def evaluate(
+    checkpoint: str, data: str, batch_rows: int = 65536, *, trust_model_code: bool = False
+) -> dict[str, Any]:
     """Mean loss over every row (and accuracy for classifiers; per token, with perplexity
-    and bits per byte, for a language model)."""
-    model, payload = load_model(checkpoint)
+    and bits per byte, for a language model). A custom model factory runs only with
+    `trust_model_code` (raymb.checkpoint.load_model)."""
+    model, payload = load_model(checkpoint, trust_model_code=trust_model_code)
     config = Config.from_saved(payload["config"])
     inputs = payload_inputs(payload)
     label = config.data.label_column

@@ -30,7 +30,7 @@ from torch import nn
 
 from raymb.data.columns import Inputs
 from raymb.errors import RaymbError
-from raymb.rundir.checkpoint import MODEL_FILE, load_model, load_state, payload_inputs
+from raymb.rundir.checkpoint import MODEL_FILE, build_from_payload, load_model, payload_inputs
 
 FORMATS = ("safetensors", "onnx", "torchscript")
 TRACE_ROWS, CHECK_ROWS = 2, 4  # different sizes: the check proves the batch axis is free
@@ -42,8 +42,11 @@ _PACKAGES = {"safetensors": ("safetensors",), "onnx": ("onnx", "onnxruntime"), "
 _META_KEYS = ("config", "inputs", "in_features", "out_features", "classify", "tokenizer")
 
 
-def export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
-    """Write the model saved in `checkpoint` to `out` in format `fmt` and check it.
+def export(
+    checkpoint: str | Path, fmt: str, out: str | Path, *, trust_model_code: bool = False
+) -> dict[str, Any]:
+    """Write the model saved in `checkpoint` to `out` in format `fmt` and check it (a custom
+    model factory runs only with `trust_model_code`: raymb.checkpoint.load_model).
 
     Returns out (path), format, bytes, max_abs_diff (the read-back file against the torch
     model) and rows (the size of the batch they were compared on).
@@ -59,7 +62,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
     source = Path(checkpoint) / MODEL_FILE if Path(checkpoint).is_dir() else Path(checkpoint)
     if out.resolve() == source.resolve():
         raise RaymbError(f"--out: {out} is the checkpoint itself; give another file name")
-    model, payload = load_model(checkpoint)
+    model, payload = load_model(checkpoint, trust_model_code=trust_model_code)
     model.eval()
     inputs = payload_inputs(payload)
     metadata = _metadata(payload, inputs)
@@ -105,26 +108,28 @@ def example_input(inputs: Inputs, vocab: int, rows: int, *, seed: int) -> torch.
     return torch.randn(shape, generator=g)
 
 
-def rebuild(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def rebuild(
+    path: str | Path, *, trust_model_code: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
     """The model in a safetensors file raymb exported, from the file alone; and the payload
-    (config, inputs, ...) its metadata holds, as in a checkpoint's model.pt."""
+    (config, inputs, ...) its metadata holds, as in a checkpoint's model.pt. Checked as a
+    checkpoint is, a custom model factory run only with `trust_model_code`."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from raymb.config import Config
-    from raymb.models import build_model
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     missing = [k for k in _META_KEYS if f"raymb.{k}" not in metadata]
     if missing:
         raise RaymbError(f"{path}: not a raymb export (no raymb.{missing[0]} in its metadata)")
-    payload = {k: json.loads(metadata[f"raymb.{k}"]) for k in _META_KEYS}
-    config = Config.from_saved(payload["config"])
-    inputs = Inputs.from_dict(payload["inputs"])
-    model = build_model(config.model, inputs.model_shape, payload["out_features"])
-    load_state(model, load_file(str(path)), path, config.model.name)
-    return model, payload
+    payload = {}
+    for k in _META_KEYS:
+        try:
+            payload[k] = json.loads(metadata[f"raymb.{k}"])
+        except json.JSONDecodeError:
+            raise RaymbError(f"{path}: not a raymb export (raymb.{k} is not JSON)") from None
+    state = {**payload, "state_dict": load_file(str(path))}
+    return build_from_payload(state, path, trust_model_code=trust_model_code), payload
 
 
 def format_size(n: int) -> str:
@@ -166,7 +171,8 @@ def _write_safetensors(model: nn.Module, x: torch.Tensor, metadata: dict[str, st
 
 
 def _read_safetensors(path: Path, x: torch.Tensor) -> torch.Tensor:
-    model, _ = rebuild(path)
+    # The file was written from a model export() already rebuilt, trusted or built in.
+    model, _ = rebuild(path, trust_model_code=True)
     return model.eval()(x)
 
 

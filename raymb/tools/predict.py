@@ -8,27 +8,51 @@ The file is written under a temporary name and renamed: a reader never sees half
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from raymb.config import Config
-from raymb.data.checks import DatasetInfo, check_dataset, resolve_files
-from raymb.data.columns import table_to_tensors
 from raymb.errors import DataError
+from raymb.rundir import storage
 from raymb.rundir.checkpoint import load_model, payload_inputs
-from raymb.tools.evaluate import check_fits, read_batches
+from raymb.rundir.storage import temp_sibling
+
+if TYPE_CHECKING:
+    import torch
+
+    from raymb.data.checks import DatasetInfo
 
 
-@torch.no_grad()
-def predict(checkpoint: str, data: str, out: str | Path, batch_rows: int = 65536) -> dict[str, Any]:
-    """Write the predictions of the model in `checkpoint` for every row of `data` to `out`."""
-    model, payload = load_model(checkpoint)
+def predict(
+    checkpoint: str,
+    data: str,
+    out: str | Path,
+    batch_rows: int = 65536,
+    *,
+    trust_model_code: bool = False,
+) -> dict[str, Any]:
+    """Write the predictions of the model in `checkpoint` for every row of `data` to `out`
+    (a custom model factory runs only with `trust_model_code`: raymb.checkpoint.load_model)."""
+    check_out(out, data, checkpoint)  # before torch is imported: a refusal is quick
+    import torch
+
+    with torch.no_grad():
+        return _predict(checkpoint, data, Path(out), batch_rows, trust_model_code)
+
+
+def _predict(
+    checkpoint: str, data: str, out: Path, batch_rows: int, trust_model_code: bool
+) -> dict[str, Any]:
+    from raymb.data.columns import table_to_tensors
+    from raymb.tools.evaluate import check_fits, read_batches
+
+    model, payload = load_model(checkpoint, trust_model_code=trust_model_code)
     config = Config.from_saved(payload["config"])
     inputs = payload_inputs(payload)
     if inputs.task == "lm":
@@ -41,11 +65,10 @@ def predict(checkpoint: str, data: str, out: str | Path, batch_rows: int = 65536
     info, labelled = _dataset(data, features, label)
     if labelled:
         check_fits(info, payload, data)
-    out = Path(out)
     if out.is_dir():
         raise DataError(f"--out: {out} is a directory, expected a file name such as preds.parquet")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = temp_sibling(out)  # unique: two predicts into one --out do not collide
     model.eval()
     rows = 0
     writer: pq.ParquetWriter | None = None
@@ -84,8 +107,42 @@ def predict(checkpoint: str, data: str, out: str | Path, batch_rows: int = 65536
     return {"rows": rows, "out": str(out), "classify": payload["classify"]}
 
 
+def check_out(out: str | Path, data: str, checkpoint: str) -> None:
+    """Refuse an --out that is, or is inside, an input (--data, a file its glob matches, the
+    --checkpoint), through symlinks and hard links: writing it would replace the input."""
+    target = Path(out).expanduser().resolve()
+    same = _identity(target)  # None while --out does not exist
+    for flag, given in (("--checkpoint", checkpoint), ("--data", data)):
+        if storage.is_uri(given):
+            continue  # --out is a local file: never an object in a store
+        path = Path(given).expanduser()
+        named = [path] if path.exists() else [Path(p) for p in glob.glob(str(path))]
+        for source in named:
+            found = source.resolve()
+            inside = found in target.parents
+            if target != found and not inside:
+                files = source.rglob("*") if source.is_dir() else [source]
+                if same is None or all(_identity(f) != same for f in files):
+                    continue
+            where = "inside " if inside else ""
+            raise DataError(
+                f"--out: {out} is {where}the input {source} ({flag}); write the predictions "
+                "elsewhere"
+            )
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _dataset(data: str, features: str | list[str], label: str) -> tuple[DatasetInfo, bool]:
     """The checked dataset, and whether its files carry the label (then fully checked)."""
+    from raymb.data.checks import DatasetInfo, check_dataset, resolve_files
+
     feature_cols = [features] if isinstance(features, str) else list(features)
     files, fs = resolve_files(data, what="--data")
     try:
@@ -114,6 +171,8 @@ def _dataset(data: str, features: str | list[str], label: str) -> tuple[DatasetI
 def _with_predictions(
     table: pa.Table, feature_cols: list[str], output: torch.Tensor, classify: bool
 ) -> pa.Table:
+    import torch
+
     columns: dict[str, Any] = {
         c: table.column(c) for c in table.column_names if c not in feature_cols
     }

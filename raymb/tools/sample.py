@@ -35,8 +35,10 @@ def sample(
     temperature: float = 1.0,
     top_k: int | None = None,
     seed: int = 0,
+    trust_model_code: bool = False,
 ) -> Sample:
-    """Draw `tokens` tokens after `prompt` from the model saved in `checkpoint`."""
+    """Draw `tokens` tokens after `prompt` from the model saved in `checkpoint` (a custom
+    model factory runs only with `trust_model_code`: raymb.checkpoint.load_model)."""
     from raymb.data.tokenizer import tokenizer_from_spec
 
     if tokens < 1:
@@ -45,7 +47,7 @@ def sample(
         raise RaymbError(f"--temperature {temperature:g}: expected 0 or more")
     if top_k is not None and top_k < 1:
         raise RaymbError(f"--top-k {top_k}: expected a positive number")
-    model, payload = load_model(checkpoint)
+    model, payload = load_model(checkpoint, trust_model_code=trust_model_code)
     inputs = payload_inputs(payload)
     if inputs.task != "lm":
         raise CheckpointError(

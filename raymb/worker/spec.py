@@ -1,6 +1,6 @@
 """What crosses from the driver to the workers: frozen, typed specs instead of payload dicts.
 
-The driver (raymb.driver) builds them after every check; the loops (raymb.worker.epochs and
+The driver (raymb.driver.run) builds them after every check; the loops (raymb.worker.epochs and
 raymb.worker.follow) read them. A spec holds only what a worker cannot work out itself, and
 nothing that reads the disk when it is built on the worker side.
 """

@@ -263,9 +263,12 @@ def test_an_export_that_differs_from_torch_is_refused_and_removed(
     atomic_save(model_payload(model, config.to_dict(), 5, 1, False), ckpt / MODEL_FILE)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
+    # A custom factory runs only with the user's consent (issue 20).
     argv = ["export", "--checkpoint", str(ckpt), "--format", fmt, "--out", str(out_dir / "m")]
+    argv.append("--trust-model-code")
     assert "differs from torch" in _refused(capsys, argv)
     assert _files(out_dir) == []
     # safetensors holds the weights only: the model rebuilt from it is the model itself
-    assert main([*argv[:4], "safetensors", "--out", str(out_dir / "m")]) == 0
+    safetensors = [*argv[:4], "safetensors", "--out", str(out_dir / "m"), "--trust-model-code"]
+    assert main(safetensors) == 0
     assert _files(out_dir) == ["m"]

@@ -1,5 +1,4 @@
-"""raymb.data.tables: files, columns and determinism, and that the data says what truth.json
-says."""
+"""raymb.data.tables: files, columns and determinism, and that the data says what truth.json says."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raymb.data.tables import KINDS, generate
-from raymb.errors import ConfigError
+from raymb.errors import ConfigError, DataError
 
 
 def _read(split_dir) -> tuple[np.ndarray, np.ndarray]:
@@ -52,15 +51,19 @@ def test_layout_columns_and_row_counts(tmp_path, kind, d, label_type):
     assert np.array(truth["weight"]).shape[1] == d
 
 
-def test_zero_val_fraction_writes_no_val_dir_and_rerun_drops_stale_parts(tmp_path):
-    generate("regression", tmp_path, rows=50, shards=5)
-    assert (tmp_path / "val").is_dir()
-    generate("regression", tmp_path, rows=50, shards=2, val_fraction=0)
-    assert not (tmp_path / "val").exists()
-    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [
+def test_zero_val_fraction_writes_no_val_dir_and_a_rerun_is_refused(tmp_path):
+    generate("regression", tmp_path / "a", rows=50, shards=5)
+    assert (tmp_path / "a" / "val").is_dir()
+    generate("regression", tmp_path / "b", rows=50, shards=2, val_fraction=0)
+    assert not (tmp_path / "b" / "val").exists()
+    assert sorted(p.name for p in (tmp_path / "b" / "train").iterdir()) == [
         "part-00000.parquet",
         "part-00001.parquet",
     ]
+    # A second run into a dataset would overwrite some parts and delete others: refused.
+    with pytest.raises(DataError, match="not an empty folder"):
+        generate("regression", tmp_path / "a", rows=50, shards=2)
+    assert len(list((tmp_path / "a" / "train").iterdir())) == 5
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -151,5 +154,5 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pq, "write_table", write_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        generate("linear", tmp_path, rows=10, shards=2)
-    assert list((tmp_path / "train").iterdir()) == []
+        generate("linear", tmp_path / "out", rows=10, shards=2)
+    assert list(tmp_path.iterdir()) == []  # written into a temporary folder, removed
