@@ -140,7 +140,7 @@ def run_raymb(args: list[str], cwd, env: dict[str, str] | None = None) -> Refusa
 
     root = Path(__file__).resolve().parents[1]
     full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    full_env["PYTHONPATH"] = os.pathsep.join([str(root), full_env.get("PYTHONPATH", "")])
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "raymb.cli", *args],

@@ -1,4 +1,5 @@
-"""raymb.data.tables: files, columns and determinism, and that the data says what truth.json says."""
+"""raymb.data.tables: files, columns and determinism, and that the data says what truth.json
+says."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from raymb.rundir import runs, storage
 from raymb.rundir.checkpoint import claim_run
 from raymb.rundir.runs import LOCK_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _location(path: Path) -> storage.Location:
