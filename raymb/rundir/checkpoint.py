@@ -387,15 +387,18 @@ def _check_model_sizes(section: Any, tensors: int, path: str | Path) -> None:
     """A built-in model's sizes within MAX_ROW_VALUES; and, since each layer, stage or block
     holds tensors, no more of them than the file has tensors (building that many, even as
     shapes alone, would run on)."""
-    sizes = {"hidden": section.hidden, "widths": section.widths}
-    sizes.update(width=[section.width], heads=[section.heads], block_size=[section.block_size])
+    # [model] holds the chosen family's keys only (raymb.config.model).
+    lists = [k for k in ("hidden", "widths") if hasattr(section, k)]
+    single = [k for k in ("width", "heads", "block_size") if hasattr(section, k)]
+    sizes = {k: getattr(section, k) for k in lists} | {k: [getattr(section, k)] for k in single}
     for key, values in sizes.items():
         if any(v is not None and v > MAX_ROW_VALUES for v in values):
-            value = values if key in ("hidden", "widths") else values[0]
+            value = values if key in lists else values[0]
             _malformed(path, f"model.{key}", value, f"sizes of at most {MAX_ROW_VALUES}")
-    counts = {"mlp": ("hidden", len(section.hidden)), "cnn": ("widths", len(section.widths))}
-    counts["gpt"] = ("depth", section.depth)
-    key, count = counts.get(section.name, (None, 0))
+    layers = {"mlp": "hidden", "cnn": "widths", "gpt": "depth"}
+    key = layers.get(section.name)
+    count = 0 if key is None else getattr(section, key)
+    count = len(count) if isinstance(count, (list, tuple)) else count
     if count > tensors:
         raise CheckpointError(
             f"{path}: does not fit model {section.name!r} (model.{key} asks for {count} "
