@@ -10,8 +10,10 @@ Ray Data split blocks, on whether the run was resumed, or on W.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where an order is drawn: the plan's checks need none
+    import torch
 
 SHUFFLES = ("rows", "files", "none")
 
@@ -22,6 +24,8 @@ def epoch_order(shuffle: str, seed: int, epoch: int, file_rows: Sequence[int]) -
     `file_rows` is the row count of each file, in the files' sorted order: the rows of file i
     are the indices after those of files 0..i-1.
     """
+    import torch
+
     total = sum(file_rows)
     if shuffle == "none":
         return torch.arange(total)

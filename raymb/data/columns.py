@@ -14,14 +14,17 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 _RAY_TENSOR = b"ray.data.arrow_tensor"  # ray.data.arrow_tensor and ..._v2 (fixed shapes)
 _RAY_RAGGED = b"ray.data.arrow_variable_shaped_tensor"
 _EXT_NAME, _EXT_META = b"ARROW:extension:name", b"ARROW:extension:metadata"
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the checks before a
+    import torch  # run (raymb.data.checks) read only Arrow
 
 
 class ShapeError(ValueError):
@@ -108,6 +111,8 @@ def table_to_tensors(
         y = y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
     # Arrow's buffers are read-only; nothing writes to these tensors in place (the collate
     # and index_select make new ones), so torch's warning about that does not apply.
+    import torch
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
@@ -140,6 +145,8 @@ class Inputs:
         return math.prod(self.shape)
 
     def collate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         """Stored values (already on the device) to the model's input and target."""
         if self.task == "lm":
             tokens = x.long()
