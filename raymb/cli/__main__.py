@@ -1,0 +1,7 @@
+"""`python -m raymb.cli`: the `raymb` command."""
+
+import sys
+
+from raymb.cli.main import main
+
+sys.exit(main())
