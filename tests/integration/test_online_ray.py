@@ -81,7 +81,11 @@ def test_arriving_files_are_trained_exactly_once_across_a_restart(ray_session, t
     thread = threading.Thread(target=producer)
     thread.start()
     config = follow_config(
-        tmp_path, "run.name=stream", f"data.val={val}", "checkpoint.metric=val_loss"
+        tmp_path,
+        "run.name=stream",
+        f"data.val={val}",
+        "checkpoint.metric=val_loss",
+        "log.tensorboard=true",  # --follow tracks as train does (one driver path)
     )
     try:
         stopped = follow(config, incoming, idle_timeout=20)
@@ -114,8 +118,22 @@ def test_arriving_files_are_trained_exactly_once_across_a_restart(ray_session, t
     y = torch.tensor(table["label"].to_pylist(), dtype=torch.float32)
     val_loss = (((x @ w.T).squeeze(-1) + b - y) ** 2).mean().item()
     assert s["val_loss"] == pytest.approx(val_loss, rel=1e-4)
-    steps = [int(r["step"]) for r in csv.DictReader(open(run_dir / "metrics.csv"))]
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    steps = [int(r["step"]) for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == 32
+
+    # TensorBoard's own reader finds every metrics.csv row's train_loss, across the restart,
+    # and the run's loss.png is drawn, as for `raymb train`.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train_loss")}
+    losses = {int(r["step"]): float(r["train_loss"]) for r in rows if r["train_loss"]}
+    assert logged.keys() == losses.keys() and 32 in losses  # both invocations logged
+    for step, loss in losses.items():
+        assert logged[step] == pytest.approx(loss, rel=1e-6)
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.ray

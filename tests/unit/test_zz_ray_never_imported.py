@@ -70,12 +70,6 @@ IMPORTED_WITH_THE_UNIT_MODULES = (
 )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="raymb.worker.follow imports ray at module level (test_online.py imports it), and "
-    "an in-process `raymb train` refusal (test_tensor_columns.py) imports raymb.driver.run, "
-    "which imports ray before preflight refuses; until both import Ray lazily",
-)
 def test_the_unit_tier_never_imported_ray(request) -> None:
     assert not IMPORTED_WITH_THE_UNIT_MODULES, (
         f"importing the unit tier's modules imports ray: {IMPORTED_WITH_THE_UNIT_MODULES}"
