@@ -458,7 +458,7 @@ def _train(args: argparse.Namespace) -> int:
 def _ensure_default_data() -> None:
     if (DEFAULT_DATA / "train").exists():
         return
-    from raymb.data.tables import generate
+    from raymb.data.synthetic_tables import generate
 
     print(f"raymb: generating the default dataset (y = 2x + 1 + noise) in {DEFAULT_DATA}/")
     generate("linear", DEFAULT_DATA)
@@ -494,7 +494,7 @@ def _gen_data(args: argparse.Namespace) -> int:
         return 0
     if args.block_size is not None:
         raise RaymbError(f"gen-data {args.kind}: --block-size applies to tokens only")
-    from raymb.data.tables import generate
+    from raymb.data.synthetic_tables import generate
 
     truth = generate(
         args.kind,

@@ -1,5 +1,5 @@
-"""raymb.data.tables: files, columns and determinism, and that the data says what truth.json
-says."""
+"""raymb.data.synthetic_tables: files, columns and determinism, and that the data says what
+truth.json says."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raymb.data.tables import KINDS, generate
+from raymb.data.synthetic_tables import KINDS, generate
 from raymb.errors import ConfigError, DataError
 
 
