@@ -17,7 +17,8 @@ from raymb.config import CheckpointSection, Config, DataSection
 from raymb.data.checks import MAX_CLASSES, DatasetInfo, check_dataset, describe_shape
 from raymb.data.manifest import find_manifest
 from raymb.errors import ConfigError, DataError, StorageError
-from raymb.rundir import runs, storage
+from raymb.rundir import storage
+from raymb.rundir.lock import check_unlocked
 from raymb.rundir.storage import Location
 from raymb.rundir.tracking import mlflow_target
 
@@ -146,7 +147,7 @@ def check_run_dir(config: Config) -> Location:
     name, no other driver holding it); the lock is taken later, by raymb.rundir.runs.lock_run."""
     storage.configure(config.storage)  # the endpoint of s3:// runs
     run_dir = run_location(config)
-    runs.check_unlocked(run_dir)
+    check_unlocked(run_dir)
     return run_dir
 
 

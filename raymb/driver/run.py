@@ -23,7 +23,8 @@ from raymb.driver.preflight import check_run_dir, prepare, prepare_follow, token
 from raymb.errors import DataError, RaymbError, StorageError
 from raymb.rundir import plot, progress, storage
 from raymb.rundir.checkpoint import MODEL_FILE, claim_run
-from raymb.rundir.runs import RunLock, latest_checkpoint, lock_run, mark
+from raymb.rundir.lock import RunLock, lock_run
+from raymb.rundir.runs import latest_checkpoint, mark
 from raymb.rundir.storage import Location
 from raymb.rundir.tracking import Tracker
 

@@ -26,9 +26,9 @@ from conftest import assert_refused, run_raymb, tree
 
 from raymb import load_config
 from raymb.errors import StorageError
-from raymb.rundir import runs, storage
+from raymb.rundir import storage
 from raymb.rundir.checkpoint import claim_run
-from raymb.rundir.runs import LOCK_FILE
+from raymb.rundir.lock import LOCK_FILE, check_unlocked, lock_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -164,8 +164,8 @@ def test_a_second_driver_is_refused_while_the_first_trains(first_driver, tmp_pat
     os.kill(first.proc.pid, signal.SIGKILL)
     first.proc.wait()
     assert json.loads(lock.read_text()) == held  # SIGKILL runs no finally
-    runs.check_unlocked(_location(first.run_dir))  # a dead driver's lock does not refuse
-    third = runs.lock_run(_location(first.run_dir))
+    check_unlocked(_location(first.run_dir))  # a dead driver's lock does not refuse
+    third = lock_run(_location(first.run_dir))
     try:
         assert not third.created  # the run is resumed, not new
         taken = json.loads(lock.read_text())
@@ -245,17 +245,17 @@ def test_a_live_drivers_lock_refuses_at_once_without_ray(linear_data, tmp_path):
 
 def test_lock_records_this_driver_and_release_removes_only_its_own(tmp_path):
     run_dir = tmp_path / "runs" / "r"
-    lock = runs.lock_run(_location(run_dir))
+    lock = lock_run(_location(run_dir))
     record = json.loads((run_dir / LOCK_FILE).read_text())
     assert lock.created and run_dir.is_dir()
     assert record["host"] == socket.gethostname() and record["pid"] == os.getpid()
     assert abs(record["started"] - time.time()) < 60
     # The same process asking again (say, two raymb.train calls in threads) is refused too.
     with pytest.raises(StorageError, match=f"pid {os.getpid()}"):
-        runs.lock_run(_location(run_dir))
+        lock_run(_location(run_dir))
     lock.release()
     assert os.listdir(run_dir) == []
-    again = runs.lock_run(_location(run_dir))
+    again = lock_run(_location(run_dir))
     assert not again.created  # the directory was there this time
     other = _write_lock(run_dir, host="elsewhere", pid=1, started=1.0, token="theirs")
     again.release()  # not its lock any more: left alone
@@ -267,8 +267,8 @@ def test_a_dead_drivers_lock_is_taken_over(tmp_path):
     stale = _write_lock(
         run_dir, host=socket.gethostname(), pid=_dead_pid(), started=time.time(), token="old"
     )
-    runs.check_unlocked(_location(run_dir))
-    lock = runs.lock_run(_location(run_dir))
+    check_unlocked(_location(run_dir))
+    lock = lock_run(_location(run_dir))
     taken = json.loads((run_dir / LOCK_FILE).read_text())
     assert taken["pid"] == os.getpid() and taken != stale
     assert sorted(os.listdir(run_dir)) == [LOCK_FILE], "the stale lock moved aside is gone"
@@ -283,11 +283,11 @@ def test_a_reused_pid_does_not_keep_a_dead_drivers_lock(tmp_path):
         hour_ago = time.time() - 3600
         run_dir = tmp_path / "r"
         _write_lock(run_dir, host=socket.gethostname(), pid=sleeper.pid, started=hour_ago)
-        runs.lock_run(_location(run_dir)).release()
+        lock_run(_location(run_dir)).release()
         # Its own lock, written after it started, holds.
         _write_lock(run_dir, host=socket.gethostname(), pid=sleeper.pid, started=time.time() + 1)
         with pytest.raises(StorageError, match=f"pid {sleeper.pid}"):
-            runs.lock_run(_location(run_dir))
+            lock_run(_location(run_dir))
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -297,13 +297,13 @@ def test_another_hosts_lock_and_an_unreadable_lock_are_refused(tmp_path):
     run_dir = tmp_path / "r"
     _write_lock(run_dir, host="node-7", pid=_dead_pid(), started=time.time())
     with pytest.raises(StorageError) as e:
-        runs.lock_run(_location(run_dir))
+        lock_run(_location(run_dir))
     message = str(e.value)
     assert "host node-7" in message and len(message.splitlines()) == 1
     assert f"delete {run_dir / LOCK_FILE}" in message
     (run_dir / LOCK_FILE).write_text("{not json")
     with pytest.raises(StorageError, match="does not read as a raymb driver's lock"):
-        runs.check_unlocked(_location(run_dir))
+        check_unlocked(_location(run_dir))
 
 
 def test_object_store_lock_and_clean_up(s3):
@@ -312,19 +312,19 @@ def test_object_store_lock_and_clean_up(s3):
     s3.bucket("locks")
     root = storage.resolve("s3://locks/team/runs")
     (root / "old" / "run.json").write_text("{}")
-    new = runs.lock_run(root.child("new"))
+    new = lock_run(root.child("new"))
     assert new.created
     record = json.loads((root / "new" / LOCK_FILE).read_text())
     assert record["pid"] == os.getpid()
     with pytest.raises(StorageError, match=f"pid {os.getpid()}"):
-        runs.check_unlocked(root.child("new"))
+        check_unlocked(root.child("new"))
     with pytest.raises(StorageError, match="in use by another raymb driver"):
-        runs.lock_run(root.child("new"))
+        lock_run(root.child("new"))
     (root / "new" / "run.json").write_text("{}")
     assert new.discard() is None
     new.release()
     assert not (root / "new").exists()
-    old = runs.lock_run(root.child("old"))
+    old = lock_run(root.child("old"))
     assert not old.created and old.discard() is None
     old.release()
     assert sorted(root.listing()) == ["old"]
@@ -370,14 +370,14 @@ def test_failure_clean_up_removes_only_the_new_run_directory(tmp_path):
     (runs_dir / "old" / "run.json").write_text("{}\n")
     before = tree(tmp_path)
 
-    new = runs.lock_run(_location(runs_dir).child("new"))
+    new = lock_run(_location(runs_dir).child("new"))
     (runs_dir / "new" / "run.json").write_text("{}\n")  # as claim_run writes
     (runs_dir / "new" / "checkpoint_000000").mkdir()
     assert new.discard() is None
     new.release()  # after discard, as the driver's finally does: nothing to release
     assert tree(tmp_path) == before
 
-    old = runs.lock_run(_location(runs_dir).child("old"))
+    old = lock_run(_location(runs_dir).child("old"))
     assert old.discard() is None  # not made by this run: kept
     old.release()
     assert tree(tmp_path) == before
@@ -385,7 +385,7 @@ def test_failure_clean_up_removes_only_the_new_run_directory(tmp_path):
 
 def test_failure_clean_up_never_hides_the_error_or_follows_a_link(tmp_path):
     runs_dir = tmp_path / "runs"
-    gone = runs.lock_run(_location(runs_dir).child("gone"))
+    gone = lock_run(_location(runs_dir).child("gone"))
     (runs_dir / "gone" / LOCK_FILE).unlink()
     (runs_dir / "gone").rmdir()  # removed by someone else meanwhile: no FileNotFoundError
     assert gone.discard() is None
@@ -393,7 +393,7 @@ def test_failure_clean_up_never_hides_the_error_or_follows_a_link(tmp_path):
 
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "keep.txt").write_text("precious\n")
-    swapped = runs.lock_run(_location(runs_dir).child("swapped"))
+    swapped = lock_run(_location(runs_dir).child("swapped"))
     for p in sorted((runs_dir / "swapped").iterdir()):
         p.unlink()
     (runs_dir / "swapped").rmdir()
