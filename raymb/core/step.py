@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from raymb.core.loss import summed_loss
 from raymb.core.sync import Sync
-from raymb.models import summed_loss
 
 
 def train_step(

@@ -1,7 +1,7 @@
-"""Model registry: linear, mlp, cnn, gpt, or a user's own `package.module:factory`; the loss.
+"""Model registry: linear, mlp, cnn, gpt, or a user's own `package.module:factory`.
 
 One file per family (mlp.py: linear and mlp; cnn.py; gpt.py). A model is built for one row's
-shape: (d,) flat features, (C, H, W) images, (T,) token blocks.
+shape: (d,) flat features, (C, H, W) images, (T,) token blocks. The loss: raymb.core.loss.
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ import importlib
 import inspect
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from raymb.config import Model
 from raymb.errors import ConfigError
 from raymb.models import cnn, gpt, mlp
 
-__all__ = ["build_model", "correct", "load_factory", "summed_loss"]
+__all__ = ["build_model", "load_factory"]
 
 FAMILIES = {"linear": mlp.build, "mlp": mlp.build, "cnn": cnn.build, "gpt": gpt.build}
 
@@ -67,21 +66,3 @@ def load_factory(name: str):
             "function or class that returns a torch.nn.Module)"
         )
     return factory
-
-
-def summed_loss(output: torch.Tensor, target: torch.Tensor, classify: bool) -> torch.Tensor:
-    """Sum over the microbatch of the per-sample loss: cross-entropy, or squared error.
-
-    A classifier's output may be (B, T, V) for targets (B, T) (language modelling): the sum
-    of the cross-entropy of every token.
-    """
-    if classify:
-        if output.dim() > 2:
-            output, target = output.reshape(-1, output.shape[-1]), target.reshape(-1)
-        return nn.functional.cross_entropy(output, target, reduction="sum")
-    return nn.functional.mse_loss(output.reshape(target.shape), target, reduction="sum")
-
-
-def correct(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Number of argmax predictions equal to the label (of tokens, for (B, T, V) outputs)."""
-    return (output.argmax(dim=-1) == target).sum()

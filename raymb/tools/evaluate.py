@@ -1,12 +1,11 @@
 """`raymb eval`: a saved model's loss and accuracy on a parquet set, in this process.
 
-`batch_sums` is the one definition of a validation batch's sums: the workers' validation
-pass (raymb.worker.epochs) adds it up across workers, `evaluate` across the files of a dataset.
+A batch's sums are raymb.core.loss.batch_sums, as in the workers' validation pass: `evaluate`
+adds them up across the files of a dataset.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,28 +14,11 @@ import pyarrow.parquet as pq
 import torch
 
 from raymb.config import Config
+from raymb.core.loss import batch_sums, lm_metrics
 from raymb.data.checks import DatasetInfo, check_dataset
 from raymb.data.columns import table_to_tensors
 from raymb.errors import DataError
-from raymb.models import correct, summed_loss
 from raymb.rundir.checkpoint import load_model, payload_inputs
-
-
-@torch.no_grad()
-def batch_sums(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classify: bool
-) -> torch.Tensor:
-    """(summed loss, correct predictions, rows) of one batch, as float64 on x's device; for a
-    language model the loss and hits are per token and "rows" counts tokens."""
-    out = model(x)
-    hits = correct(out, y).double() if classify else torch.zeros((), dtype=torch.float64)
-    return torch.stack(
-        [
-            summed_loss(out, y, classify).double(),
-            hits.to(x.device),
-            torch.tensor(float(y.numel()), dtype=torch.float64, device=x.device),
-        ]
-    )
 
 
 def evaluate(
@@ -65,18 +47,6 @@ def evaluate(
         result["tokens"] = int(rows)
         rows = info.num_rows
     return {**result, "rows": int(rows)}
-
-
-def lm_metrics(loss: float | None, task: str, tokenizer: dict | None) -> dict[str, Any]:
-    """Language modelling: val_perplexity (exp of the loss in nats per token) and, for the
-    bytes tokenizer (a token is a byte), val_bits_per_byte; nothing for other tasks."""
-    if task != "lm":
-        return {}
-    per_byte = tokenizer is not None and tokenizer.get("kind") == "bytes"
-    return {
-        "val_perplexity": None if loss is None else math.exp(min(loss, 700.0)),
-        "val_bits_per_byte": loss / math.log(2) if loss is not None and per_byte else None,
-    }
 
 
 def check_fits(info: DatasetInfo, payload: dict[str, Any], data: str) -> None:

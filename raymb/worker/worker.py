@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from raymb.config import Config
+from raymb.core.loss import batch_sums, lm_metrics
 from raymb.core.optim import build_optimizer, build_scheduler
 from raymb.core.step import train_step
 from raymb.core.sync import build_sync
@@ -29,7 +30,6 @@ from raymb.errors import CheckpointError
 from raymb.models import build_model
 from raymb.rundir import checkpoint as ckpt
 from raymb.rundir.storage import Location
-from raymb.tools.evaluate import batch_sums, lm_metrics
 from raymb.worker.feed import Batch
 from raymb.worker.metrics import Entry, Ledger
 from raymb.worker.session import Session

@@ -23,10 +23,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from raymb.config import ModelSection
+from raymb.core.loss import correct, summed_loss
 from raymb.core.step import train_step
 from raymb.core.sync import GradSync, ParamSync
 from raymb.errors import ConfigError
-from raymb.models import build_model, correct, summed_loss
+from raymb.models import build_model
 
 W = 2  # workers of the distributed run
 G = 8  # rows per step

@@ -25,9 +25,9 @@ import torch
 
 from raymb import Config
 from raymb.cli import main
+from raymb.core.loss import batch_sums
 from raymb.rundir.checkpoint import MODEL_FILE, atomic_save, model_payload
 from raymb.rundir.progress import Tail, format_summary, watch
-from raymb.tools.evaluate import batch_sums
 from raymb.worker.metrics import COLUMNS
 
 pytestmark = pytest.mark.timeout(60)
