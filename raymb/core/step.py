@@ -1,4 +1,4 @@
-"""One optimizer step over k microbatches, with the exact loss weighting of DESIGN.md."""
+"""One optimizer step over k microbatches, with the exact loss weighting of docs/design.md."""
 
 from __future__ import annotations
 

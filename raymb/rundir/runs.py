@@ -1,6 +1,6 @@
 """The runs under a storage path, as `raymb runs` lists them, read from the run directories only.
 
-A run directory (`<storage_path>/<name>/`, DESIGN.md) is one that holds `run.json`. Besides the
+A run directory (`<storage_path>/<name>/`, docs/design.md) is one that holds `run.json`. Besides the
 files the driver and Ray Train write there, the driver keeps `status.json` through `mark`: the
 run's status, when it was last marked, and the host and process of the driver, so that a
 "running" run whose driver died (on this machine) shows as "interrupted". Runs from before

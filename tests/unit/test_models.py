@@ -2,7 +2,7 @@
 
 The equivalence contract for the new families: W=2 gloo processes x k=2 microbatches and one
 process x k=4 give, after every step, the parameters of one process taking each step as
-one batch in a plain torch loop (DESIGN.md, batch vocabulary). For the gpt the loss is the
+one batch in a plain torch loop (docs/design.md, batch vocabulary). For the gpt the loss is the
 mean over the step's tokens, so train_step is given rows x T. With norm = "batch" the
 contract cannot hold (statistics per microbatch); there, param averaging must average the
 BatchNorm running statistics too.

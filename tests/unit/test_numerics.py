@@ -1,5 +1,5 @@
 """The equivalence contract, without Ray: W=2 gloo processes x k=3 microbatches against one
-process on the concatenated batch, step by step (DESIGN.md, batch vocabulary)."""
+process on the concatenated batch, step by step (docs/design.md, batch vocabulary)."""
 
 from __future__ import annotations
 

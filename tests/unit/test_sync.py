@@ -1,5 +1,5 @@
 """Parameter averaging and DiLoCo without Ray: 2 gloo processes against values the test
-computes itself (means of what each worker held, the equivalences of DESIGN.md)."""
+computes itself (means of what each worker held, the equivalences of docs/design.md)."""
 
 from __future__ import annotations
 
