@@ -175,7 +175,7 @@ def _script_times(times: Path, launched: float) -> tuple[float, float]:
 def _overhead(tmp: Path, quick: bool) -> dict:
     """raymb's defaults (2 workers, G = 64, linear model) on 1,024 rows: seconds per epoch
     beyond its steps' compute, from a long and a short run in one Ray session."""
-    from raymb.data.synthetic_tables import generate
+    from raymb.data.synthetic import generate
 
     long, short = (9, 1) if quick else (18, 2)
     data = tmp / "linear"

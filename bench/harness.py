@@ -191,7 +191,7 @@ def dataset(
     out: Path, rows: int, *, features: int = 32, classes: int = 3, shards: int = 8, **kw
 ) -> Path:
     """A seeded classification set (raymb gen-data) under `out`; returns its directory."""
-    from raymb.data.synthetic_tables import generate
+    from raymb.data.synthetic import generate
 
     generate(
         "classification", out, rows=rows, shards=shards, features=features, classes=classes, **kw

@@ -27,7 +27,7 @@ def ray_session():
 @pytest.fixture(scope="module")
 def linear_data(tmp_path_factory):
     """A linear regression y = 2x + 1 + noise: 1024 training rows in 4 shards, and val."""
-    from raymb.data.synthetic_tables import generate
+    from raymb.data.synthetic import generate
 
     out = tmp_path_factory.mktemp("linear")
     generate("linear", out, rows=1024, shards=4, noise=0.1, seed=3)

@@ -458,7 +458,7 @@ def _train(args: argparse.Namespace) -> int:
 def _ensure_default_data() -> None:
     if (DEFAULT_DATA / "train").exists():
         return
-    from raymb.data.synthetic_tables import generate
+    from raymb.data.synthetic import generate
 
     print(f"raymb: generating the default dataset (y = 2x + 1 + noise) in {DEFAULT_DATA}/")
     generate("linear", DEFAULT_DATA)
@@ -474,41 +474,26 @@ def _print_linear(checkpoint: str) -> None:
 
 
 def _gen_data(args: argparse.Namespace) -> int:
-    if args.kind in SYNTHETIC_KINDS:
-        from raymb.data.manifest import describe
-        from raymb.data.synthetic import generate_prepared
+    from raymb.data.manifest import describe
+    from raymb.data.synthetic import TABLE_KINDS, generate
 
-        manifest = generate_prepared(
-            args.kind,
-            args.out,
-            rows=args.rows,
-            shards=args.shards,
-            seed=args.seed,
-            val_fraction=args.val_fraction,
-            classes=args.classes,
-            noise=args.noise,
-            block_size=args.block_size,
-            features=args.features,
-        )
-        print(f"raymb: wrote {args.kind} data to {args.out}/ ({describe(manifest)})")
-        return 0
-    if args.block_size is not None:
-        raise RaymbError(f"gen-data {args.kind}: --block-size applies to tokens only")
-    from raymb.data.synthetic_tables import generate
-
-    truth = generate(
+    written = generate(
         args.kind,
         args.out,
         rows=args.rows,
         shards=args.shards,
-        features=args.features,
-        classes=3 if args.classes is None else args.classes,
-        noise=0.1 if args.noise is None else args.noise,
         seed=args.seed,
         val_fraction=args.val_fraction,
+        features=args.features,
+        classes=args.classes,
+        noise=args.noise,
+        block_size=args.block_size,
     )
-    print(f"raymb: wrote {args.kind} data to {args.out}/ ({args.rows} rows)")
-    print(json.dumps(truth))
+    if args.kind in TABLE_KINDS:  # truth.json's content
+        print(f"raymb: wrote {args.kind} data to {args.out}/ ({args.rows} rows)")
+        print(json.dumps(written))
+    else:  # the manifest
+        print(f"raymb: wrote {args.kind} data to {args.out}/ ({describe(written)})")
     return 0
 
 

@@ -1,17 +1,19 @@
-"""Seeded synthetic sets in the prepared layout (`raymb gen-data images|tokens`).
+"""Seeded synthetic datasets, every kind of `raymb gen-data`: `generate(kind, out, ...)`.
 
-Small and learnable, for tests and quickstarts; written like `raymb prepare` writes (train/
-and val/ parquet, the manifest, classes.json for images), so training reads them the same.
-As in `raymb gen-data`'s other kinds, `rows` are the training rows and validation adds
-max(1, round(rows * val_fraction)) more.
+Small and learnable, for tests and quickstarts. `rows` are the training rows; validation adds
+max(1, round(rows * val_fraction)) more. Two layouts:
 
-- images: `classes` classes of uint8 [3, 16, 16]. Each class has its own pattern (a random
-  4x4 grid of colours, blown up to 16x16); an image is its class's pattern shifted by up to
-  2 pixels either way, plus Gaussian noise of sd `noise` (pixel values in [0, 1]).
-- tokens: blocks of `block_size + 1` bytes from a seeded sparse Markov chain over 32
-  printable characters (each followed by one of 3 others), read with the bytes tokenizer.
-  The manifest's source gives the chain's entropy rate: the lowest mean loss (nats/token)
-  that a model can reach.
+- linear, regression, classification (raymb.data.synthetic_tables): a `features` vector
+  column and a `label`, with truth.json, the parameters that generated them.
+- images, tokens (here): written like `raymb prepare` writes (train/ and val/ parquet, the
+  manifest, classes.json for images), so training reads them the same.
+  - images: `classes` classes of uint8 [3, 16, 16]. Each class has its own pattern (a random
+    4x4 grid of colours, blown up to 16x16); an image is its class's pattern shifted by up
+    to 2 pixels either way, plus Gaussian noise of sd `noise` (pixel values in [0, 1]).
+  - tokens: blocks of `block_size + 1` bytes from a seeded sparse Markov chain over 32
+    printable characters (each followed by one of 3 others), read with the bytes tokenizer.
+    The manifest's source gives the chain's entropy rate: the lowest mean loss (nats/token)
+    that a model can reach.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from raymb.data import synthetic_tables
 from raymb.data.folder import (
     check_new_folder,
     check_split_options,
@@ -34,14 +37,14 @@ from raymb.data.folder import (
     write_split,
 )
 from raymb.data.images import CLASSES_FILE, image_manifest, image_table
-from raymb.data.manifest import (
-    write_manifest,
-)
+from raymb.data.manifest import write_manifest
 from raymb.data.text import text_manifest, token_table
 from raymb.data.tokenizer import BYTE_VOCAB
 from raymb.errors import ConfigError
 
-KINDS = ("images", "tokens")
+TABLE_KINDS = synthetic_tables.KINDS  # a features column and a label, with truth.json
+PREPARED_KINDS = ("images", "tokens")  # the layout `raymb prepare` writes, with its manifest
+KINDS = (*TABLE_KINDS, *PREPARED_KINDS)
 IMAGE_SHAPE = (3, 16, 16)
 IMAGE_GRID = 4  # a class pattern is IMAGE_GRID x IMAGE_GRID blocks of colour
 MAX_SHIFT = 2
@@ -56,7 +59,7 @@ MAX_IMAGE_CLASSES = 1000
 MAX_TOKENS = 2**24
 
 
-def generate_prepared(
+def generate(
     kind: str,
     out: str | Path,
     *,
@@ -64,17 +67,42 @@ def generate_prepared(
     shards: int = 4,
     seed: int = 0,
     val_fraction: float = 0.2,
+    features: int | None = None,
     classes: int | None = None,
     noise: float | None = None,
     block_size: int | None = None,
-    features: int | None = None,
 ) -> dict[str, Any]:
-    """Write a synthetic set of `kind` (images or tokens) to `out`; return its manifest."""
+    """Write a seeded synthetic set of `kind` to `out`, a new or empty folder; return what
+    describes it: truth.json's content for a tabular kind, the manifest for images and tokens.
+    An option left None takes the kind's default; one the kind does not take is refused."""
+    if kind not in KINDS:
+        raise ConfigError(f"gen-data: unknown kind {kind!r} (choose one of {', '.join(KINDS)})")
     given = {"classes": classes, "noise": noise, "block_size": block_size, "features": features}
+    if kind in TABLE_KINDS:
+        if block_size is not None:
+            raise ConfigError(f"gen-data {kind}: --block-size applies to tokens only")
+        options = {name: value for name, value in given.items() if value is not None}
+        return synthetic_tables.generate(
+            kind, out, rows=rows, shards=shards, seed=seed, val_fraction=val_fraction, **options
+        )
+    return _generate_prepared(kind, out, rows, shards, seed, val_fraction, given)
+
+
+def _generate_prepared(
+    kind: str,
+    out: str | Path,
+    rows: int,
+    shards: int,
+    seed: int,
+    val_fraction: float,
+    given: dict[str, Any],
+) -> dict[str, Any]:
+    """images or tokens, in the prepared layout, with the options `given` (None: the kind's
+    default); returns the manifest."""
     for name, value in given.items():
-        if value is not None and name not in DEFAULTS.get(kind, {}):
+        if value is not None and name not in DEFAULTS[kind]:
             raise ConfigError(f"gen-data {kind}: --{name.replace('_', '-')} does not apply")
-    options = {**DEFAULTS.get(kind, {}), **{k: v for k, v in given.items() if v is not None}}
+    options = {**DEFAULTS[kind], **{k: v for k, v in given.items() if v is not None}}
     check_split_options(val_fraction, seed, shards)
     if rows < 1:
         raise ConfigError(f"gen-data: --rows must be >= 1 (got {rows})")
@@ -89,7 +117,7 @@ def generate_prepared(
             return image_table(x[lo:hi], y[lo:hi])
 
         row_bytes, source = x[0].size, {}
-    elif kind == "tokens":
+    else:
         blocks, entropy = _markov_blocks(rng, rows + val_rows, options["block_size"] + 1)
 
         def table(lo: int, hi: int) -> pa.Table:
@@ -131,7 +159,7 @@ def _check_size(kind: str, options: dict[str, Any], rows: int, n: int) -> None:
                 f"gen-data images: --rows {rows} makes {n} images with validation; at most "
                 f"{MAX_IMAGES} (about 2 GiB of memory)"
             )
-    elif kind == "tokens":
+    else:
         block_size = options["block_size"]
         if block_size < 1:
             raise ConfigError("gen-data tokens: --block-size must be >= 1")
@@ -140,8 +168,6 @@ def _check_size(kind: str, options: dict[str, Any], rows: int, n: int) -> None:
                 f"gen-data tokens: --rows x (--block-size + 1) is {n * (block_size + 1)} tokens "
                 f"with validation; at most {MAX_TOKENS}: fewer rows or a smaller block size"
             )
-    else:
-        raise ConfigError(f"gen-data: unknown kind {kind!r} (choose one of {', '.join(KINDS)})")
 
 
 def _images(

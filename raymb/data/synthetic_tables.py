@@ -1,4 +1,5 @@
-"""Seeded synthetic parquet datasets with a known answer (backs `raymb gen-data`).
+"""The tabular kinds of `raymb gen-data` (through raymb.data.synthetic.generate): linear,
+regression and classification, seeded parquet datasets with a known answer.
 
 Each dataset is `out_dir/train/part-NNNNN.parquet`, optionally `out_dir/val/...`, and
 `out_dir/truth.json` holding the parameters that generated it, so a test or a user can

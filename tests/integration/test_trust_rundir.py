@@ -73,7 +73,7 @@ def first_driver(tmp_path_factory) -> Iterator[FirstDriver]:
     """A real `raymb train` of a small linear run that would take many minutes (one step an
     epoch, 100,000 epochs), started in a process group of its own and SIGKILLed by the test
     (or, at the latest, here)."""
-    from raymb.data.synthetic_tables import generate
+    from raymb.data.synthetic import generate
 
     base = tmp_path_factory.mktemp("rundir")
     generate("linear", base / "data", rows=64, shards=2, seed=1)

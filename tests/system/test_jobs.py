@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raymb.data.synthetic_tables import generate
+from raymb.data.synthetic import generate
 
 pytestmark = pytest.mark.timeout(600)
 

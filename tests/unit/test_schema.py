@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raymb.data.checks import check_dataset, resolve_files
-from raymb.data.synthetic_tables import generate
+from raymb.data.synthetic import generate
 from raymb.errors import ConfigError, DataError
 
 

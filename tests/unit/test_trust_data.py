@@ -22,8 +22,8 @@ from PIL import Image
 from raymb.cli import main
 from raymb.data.checks import MAX_CLASSES, check_dataset, resolve_files
 from raymb.data.manifest import write_manifest
+from raymb.data.synthetic import generate
 from raymb.data.synthetic_tables import MAX_CLASSES as SYNTH_MAX_CLASSES
-from raymb.data.synthetic_tables import generate
 from raymb.data.text import prepare_text
 from raymb.data.tokenizer import load_tokenizer, train_bpe
 from raymb.errors import DataError
