@@ -422,6 +422,14 @@ def test_a_storage_path_that_is_a_file_is_one_line(tmp_path, storage_path, words
     assert_refused([*args, "--set=run.name=r"], tmp_path, *words)
 
 
+def test_the_default_job_writes_no_data_into_a_storage_path_that_is_a_file(tmp_path):
+    """raymb train with no --config generates data/linear on first use: a run.storage_path that
+    is a file is refused before that, and nothing is written."""
+    (tmp_path / "afile").write_text("not a folder\n")
+    args = ["train", "--set=run.storage_path=afile"]
+    assert_refused(args, tmp_path, "run.storage_path", "afile: is a file, not a directory")
+
+
 # ------------------------------------------------ item 10: no Ray before a refusal
 
 _NO_RAY = """
