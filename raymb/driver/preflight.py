@@ -144,7 +144,7 @@ def _check_model_fits(config: Config, inputs: Inputs, info: DatasetInfo) -> None
 
 def check_run_dir(config: Config) -> Location:
     """The run directory, checked before anything is written (the storage path's place, the
-    name, no other driver holding it); the lock is taken later, by raymb.rundir.runs.lock_run."""
+    name, no other driver holding it); the lock is taken later, by raymb.rundir.lock.lock_run."""
     storage.configure(config.storage)  # the endpoint of s3:// runs
     run_dir = run_location(config)
     check_unlocked(run_dir)

@@ -1,7 +1,7 @@
 """The driver's run path: `raymb train` and `raymb train --follow DIR` share it.
 
 Both check everything before Ray starts (raymb.driver.preflight: neither Ray nor the worker
-modules are imported until the checks pass), hold the run directory's lock (raymb.rundir.runs)
+modules are imported until the checks pass), hold the run directory's lock (raymb.rundir.lock)
 to the end, start or join Ray and build the TorchTrainer (raymb.driver.cluster), then run it
 through one
 closing sequence: progress and tracking while it runs; on failure a one-line error that says
