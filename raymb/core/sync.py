@@ -18,6 +18,7 @@ checkpoint or ends; it never branches on the strategy.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import defaultdict
 from collections.abc import Iterable
 from contextlib import AbstractContextManager as ContextManager
@@ -86,14 +87,16 @@ class GradSync:
         self.device = device
         self.comm = comm or Comm()
 
-    def wrap(self, model: nn.Module, *, broadcast_buffers: bool = True) -> nn.Module:
+    def wrap(self, model: nn.Module, *, sync_buffers: bool = True) -> nn.Module:
+        """DDP around `model`; `sync_buffers`: rank 0's buffers replace the others' at each
+        forward (False: ParamSync averages them instead)."""
         if self.world_size == 1:
             return model  # nothing to synchronise; skip DDP's bookkeeping
         on_gpu = self.device is not None and self.device.type == "cuda"
         ddp = DistributedDataParallel(
             model,
             device_ids=[self.device] if on_gpu else None,
-            broadcast_buffers=broadcast_buffers,
+            **_buffer_sync(sync_buffers),
         )
         ddp.register_comm_hook(self.comm, _sum_and_count)
         return ddp
@@ -174,7 +177,7 @@ class ParamSync:
         if self.warmup == 0:
             return model
         # Buffers are averaged, not copied from rank 0 at each forward.
-        return self.grad.wrap(model, broadcast_buffers=False)
+        return self.grad.wrap(model, sync_buffers=False)
 
     def step_samples(self, rows: int, *, uneven: bool = False) -> int:
         if self.in_warmup:
@@ -295,6 +298,16 @@ class DiLoCoSync(ParamSync):
                 g.copy_(saved)
         if state["outer"] is not None:
             self.outer.load_state_dict(state["outer"])
+
+
+def _buffer_sync(at_forward: bool) -> dict[str, bool]:
+    """DDP's argument for syncing buffers at each forward. torch 2.13 renamed
+    broadcast_buffers to forward_sync_buffers (the old name warns); the new one always
+    broadcasts the buffers once at construction, as the old one did when True, and which is
+    no change after False here: ParamSync.wrap has just broadcast all of rank 0's state."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": at_forward}
+    return {"broadcast_buffers": at_forward}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
