@@ -46,6 +46,8 @@ class Config:
         G, m, W = self.train.global_batch_size, self.train.microbatch_size, self.scale.max_workers
         low = self.scale.min_workers
         require(self.fault.rank < low, "fault.rank", f"< scale.workers={low}", self.fault.rank)
+        if self.optim.name == "lbfgs":
+            self._check_lbfgs()
         if G == "all" or m == "auto" or self.scale.elastic:
             return  # elastic: a W that does not divide G splits steps unevenly (raymb.core.plan)
         if m is None:
@@ -60,6 +62,15 @@ class Config:
                 f"train.microbatch_size={m}; valid microbatch sizes: "
                 + (", ".join(map(str, valid)) if valid else f"none (G is not a multiple of W={W})")
             )
+
+    def _check_lbfgs(self) -> None:
+        """L-BFGS takes full-batch steps that every worker takes alike: each of its loss and
+        gradient evaluations is all-reduced over the whole data set."""
+        train, why = self.train, 'with optim.name = "lbfgs"'
+        G, sync, on_nan = train.global_batch_size, train.sync, train.on_nan
+        require(G == "all", "train.global_batch_size", f'"all" {why} (full batch only)', G)
+        require(sync == "grad", "train.sync", f'"grad" {why} (one line search for all)', sync)
+        require(on_nan == "abort", "train.on_nan", f'"abort" {why}', on_nan)
 
     def microbatch(self) -> int | None:
         """m, resolved: G / W when unset (G / max W, rounded up, for elastic workers); None

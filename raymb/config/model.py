@@ -24,6 +24,7 @@ FACTORY = "package.module:factory"
 NAMES = ", ".join(BUILTIN_MODELS) + f" or {FACTORY}"
 
 Classes = Annotated[int, Ge(2)]
+Init = Literal["default", "xavier", "kaiming", "orthogonal"]
 
 # A family other than the default must be named: the JSON Schema requires model.name there,
 # so that exactly one form of [model] matches a table.
@@ -39,6 +40,10 @@ class LinearModel:
     of [model] are the family's own."""
     num_classes: Classes | None = None
     """Classes of a classifier; unset: max label + 1."""
+    init: Init = "default"
+    """The initialisation of the linear and convolutional layers' weights: default (the
+    family's own), xavier (Glorot uniform), kaiming (He normal: fan-in, the ReLU gain) or
+    orthogonal, then biases 0 (embeddings and norms keep the family's own)."""
 
 
 @section("model", chosen_by="name", **_NAMED)
@@ -50,6 +55,10 @@ class MlpModel:
     """Hidden layer widths."""
     num_classes: Classes | None = None
     """Classes of a classifier; unset: max label + 1."""
+    init: Init = "default"
+    """The initialisation of the linear and convolutional layers' weights: default (the
+    family's own), xavier (Glorot uniform), kaiming (He normal: fan-in, the ReLU gain) or
+    orthogonal, then biases 0 (embeddings and norms keep the family's own)."""
 
     def __post_init__(self) -> None:
         hidden = self.hidden
@@ -68,6 +77,10 @@ class CnnModel:
     contract does not hold) or GroupNorm (exact)."""
     num_classes: Classes | None = None
     """Classes of a classifier; unset: max label + 1."""
+    init: Init = "default"
+    """The initialisation of the linear and convolutional layers' weights: default (the
+    family's own), xavier (Glorot uniform), kaiming (He normal: fan-in, the ReLU gain) or
+    orthogonal, then biases 0 (embeddings and norms keep the family's own)."""
 
     def __post_init__(self) -> None:
         widths, what = self.widths, "a non-empty list of positive channel counts"
@@ -92,6 +105,10 @@ class GptModel:
     num_classes: Classes | None = None
     """The vocabulary (the output width); unset: the prepared folder's vocab_size, else the
     largest token id + 1."""
+    init: Init = "default"
+    """The initialisation of the linear and convolutional layers' weights: default (the
+    family's own), xavier (Glorot uniform), kaiming (He normal: fan-in, the ReLU gain) or
+    orthogonal, then biases 0 (embeddings and norms keep the family's own)."""
 
     def __post_init__(self) -> None:
         what = f"a multiple of model.heads={self.heads}"

@@ -120,18 +120,38 @@ class DataSection:
 
 @section("optim")
 class OptimSection:
-    """The optimizer and its learning-rate schedule."""
+    """The optimizer, its learning-rate schedule and the L1 penalty."""
 
-    name: Literal["sgd", "adagrad", "adam", "adamw"] = "sgd"
-    """torch.optim's SGD (with optim.momentum), Adagrad, Adam or AdamW (with optim.betas)."""
+    name: Literal["sgd", "adagrad", "adam", "adamw", "rmsprop", "lbfgs"] = "sgd"
+    """torch.optim's SGD (with optim.momentum), Adagrad, Adam or AdamW (with optim.betas),
+    RMSprop (optim.alpha, eps, momentum, centered) or L-BFGS with a strong-Wolfe line search
+    (optim.max_iter, history_size; full batch only: train.global_batch_size = "all" under
+    train.sync = "grad"; optim.lr = 1 is its usual step)."""
     lr: PositiveFloat = 0.05
     """Learning rate: the peak, reached after the warm-up."""
     momentum: Fraction = 0.9
-    """SGD momentum (ignored by the other optimizers)."""
+    """SGD and RMSprop momentum (ignored by the other optimizers; 0 is torch's plain
+    RMSprop)."""
     weight_decay: NonNegativeFloat = 0.0
     """Weight decay as torch.optim takes it (an L2 term in the gradient; decoupled for adamw)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam and AdamW betas."""
+    alpha: Fraction = 0.99
+    """RMSprop: the smoothing constant of the running mean of squared gradients."""
+    eps: PositiveFloat = 1e-8
+    """RMSprop: added to the root of that running mean before dividing by it."""
+    centered: bool = False
+    """RMSprop: divide by the gradient's running standard deviation (the mean of squares
+    less the squared running mean) instead of its root mean square."""
+    l1: NonNegativeFloat = 0.0
+    """L1 penalty lambda, as a proximal step: after each optimizer step every weight (a
+    parameter of 2 or more dimensions: not biases, not norms' scales and shifts) is
+    soft-thresholded by lr x lambda, so that weights a lasso would zero become exactly 0."""
+    max_iter: PositiveInt = 20
+    """lbfgs: at most this many iterations an optimizer step, and 1.25 x as many loss and
+    gradient evaluations over the whole data set."""
+    history_size: PositiveInt = 100
+    """lbfgs: the (step, gradient change) pairs kept for the inverse-Hessian estimate."""
     schedule: Literal["constant", "cosine", "step"] = "constant"
     """The learning rate after the warm-up: constant; cosine, from lr down to min_lr at the
     last step; step, multiplied by gamma every step_size steps."""
@@ -151,6 +171,13 @@ class OptimSection:
         ok = len(betas) == 2 and all(0 <= b < 1 for b in betas)
         require(ok, "optim.betas", "two values in [0, 1)", betas)
         require(self.min_lr <= self.lr, "optim.min_lr", "in [0, optim.lr]", self.min_lr)
+        if self.name == "lbfgs":
+            # Its line search needs the loss whose gradient it follows: no clipped gradient,
+            # no decay or proximal step outside the loss it evaluates.
+            why = 'with optim.name = "lbfgs" (its line search follows the loss alone)'
+            require(self.grad_clip is None, "optim.grad_clip", f"unset {why}", self.grad_clip)
+            require(self.weight_decay == 0, "optim.weight_decay", f"0 {why}", self.weight_decay)
+            require(self.l1 == 0, "optim.l1", f"0 {why}", self.l1)
 
 
 @section("train.early_stopping")

@@ -6,9 +6,11 @@ import functools
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from raymb.core.loss import summed_loss
+from raymb.core.optim import l1_step
 from raymb.core.sync import Sync
 
 
@@ -24,6 +26,7 @@ def train_step(
     bf16: bool = False,
     check_finite: bool = True,
     uneven: bool = False,
+    l1: float = 0.0,
 ) -> tuple[torch.Tensor, bool]:
     """Accumulate gradients over this worker's microbatches and take one optimizer step.
 
@@ -36,10 +39,78 @@ def train_step(
     Returns this worker's summed (unnormalised) loss, detached, on its device, and whether
     the step was taken: with `check_finite`, when any worker's gradient is not finite, no
     worker steps (a gradient norm and a device sync each step; without it the caller checks
-    the returned losses).
+    the returned losses). `l1`: optim.l1's proximal step after the optimizer's, on this
+    worker's parameters (before a param or diloco average). L-BFGS: lbfgs_step.
     """
+    if isinstance(optimizer, torch.optim.LBFGS):
+        each = dict(sync=sync, classify=classify, bf16=bf16, uneven=uneven)
+        return lbfgs_step(model, optimizer, microbatches, rows, **each)
     optimizer.zero_grad(set_to_none=True)
     divisor = sync.step_samples(rows, uneven=uneven)
+    total = accumulate(model, microbatches, divisor, sync=sync, classify=classify, bf16=bf16)
+    norm = None
+    if grad_clip is not None:
+        norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    elif check_finite:
+        norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if check_finite and not sync.finite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return total, False
+    optimizer.step()
+    if l1:
+        l1_step(optimizer, l1)
+    sync.after_step(model, optimizer)
+    return total, True
+
+
+def lbfgs_step(
+    model: nn.Module,
+    optimizer: torch.optim.LBFGS,
+    microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    rows: int,
+    *,
+    sync: Sync,
+    classify: bool,
+    bf16: bool = False,
+    uneven: bool = False,
+) -> tuple[torch.Tensor, bool]:
+    """One L-BFGS step on the full batch (optim.name = "lbfgs", train.sync = "grad").
+
+    Each evaluation of its closure is the loss and gradient over the step's rows on all
+    workers: the gradient as train_step's (summed by the all-reduce, each loss divided by
+    the step's rows), the mean loss all-reduced beside it. Every worker's line search sees
+    the same numbers and takes the same decisions, so W workers take one process's step.
+    Returns this worker's summed loss at the step's start (as train_step's) and True.
+    """
+    divisor = sync.step_samples(rows, uneven=uneven)
+    first: list[torch.Tensor] = []
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        total = accumulate(model, microbatches, divisor, sync=sync, classify=classify, bf16=bf16)
+        if not first:
+            first.append(total)
+        mean = total / divisor
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(mean)  # this worker's part of the mean: their sum is the mean
+        return mean
+
+    optimizer.step(closure)
+    sync.after_step(model, optimizer)
+    return first[0], True
+
+
+def accumulate(
+    model: nn.Module,
+    microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    divisor: float,
+    *,
+    sync: Sync,
+    classify: bool,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """Forward and backward of every microbatch, each loss's gradient divided by `divisor`
+    (the gradients accumulate); returns their summed loss, detached."""
     total = None
     last = len(microbatches) - 1
     scale = _scale(divisor, microbatches[0][0].device)
@@ -52,17 +123,7 @@ def train_step(
                 loss = summed_loss(model(x), y, classify)
             loss.backward(scale)  # the gradient of loss / divisor, without another op
         total = loss.detach() if total is None else total + loss.detach()
-    norm = None
-    if grad_clip is not None:
-        norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    elif check_finite:
-        norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    if check_finite and not sync.finite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        return total, False
-    optimizer.step()
-    sync.after_step(model, optimizer)
-    return total, True
+    return total
 
 
 @functools.lru_cache(maxsize=64)

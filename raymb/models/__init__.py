@@ -16,7 +16,7 @@ from raymb.config import Model
 from raymb.errors import ConfigError
 from raymb.models import cnn, gpt, mlp
 
-__all__ = ["build_model", "load_factory"]
+__all__ = ["build_model", "initialise", "load_factory"]
 
 FAMILIES = {"linear": mlp.build, "mlp": mlp.build, "cnn": cnn.build, "gpt": gpt.build}
 
@@ -31,7 +31,9 @@ def build_model(section: Model, input_shape: int | Sequence[int], out_features: 
     shape = (input_shape,) if isinstance(input_shape, int) else tuple(map(int, input_shape))
     family = FAMILIES.get(section.name)
     if family is not None:
-        return family(section, shape, out_features)
+        model = family(section, shape, out_features)
+        initialise(model, section.init)
+        return model
     factory = load_factory(section.name)
     model = factory(shape[0] if len(shape) == 1 else shape, out_features)
     if not isinstance(model, nn.Module):
@@ -39,6 +41,34 @@ def build_model(section: Model, input_shape: int | Sequence[int], out_features: 
             f"model.name {section.name!r} returned {type(model).__name__}, not a torch.nn.Module"
         )
     return model
+
+
+INITS = {
+    "xavier": nn.init.xavier_uniform_,
+    "kaiming": lambda weight: nn.init.kaiming_normal_(weight, nonlinearity="relu"),
+    "orthogonal": nn.init.orthogonal_,
+}
+"""model.init: what fills a linear or convolutional layer's weight (fan-in and fan-out as
+nn.init counts them: a convolution's times its kernel's size)."""
+
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def initialise(model: nn.Module, how: str) -> None:
+    """Re-initialise a built-in family's layers as `model.init` says: the weights of its
+    linear and convolutional layers by INITS[how], their biases 0; embeddings, norms and a
+    head tied to an embedding (the gpt's) keep the family's own. "default": unchanged.
+    Drawn from torch's generator, seeded alike on every worker before the model is built."""
+    if how == "default" or any(p.is_meta for p in model.parameters()):
+        return  # a model sized on the meta device has no values to fill
+    fill = INITS[how]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        if isinstance(module, LAYERS):
+            if id(module.weight) not in embeddings:
+                fill(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 def load_factory(name: str):

@@ -132,6 +132,7 @@ class Worker:
             bf16=self.config.train.precision == "bf16",
             check_finite=self.check_each_step,
             uneven=uneven,
+            l1=self.config.optim.l1,
         )
         self.scheduler.step()
         self.progress.skipped_steps += not taken

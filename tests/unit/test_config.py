@@ -70,7 +70,7 @@ BAD_OVERRIDES = [
     ),
     pytest.param(["optim.lr=[0.1]"], "optim.lr must be a number (got [0.1])", id="list-for-float"),
     pytest.param(["scale.use_gpu=1"], "scale.use_gpu must be true or false", id="int-for-bool"),
-    pytest.param(["optim.name=rmsprop"], "optim.name must be one of", id="not-a-choice"),
+    pytest.param(["optim.name=nadam"], "optim.name must be one of", id="not-a-choice"),
     pytest.param(["optim.lr=0"], "optim.lr must be > 0", id="lr-zero"),
     pytest.param(["optim.lr=-0.1"], "optim.lr must be > 0", id="lr-negative"),
     pytest.param(["train.epochs=0"], "train.epochs must be > 0", id="epochs-zero"),
@@ -191,11 +191,11 @@ GOT = [
     ),
     (
         ("model.name=mlp", "model.depth=3"),
-        "model.depth is not a key of model.name = 'mlp' (its keys: hidden, num_classes)",
+        "model.depth is not a key of model.name = 'mlp' (its keys: hidden, num_classes, init)",
     ),
     (
         "model.widths=[8]",
-        "model.widths is not a key of model.name = 'linear' (its keys: num_classes)",
+        "model.widths is not a key of model.name = 'linear' (its keys: num_classes, init)",
     ),
     (
         ("model.name=my.models:make", "model.hidden=[8]"),

@@ -31,10 +31,10 @@ from raymb.rundir.checkpoint import atomic_save, claim_run, load_model
 
 # Each family's keys, written out independently of the classes.
 KEYS = {
-    "linear": ["name", "num_classes"],
-    "mlp": ["name", "hidden", "num_classes"],
-    "cnn": ["name", "widths", "norm", "num_classes"],
-    "gpt": ["name", "depth", "width", "heads", "block_size", "dropout", "num_classes"],
+    "linear": ["name", "num_classes", "init"],
+    "mlp": ["name", "hidden", "num_classes", "init"],
+    "cnn": ["name", "widths", "norm", "num_classes", "init"],
+    "gpt": ["name", "depth", "width", "heads", "block_size", "dropout", "num_classes", "init"],
     "my.models:make": ["name", "num_classes"],
 }
 CLASSES = {
@@ -77,10 +77,10 @@ def test_each_family_holds_its_own_keys(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "key", "keys"),
     [
-        ("linear", "hidden=[8]", "num_classes"),
-        ("mlp", "depth=3", "hidden, num_classes"),
-        ("cnn", "heads=2", "widths, norm, num_classes"),
-        ("gpt", "widths=[8]", "depth, width, heads, block_size, dropout, num_classes"),
+        ("linear", "hidden=[8]", "num_classes, init"),
+        ("mlp", "depth=3", "hidden, num_classes, init"),
+        ("cnn", "heads=2", "widths, norm, num_classes, init"),
+        ("gpt", "widths=[8]", "depth, width, heads, block_size, dropout, num_classes, init"),
         ("my.models:make", "norm='group'", "num_classes"),
     ],
 )

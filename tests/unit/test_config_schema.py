@@ -129,9 +129,10 @@ REFUSED = [
         id="int-for-bool",
     ),
     pytest.param(
-        '[optim]\nname = "rmsprop"\n',
-        "'rmsprop' is not one of ['sgd', 'adagrad', 'adam', 'adamw']",
-        "optim.name must be one of 'sgd', 'adagrad', 'adam', 'adamw' (got 'rmsprop')",
+        '[optim]\nname = "nadam"\n',
+        "'nadam' is not one of ['sgd', 'adagrad', 'adam', 'adamw', 'rmsprop', 'lbfgs']",
+        "optim.name must be one of 'sgd', 'adagrad', 'adam', 'adamw', 'rmsprop', 'lbfgs' "
+        "(got 'nadam')",
         id="not-a-choice",
     ),
     pytest.param(
@@ -143,7 +144,7 @@ REFUSED = [
     pytest.param(
         '[model]\nname = "mlp"\ndepth = 3\n',
         "('depth' was unexpected)",
-        "model.depth is not a key of model.name = 'mlp' (its keys: hidden, num_classes)",
+        "model.depth is not a key of model.name = 'mlp' (its keys: hidden, num_classes, init)",
         id="another-familys-key",
     ),
     pytest.param(
