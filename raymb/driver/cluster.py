@@ -120,17 +120,23 @@ def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: 
     )
 
 
-def fit_stopping_on_sigint(trainer, stop_file: Location):
-    """fit(); the first SIGINT asks the workers to stop after the file in hand.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Ctrl-C, and what Kubernetes and `ray job stop` send: the first of either stops with a
+checkpoint, the next abandons."""
+
+
+def fit_until_stopped(trainer, stop_file: Location, *, stops: str):
+    """fit(); the first SIGINT or SIGTERM writes `stop_file`, asking the workers to checkpoint
+    and return (`stops` says when, for the line that tells the user).
 
     fit() runs in a thread: on the main thread Ray Train installs its own SIGINT handler,
-    which aborts the workers at once. A second SIGINT raises KeyboardInterrupt here at once
+    which aborts the workers at once. A second signal raises KeyboardInterrupt here at once
     (a local Ray cluster ends with the process; the run resumes from its last checkpoint).
     """
     if threading.current_thread() is not threading.main_thread():
         return trainer.fit()  # no signals here
     outcome: dict[str, Any] = {}
-    interrupts = 0
+    signals = 0
 
     def run() -> None:
         try:
@@ -138,27 +144,27 @@ def fit_stopping_on_sigint(trainer, stop_file: Location):
         except BaseException as e:  # re-raised on the caller's thread
             outcome["error"] = e
 
-    def on_sigint(signum, frame) -> None:
-        nonlocal interrupts
-        interrupts += 1
-        if interrupts > 1:
+    def on_signal(signum, frame) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
             raise KeyboardInterrupt
         stop_file.write_bytes(b"")
         print(
-            "raymb: stopping after the file in hand, then checkpointing "
-            "(Ctrl-C again to abandon it)",
+            f"raymb: stopping {stops}, then checkpointing (Ctrl-C again to abandon it)",
             file=sys.stderr,
             flush=True,
         )
 
-    thread = threading.Thread(target=run, name="raymb-follow-fit", daemon=True)
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    thread = threading.Thread(target=run, name="raymb-fit", daemon=True)
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     try:
         thread.start()
         while thread.is_alive():
             thread.join(0.2)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

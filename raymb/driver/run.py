@@ -6,6 +6,11 @@ to the end, start or join Ray and build the TorchTrainer (raymb.driver.cluster),
 through one
 closing sequence: progress and tracking while it runs; on failure a one-line error that says
 what was kept; at the end summary.json, loss.png, the tracked run's artifacts, status.json.
+
+The progress display (raymb.rundir.progress) starts before Ray, showing each phase of the
+start-up. The first Ctrl-C or SIGTERM writes <run dir>/STOP: the workers checkpoint at the
+next step (after the file in hand with --follow) and return, and the run is marked
+`stopped`, saying how to resume; a second abandons it at once, marked `interrupted`.
 """
 
 from __future__ import annotations
@@ -67,19 +72,31 @@ def _train(
 ) -> Result:
     """The run, once its directory is held."""
     run_dir = lock.run_dir
+    shown = progress.Watch(run_dir / "metrics.csv", plan.total_steps)
     try:
         claim_run(run_dir, config)  # a resumed run must fit its checkpoints
-        from raymb.driver.cluster import connect, data_spec, make_trainer, use_cache
+        shown.phase("starting Ray")
+        from raymb.driver.cluster import (
+            connect,
+            data_spec,
+            fit_until_stopped,
+            make_trainer,
+            use_cache,
+        )
         from raymb.worker.epochs import train_loop
         from raymb.worker.spec import EpochsSpec
+        from raymb.worker.worker import STOP_FILE
 
         cpus = connect(config, address)  # Ray from here on, not before the last refusal
         cached = use_cache(config, [train_info, val_info])
-        print(
+        shown.say(
             f"raymb: data.train: {train_info.num_rows} rows, "
-            f"{describe_shape(train_info, config.data.features)}, task {plan.inputs['task']}",
-            flush=True,
+            f"{describe_shape(train_info, config.data.features)}, task {plan.inputs['task']}"
         )
+        if cached:
+            shown.phase("reading data")  # into Ray's object store, here on the driver
+        stop_file = run_dir / STOP_FILE
+        stop_file.remove()  # left by an earlier run
         spec = EpochsSpec(
             config=config,
             plan=plan,
@@ -90,13 +107,22 @@ def _train(
         )
         trainer = make_trainer(config, train_loop, {"spec": spec}, cpus, run_dir)
     except BaseException:
+        shown.close()
         lock.discard()  # a new run that never started leaves nothing; an older one is kept
         raise
 
     def close(summary: dict[str, Any], metrics: dict[str, Any]) -> str:
-        return "stopped early" if summary["stopped_early"] else "finished"
+        if summary["stopped_early"]:
+            return "stopped early"
+        # A stop asked for as the last step ended changes nothing: the run finished.
+        stopped = summary["steps"] < plan.total_steps and stop_file.exists()
+        return "stopped" if stopped else "finished"
 
-    return _run(config, lock, trainer.fit, total_steps=plan.total_steps, close=close)
+    try:
+        fit = lambda: fit_until_stopped(trainer, stop_file, stops="at the next step")  # noqa: E731
+        return _run(config, lock, fit, shown=shown, close=close)
+    finally:
+        stop_file.remove()
 
 
 def follow(
@@ -110,15 +136,20 @@ def follow(
     run_dir = check_run_dir(config)  # a second driver is refused before waiting for a file
     config, shape, val_info, location = prepare_follow(config, directory, idle_timeout)
     lock = lock_run(run_dir)
+    shown = progress.Watch(run_dir / "metrics.csv", None)
     try:
         claim_run(run_dir, config)  # a resumed run must fit its checkpoints
-        from raymb.driver.cluster import connect, data_spec, fit_stopping_on_sigint, make_trainer
-        from raymb.worker.follow import STOP_FILE, follow_loop
+        shown.phase("starting Ray")
+        from raymb.driver.cluster import connect, data_spec, fit_until_stopped, make_trainer
+        from raymb.worker.follow import follow_loop
         from raymb.worker.spec import FollowSpec
+        from raymb.worker.worker import STOP_FILE
 
         cpus = connect(config, address)
         stop_file = run_dir / STOP_FILE
         stop_file.remove()  # left by an earlier run
+        if val_info:
+            shown.phase("reading data")
         spec = FollowSpec(
             config=config,
             shape=shape,
@@ -131,6 +162,7 @@ def follow(
         )
         trainer = make_trainer(config, follow_loop, {"spec": spec}, cpus, run_dir)
     except BaseException:
+        shown.close()
         lock.discard()  # a new run that never started leaves nothing; an older one is kept
         lock.release()
         raise
@@ -142,8 +174,8 @@ def follow(
         return "stopped" if stopped else "finished"
 
     try:
-        fit = lambda: fit_stopping_on_sigint(trainer, stop_file)  # noqa: E731
-        return _run(config, lock, fit, total_steps=None, close=close)
+        fit = lambda: fit_until_stopped(trainer, stop_file, stops="after the file in hand")  # noqa: E731
+        return _run(config, lock, fit, shown=shown, close=close)
     finally:
         stop_file.remove()
         lock.release()  # on failure and Ctrl-C too
@@ -154,23 +186,31 @@ def _run(
     lock: RunLock,
     fit: Callable[[], Any],
     *,
-    total_steps: int | None,
+    shown: progress.Watch,
     close: Callable[[dict[str, Any], dict[str, Any]], str],
 ) -> Result:
-    """Run `fit` with progress and tracking; then the closing sequence. `close` adds the
-    mode's own keys to the summary and returns the status to mark."""
+    """Run `fit` with progress (`shown`, closed here) and tracking; then the closing sequence.
+    `close` adds the mode's own keys to the summary and returns the status to mark."""
     from raymb.driver.cluster import TrainingFailed
 
     run_dir = lock.run_dir
-    mark(run_dir, "running")
-    tracker = start_tracking(config, run_dir, resumed=not lock.created)
+    try:
+        mark(run_dir, "running")
+        tracker = start_tracking(config, run_dir, resumed=not lock.created)
+    except BaseException:
+        shown.close()
+        raise
     started = time.perf_counter()
     try:
-        with progress.watch(run_dir / "metrics.csv", total_steps, on_rows=tracker.log_rows):
+        with shown:
+            shown.phase(_starting(config))
+            shown.follow_rows(tracker.log_rows)
             result = fit()
     except BaseException as e:
-        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-        tracker.finish(summary=None, status=status, files={})
+        interrupted = isinstance(e, KeyboardInterrupt)
+        tracker.finish(summary=None, status="KILLED" if interrupted else "FAILED", files={})
+        if interrupted:  # the second Ctrl-C: abandoned at once, the last checkpoint kept
+            _mark_quietly(run_dir, "interrupted")
         if isinstance(e, TrainingFailed):
             _failed(e, config, lock)
         raise
@@ -180,7 +220,20 @@ def _run(
     plot.write_run_plot(run_dir)
     finish_tracking(tracker, summary, run_dir)
     mark(run_dir, status)
+    if status == "stopped":
+        print(
+            f"raymb: stopped at step {summary['steps']} (checkpoint saved); "
+            "run the same command to resume",
+            flush=True,
+        )
     return Result(run_dir=run_dir, summary=summary)
+
+
+def _starting(config: Config) -> str:
+    """The phase from fit() to the first step: Ray Train starts the workers, they read."""
+    low, high = config.scale.min_workers, config.scale.max_workers
+    workers = f"{low}-{high}" if config.scale.elastic and low != high else str(high)
+    return f"starting {workers} worker{'' if workers == '1' else 's'}"
 
 
 def _failed(error: BaseException, config: Config, lock: RunLock) -> None:
@@ -230,8 +283,13 @@ def finish_tracking(tracker: Tracker, summary: dict[str, Any], run_dir: Location
 
 def mark_failed(run_dir: Location, error: str) -> None:
     """status.json says failed, unless the store is what failed: the error at hand is the news."""
+    _mark_quietly(run_dir, "failed", error=error)
+
+
+def _mark_quietly(run_dir: Location, status: str, **fields: Any) -> None:
+    """mark, but a store that fails is no news beside the error at hand."""
     try:
-        mark(run_dir, "failed", error=error)
+        mark(run_dir, status, **fields)
     except (StorageError, OSError):
         pass
 

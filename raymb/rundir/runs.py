@@ -34,9 +34,10 @@ STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
-STATUSES = ("running", "finished", "stopped early", "stopped", "failed")
-"""What `mark` records. `find_runs` adds "interrupted" (marked running, its driver gone) and
-"unknown" (no status.json and no summary.json)."""
+STATUSES = ("running", "finished", "stopped early", "stopped", "interrupted", "failed")
+"""What `mark` records ("interrupted": abandoned by a second Ctrl-C). `find_runs` also shows a
+run marked running whose driver is gone as "interrupted", and "unknown" (no status.json and no
+summary.json)."""
 READERS = 16  # run directories read at once: an object store answers each request slowly
 
 

@@ -3,7 +3,9 @@
 next step's rows (raymb.worker.feed) -> train_step -> a metrics entry; when a checkpoint is due
 (checkpoint.every_steps, an epoch's end at least checkpoint.min_interval_s after the last,
 the end): validate, then report with the checkpoint. Every rank checkpoints and gathers
-metrics at the same steps: the session's report and the gathers are collectives.
+metrics at the same steps: the session's report and the gathers are collectives. When the
+driver asks to stop (Ctrl-C, SIGTERM: <run dir>/STOP), the workers learn it at a gather and
+make the next step a checkpoint, then return.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from raymb.rundir.storage import Location
 from raymb.worker.feed import train_source, val_batches
 from raymb.worker.session import RaySession, Session
 from raymb.worker.spec import EpochsSpec, Shape
-from raymb.worker.worker import Progress, Worker, fault_wait_s
+from raymb.worker.worker import STOP_FILE, Progress, Worker, fault_wait_s
 
 
 def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -> None:
@@ -46,7 +48,9 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
         total_steps=plan.total_steps,
         session=session,
         val=val,
+        epoch_steps=plan.steps_per_epoch,
     )
+    worker.stop_file = run_dir / STOP_FILE
     progress, device = worker.progress, worker.device
     if worker.resumed and rank == 0:
         print(f"raymb: resumed from step {progress.step} (epoch {progress.epoch})", flush=True)
@@ -78,10 +82,14 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
                 progress.epoch += 1
                 progress.step_in_epoch = 0
             every = config.checkpoint.every_steps
+            stopping = worker.stop_requested  # agreed by every worker at the last gather
             due = _finished(progress, plan) or bool(every and progress.step % every == 0)
+            due = due or stopping
             if epoch_end and not due:
                 due = worker.epoch_end_due()
             worker.record(loss, taken, plan.step_rows(s), step_s=step_s, wait_s=wait_s, due=due)
+            if stopping:
+                return  # the checkpoint just taken holds everything; the driver says so
             if epoch_end:
                 break
 

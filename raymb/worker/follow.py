@@ -50,10 +50,6 @@ from raymb.worker.session import RaySession, Session
 from raymb.worker.spec import FollowSpec, Shape
 from raymb.worker.worker import Worker
 
-STOP_FILE = "STOP"
-"""In the run directory: the workers stop after the file in hand when it appears."""
-
-
 # Files: plain pyarrow, used by the driver and by rank 0.
 
 
@@ -179,6 +175,7 @@ def follow_loop(payload: dict[str, FollowSpec], session: Session | None = None) 
             start += n
             last = i + 1 == len(sizes)
             if last:  # the checkpoint after the file records it
+                worker.ledger.window = min(config.train.log_every, len(sizes))  # a file's steps
                 progress.files.append([name, rows])
                 progress.epoch = len(progress.files)
                 consumed.add(name)

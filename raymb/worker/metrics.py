@@ -4,6 +4,14 @@ Every step leaves an `Entry` on each worker; every `Ledger.every` steps (tuned s
 happens about once a second) the workers all-reduce their entries' losses in one message,
 turn them into rows, and rank 0 appends the rows to metrics.csv. ray.train.report, a barrier
 through the Ray Train controller, is left for checkpoints.
+
+A row's train_loss is a function of its step alone, so a run resumed anywhere, on any number
+of workers, writes the rows of a straight run: a row at step s on the log_every grid covers
+the steps (s - log_every, s], a row at a checkpoint between two of the grid the steps since
+the last one of the grid. The reports' (and summary.json's) train_loss is the mean over the
+last `window` steps: log_every, or an epoch's steps if fewer. The Ledger keeps the all-reduced
+losses of the last log_every steps, and a checkpoint carries them (Progress.recent_losses), so
+the windows reach across a resume.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ import math
 import os
 import tempfile
 import time
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,21 +71,37 @@ class Entry:
 
 
 class Ledger:
-    """Entries since the last gather, and the window of steps the next row sums up."""
+    """Entries since the last gather, and the gathered losses of the last log_every steps."""
 
-    def __init__(self, csv_path: Path | Location | None, world: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        csv_path: Path | Location | None,
+        world: int,
+        device: torch.device,
+        *,
+        log_every: int,
+        window: int | None = None,
+        recent: Iterable[list] = (),
+    ) -> None:
         self.csv = MetricsCsv(csv_path) if csv_path is not None else None
         self.world, self.device = world, device
+        self.log_every = log_every
+        self.window = min(log_every, window or log_every)
+        """Steps that the reports' train_loss is a mean over."""
         self.entries: list[Entry] = []
+        # (step, summed loss on all workers or None when skipped, units) of the last steps,
+        # oldest first: a resumed run's carry the ones before the resume.
+        self.recent: deque[tuple[int, float | None, int]] = deque(
+            (tuple(r) for r in recent), maxlen=log_every
+        )
         self.every = 1
         self.since = time.perf_counter()
-        self._reset_window(self.since)
-        self.report_loss, self.report_units = 0.0, 0
+        self._reset_timing(self.since)
 
-    def _reset_window(self, started: float) -> None:
-        self.w_loss, self.w_rows, self.w_units, self.w_steps = 0.0, 0, 0, 0
-        self.w_step_s = self.w_wait_s = 0.0
-        self.w_started = started
+    def _reset_timing(self, started: float) -> None:
+        """Throughput is timed over the steps this process trained since the last row."""
+        self.t_rows, self.t_steps, self.t_step_s, self.t_wait_s = 0, 0, 0.0, 0.0
+        self.t_started = started
 
     def add(self, entry: Entry) -> None:
         self.entries.append(entry)
@@ -84,61 +110,77 @@ class Ledger:
     def due(self) -> bool:
         return len(self.entries) >= self.every
 
-    def gather(self) -> int | None:
+    def gather(self, flag: bool = False) -> tuple[int | None, bool]:
         """All-reduce the entries' losses (a collective: every worker calls it at the same
-        step) and write their rows; return the first step whose loss is not finite, if any."""
+        step) and write their rows; return the first step whose loss is not finite, if any,
+        and whether any worker raised `flag` (rank 0's stop request rides along)."""
         entries, self.entries = self.entries, []
         if not entries:
-            return None
+            return None, False
         elapsed = time.perf_counter() - self.since
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         values = torch.stack(
-            [*(zero if e.loss is None else e.loss.double() for e in entries), _t(elapsed, self)]
+            [
+                *(zero if e.loss is None else e.loss.double() for e in entries),
+                _t(elapsed, self),
+                _t(float(flag), self),
+            ]
         )
         if self.world > 1:
             dist.all_reduce(values)
-        *losses, elapsed = values.tolist()
+        *losses, elapsed, flagged = values.tolist()
         # The next gather after about FLUSH_S, judged by the workers' mean time: all agree.
         per_step = elapsed / self.world / len(entries)
         self.every = max(1, min(100_000, int(FLUSH_S / per_step) if per_step > 0 else 100_000))
         self.since = time.perf_counter()
         bad = next((e.row["step"] for e, v in zip(entries, losses) if not math.isfinite(v)), None)
         if bad is not None:
-            return bad
+            return bad, flagged > 0
         rows = []
         for entry, loss in zip(entries, losses):
-            self.w_rows += entry.rows
-            if entry.loss is not None:
-                self.w_loss += loss
-                self.w_units += entry.units
-                self.report_loss += loss
-                self.report_units += entry.units
-            self.w_steps += 1
-            self.w_step_s += entry.step_s
-            self.w_wait_s += entry.wait_s
+            step = entry.row["step"]
+            self.recent.append((step, None if entry.loss is None else loss, entry.units))
+            self.t_rows += entry.rows
+            self.t_steps += 1
+            self.t_step_s += entry.step_s
+            self.t_wait_s += entry.wait_s
             if entry.logged:
                 rows.append(self._row(entry))
-                self._reset_window(entry.ended)
+                self._reset_timing(entry.ended)
         if self.csv is not None and rows:
             self.csv.append(rows)
-        return None
+        return None, flagged > 0
 
     def _row(self, entry: Entry) -> dict[str, Any]:
-        took = entry.ended - self.w_started
-        steps = max(1, self.w_steps)
+        step = entry.row["step"]
+        took = entry.ended - self.t_started
+        steps = max(1, self.t_steps)
         return {
             **entry.row,
-            "train_loss": self.w_loss / self.w_units if self.w_units else None,
-            "samples_per_s": self.w_rows / took if took > 0 else 0.0,
-            "step_time_s": self.w_step_s / steps,
-            "data_wait_s": self.w_wait_s / steps,
+            # The grid's window: (step - log_every, step], or since the grid's last row.
+            "train_loss": self.mean_loss(after=(step - 1) // self.log_every * self.log_every),
+            "samples_per_s": self.t_rows / took if took > 0 else 0.0,
+            "step_time_s": self.t_step_s / steps,
+            "data_wait_s": self.t_wait_s / steps,
         }
 
-    def report_train_loss(self) -> float | None:
-        """Mean loss over the steps since the last call (what a checkpoint's report shows)."""
-        loss = self.report_loss / self.report_units if self.report_units else None
-        self.report_loss, self.report_units = 0.0, 0
-        return loss
+    def mean_loss(self, *, after: int) -> float | None:
+        """Mean loss per row (per token for lm) over the gathered steps past `after`."""
+        kept = [
+            (loss, units) for step, loss, units in self.recent if step > after and loss is not None
+        ]
+        units = sum(u for _, u in kept)
+        return sum(loss for loss, _ in kept) / units if units else None
+
+    def train_loss(self) -> float | None:
+        """Mean loss over the last `window` steps gathered (what a report shows)."""
+        if not self.recent:
+            return None
+        return self.mean_loss(after=self.recent[-1][0] - self.window)
+
+    def recent_state(self) -> list[list]:
+        """The recent steps' losses, as a checkpoint carries them."""
+        return [list(r) for r in self.recent]
 
 
 class MetricsCsv:

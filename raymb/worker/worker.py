@@ -38,6 +38,12 @@ from raymb.worker.spec import Shape
 POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 0.2
 """How often Ray Train's controller polls the workers: a report waits for the next poll (every
 2 s by default, the whole cost of a checkpoint of a small model). The driver sets it."""
+STOP_FILE = "STOP"
+"""In the run directory: the driver writes it on the first Ctrl-C or SIGTERM (anyone may touch
+it); the workers then checkpoint at the next step (epochs) or after the file in hand
+(--follow) and return."""
+STOP_LOOK_S = {True: 0.5, False: 5.0}
+"""How often rank 0 looks for the stop file, locally and in an object store (a request)."""
 
 
 @dataclass
@@ -62,6 +68,9 @@ class Progress:
     stopped_early: bool = False
     files: list[list] = field(default_factory=list)
     """--follow: [name, rows] of every file trained on, in order."""
+    recent_losses: list[list] = field(default_factory=list)
+    """[step, loss summed over all workers, units] of the last train.log_every steps: the
+    metrics rows and train_loss of a resumed run reach back past the resume."""
 
 
 class Worker:
@@ -75,7 +84,10 @@ class Worker:
         total_steps: int,
         session: Session,
         val: Any = None,
+        epoch_steps: int | None = None,
     ) -> None:
+        """`epoch_steps`: an epoch's steps, when fewer than train.log_every the window of the
+        reports' train_loss (raymb.worker.metrics)."""
         self.config, self.shape, self.mode, self.val = config, shape, mode, val
         self.session = session
         self.rank, self.world = session.rank, session.world
@@ -104,13 +116,25 @@ class Worker:
             self.sync.load_state_dict(saved_sync)
         self.sync.comm.bytes = self.progress.bytes_allreduced
         csv_path = run_dir / "metrics.csv" if self.rank == 0 else None
-        self.ledger = Ledger(csv_path, self.world, device)
+        self.ledger = Ledger(
+            csv_path,
+            self.world,
+            device,
+            log_every=config.train.log_every,
+            window=epoch_steps,
+            recent=self.progress.recent_losses,
+        )
         if self.ledger.csv is not None:
             self.ledger.csv.truncate_after(self.progress.step)  # rows a resume writes again
         # Skipping a step needs every worker's verdict each step; aborting is decided from the
         # losses when they are gathered, before any checkpoint.
         self.check_each_step = config.train.on_nan == "skip"
         self.last_checkpoint = time.monotonic()
+        self.stop_file: Location | None = None
+        """Where rank 0 looks for the driver's stop request (the loop sets it)."""
+        self.stop_requested = False
+        """The driver asked to stop: every worker learns it at the same gather."""
+        self._looked = -float("inf")
 
     @property
     def resumed(self) -> bool:
@@ -174,12 +198,25 @@ class Worker:
         return self._agree(time.monotonic() - self.last_checkpoint >= floor)
 
     def gather(self) -> None:
-        bad = self.ledger.gather()
+        # Rank 0's look for the stop file rides on the gather's all-reduce: no collective of
+        # its own, and every worker sees the request at the same step.
+        bad, stop = self.ledger.gather(self._stop_file_seen())
+        self.stop_requested = self.stop_requested or stop
         if bad is not None:
             raise FloatingPointError(
                 f"raymb: non-finite loss or gradient at step {bad}; the last checkpoint is "
                 "intact. Set train.on_nan=skip to drop such steps"
             )
+
+    def _stop_file_seen(self) -> bool:
+        """Rank 0: whether the stop file is there, looked for at most every STOP_LOOK_S."""
+        if self.stop_file is None or self.rank != 0:
+            return False
+        now = time.monotonic()
+        if now - self._looked < STOP_LOOK_S[self.stop_file.local]:
+            return False
+        self._looked = now
+        return self.stop_file.exists()
 
     def report(self, *, with_checkpoint: bool) -> None:
         self.gather()
@@ -187,7 +224,7 @@ class Worker:
         progress.bytes_allreduced = self.sync.comm.bytes
         metrics = {
             **self._row(),
-            "train_loss": self.ledger.report_train_loss(),
+            "train_loss": self.ledger.train_loss(),
             "train_seconds": progress.train_seconds,
             "resumed_from_steps": list(progress.resumed_from_steps),
             "stopped_early": progress.stopped_early,
@@ -198,6 +235,7 @@ class Worker:
             metrics["stopped_early"] = progress.stopped_early
         if self.ledger.csv is not None:
             self.ledger.csv.flush()  # the rows up to this checkpoint, in storage before it
+        progress.recent_losses = self.ledger.recent_state()
         with tempfile.TemporaryDirectory() as tmp:
             if with_checkpoint:
                 self._save(Path(tmp))

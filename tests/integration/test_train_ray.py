@@ -131,8 +131,9 @@ def test_killed_worker_is_replaced_and_the_run_ends_as_if_never_killed(
     assert killed.summary["val_loss"] == pytest.approx(straight.summary["val_loss"], rel=1e-6)
     want, got = _losses(straight), _losses(killed)
     assert sorted(got) == list(range(1, 33))
-    for step in range(11, 33):
+    for step in range(1, 33):  # rows 1-10 from before the kill, the rest from after
         assert got[step] == pytest.approx(want[step], rel=1e-6), step
+    assert killed.summary["train_loss"] == pytest.approx(straight.summary["train_loss"], rel=1e-6)
 
 
 def test_exhausted_failures_keep_the_checkpoint_and_the_run_resumes_by_name(
@@ -199,6 +200,14 @@ def test_a_run_resumed_with_other_numbers_of_workers_ends_as_the_straight_run(
     assert last.summary["steps"] == straight_grad.summary["steps"] == 32
     assert last.summary["resumed_from_steps"] == [10, 20]
     _same_model(last, straight_grad, rtol=1e-5)
+    # metrics.csv and summary.json are the training's, not the invocations': row for row.
+    want, got = _losses(straight_grad), _losses(last)
+    assert sorted(got) == sorted(want) == list(range(1, 33))
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+    assert last.summary["train_loss"] == pytest.approx(
+        straight_grad.summary["train_loss"], rel=1e-5
+    )
 
 
 def test_full_batch_is_the_same_for_any_split(ray_session, linear_data, runs):
