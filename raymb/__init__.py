@@ -22,8 +22,9 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def train(config: Config, *, address: str | None = None) -> Result:
-    """Train as configured on a local Ray cluster (or the one at `address`); see raymb.driver."""
+def train(config: Config, *, address: str | None = None, verbose: bool = False) -> Result:
+    """Train as configured on a local Ray cluster (or the one at `address`); see raymb.driver.
+    Ray's own lines go to <run dir>/logs/ray.log; `verbose` prints them as Ray does."""
     from raymb.driver.run import train as _train  # Ray is imported only when training
 
-    return _train(config, address=address)
+    return _train(config, address=address, verbose=verbose)

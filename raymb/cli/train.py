@@ -69,6 +69,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help=f"with --follow: stop after this long without a new file (default {IDLE_TIMEOUT:g})",
     )
+    add_verbose_argument(parser)
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    """-v/--verbose, for every command that starts Ray."""
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray's own messages here, as Ray prints them (by default they go to "
+        "<run dir>/logs/ray.log)",
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -86,7 +98,13 @@ def run_train(args: argparse.Namespace) -> int:
             raise RaymbError(f"--follow {args.follow}: no such directory")
         from raymb.driver.run import follow
 
-        result = follow(config, args.follow, idle_timeout=idle_timeout, address=args.address)
+        result = follow(
+            config,
+            args.follow,
+            idle_timeout=idle_timeout,
+            address=args.address,
+            verbose=args.verbose,
+        )
     else:
         if args.config is None and config.data.train == DataSection().train:
             from raymb.driver.preflight import check_run_dir
@@ -95,7 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
             _ensure_default_data()
         from raymb.driver.run import train
 
-        result = train(config, address=args.address)
+        result = train(config, address=args.address, verbose=args.verbose)
     print("raymb: done")
     print(format_summary(result.summary, result.run_dir))
     if config.model.name == "linear" and result.summary["checkpoint"]:

@@ -4,6 +4,8 @@ the TorchTrainer, and run it. The only driver module that imports Ray.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import signal
 import sys
@@ -18,6 +20,8 @@ from ray.train.torch import TorchTrainer
 from raymb.config import Config
 from raymb.data.checks import DatasetInfo
 from raymb.data.columns import column_names
+from raymb.driver import watchdog
+from raymb.driver.logs import RayLog, divert
 from raymb.rundir.storage import Location
 from raymb.worker.spec import DataSpec
 from raymb.worker.worker import POLL_ENV, POLL_S
@@ -31,27 +35,96 @@ CACHE_SHARE = 0.25
 and of the memory Ray may use."""
 
 
-def connect(config: Config, address: str | None) -> float:
+def connect(config: Config, address: str | None, *, ray_log: RayLog | None = None) -> float:
     """Start a local Ray cluster or join one; return the logical CPUs to give each worker.
+
+    With `ray_log`, Ray's own lines go there instead of the terminal (raymb.driver.logs);
+    without, Ray prints them as it does (--verbose). A local cluster that raymb starts gets
+    a watchdog that ends it if this process is killed (raymb.driver.watchdog); a cluster it
+    joins is never touched.
 
     A worker holding every CPU starves Ray Data's read tasks and the run waits forever, so
     the workers together leave at least one CPU free.
     """
     W = config.scale.max_workers
+    RayLog.current = ray_log  # None: Ray's lines on the terminal, as Ray prints them
+    if ray_log is not None:
+        quiet()
     if not ray.is_initialized():
         if address is None:
-            ray.init(
+            context = ray.init(
                 address="local",
                 num_cpus=max(os.cpu_count() or 1, W + 1),
                 include_dashboard=False,
                 log_to_driver=True,
             )
+            watchdog.start(context.address_info["session_dir"])
         else:
             ray.init(address=address)
+    if ray_log is not None:
+        ray_log.announce()
     if config.scale.cpus_per_worker is not None:
         return config.scale.cpus_per_worker
     total = ray.cluster_resources().get("CPU", 0)
     return min(1.0, max(total - 1, total / 2) / W) if total else 1.0
+
+
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+"""Ray Train turns a worker's print into a log record on stderr; off, the user's print stays
+on stdout, where raymb tells it from Ray's lines. Ray Train passes it on to the workers."""
+
+
+def quiet() -> None:
+    """Send Ray's lines to RayLog.current from now on: what Ray forwards from its processes (the
+    controller, the workers, Ray Data's tasks), the errors it publishes to the driver, and
+    the console output of the driver's `ray` loggers.
+
+    Ray has no public hook for the lines it forwards: its printer
+    (ray._private.worker.print_to_stdstream) is replaced by one that hands them to the
+    RayLog in use and, when none is, to Ray's own.
+    """
+    import ray._private.worker as core
+    import ray.data
+
+    if not isinstance(core.print_to_stdstream, _Forward):
+        core.print_to_stdstream = _Forward(core.print_to_stdstream)  # ray.init binds this
+    # A session started earlier (log_to_driver=True) has bound Ray's printer already.
+    dispatcher = core.global_worker_stdstream_dispatcher
+    for name, handler in list(dispatcher.handlers):
+        if name == "ray_print_logs" and not isinstance(getattr(handler, "func", None), _Forward):
+            dispatcher.remove_handler(name)
+            keywords = getattr(handler, "keywords", {})
+            dispatcher.add_handler(name, functools.partial(core.print_to_stdstream, **keywords))
+    _divert_ray_loggers()
+    os.environ.setdefault(PRINT_PATCH_ENV, "0")
+    if sys.stdout.isatty():  # Ray Data would draw its own bars; elsewhere it logs them
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+class _Forward:
+    """Ray's printer of forwarded lines, sending them to the RayLog in use instead."""
+
+    def __init__(self, ray_print) -> None:
+        self.ray_print = ray_print
+
+    def __call__(self, data: dict, ignore_prefix: bool = False) -> None:
+        sink = RayLog.current
+        if sink is None:
+            self.ray_print(data, ignore_prefix)
+            return
+        if data.get("pid") == "autoscaler":  # its whole log comes: Ray shows only its events
+            import ray._private.worker as core
+
+            data = {**data, "lines": list(core.filter_autoscaler_events(data.get("lines", [])))}
+        sink.forwarded(data)
+
+
+def _divert_ray_loggers() -> None:
+    """Ray's loggers on the driver ("ray", "ray.data", ...): their console output to the
+    RayLog in use."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (name == "ray" or name.startswith("ray.")) and isinstance(logger, logging.Logger):
+            divert(logger)
 
 
 def use_cache(config: Config, infos: list[DatasetInfo | None]) -> bool:

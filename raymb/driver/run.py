@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from raymb.config import Config
 from raymb.data.checks import describe_shape
+from raymb.driver.logs import RayLog, close_log
 from raymb.driver.preflight import check_run_dir, prepare, prepare_follow, tokenizer_spec
 from raymb.errors import DataError, RaymbError, StorageError
 from raymb.rundir import plot, progress, storage
@@ -51,13 +52,14 @@ class Result:
         return self.summary["checkpoint"]
 
 
-def train(config: Config, *, address: str | None = None) -> Result:
-    """Train as configured and return the run's summary (also written to summary.json)."""
+def train(config: Config, *, address: str | None = None, verbose: bool = False) -> Result:
+    """Train as configured and return the run's summary (also written to summary.json).
+    Ray's own lines go to <run dir>/logs/ray.log; `verbose` shows them on the terminal."""
     run_dir = check_run_dir(config)  # before the data checks: no torch needed
     plan, train_info, val_info = prepare(config)
     lock = lock_run(run_dir)
     try:
-        return _train(config, address, lock, plan, train_info, val_info)
+        return _train(config, address, lock, plan, train_info, val_info, verbose)
     finally:
         lock.release()  # on failure and Ctrl-C too
 
@@ -69,10 +71,12 @@ def _train(
     plan: Plan,
     train_info: DatasetInfo,
     val_info: DatasetInfo | None,
+    verbose: bool,
 ) -> Result:
     """The run, once its directory is held."""
     run_dir = lock.run_dir
     shown = progress.Watch(run_dir / "metrics.csv", plan.total_steps)
+    ray_log = None if verbose else RayLog(run_dir, say=shown.say)
     try:
         claim_run(run_dir, config)  # a resumed run must fit its checkpoints
         shown.phase("starting Ray")
@@ -87,7 +91,8 @@ def _train(
         from raymb.worker.spec import EpochsSpec
         from raymb.worker.worker import STOP_FILE
 
-        cpus = connect(config, address)  # Ray from here on, not before the last refusal
+        # Ray from here on, not before the last refusal
+        cpus = connect(config, address, ray_log=ray_log)
         cached = use_cache(config, [train_info, val_info])
         shown.say(
             f"raymb: data.train: {train_info.num_rows} rows, "
@@ -109,6 +114,7 @@ def _train(
     except BaseException:
         shown.close()
         lock.discard()  # a new run that never started leaves nothing; an older one is kept
+        close_log(ray_log)
         raise
 
     def close(summary: dict[str, Any], metrics: dict[str, Any]) -> str:
@@ -123,10 +129,16 @@ def _train(
         return _run(config, lock, fit, shown=shown, close=close)
     finally:
         stop_file.remove()
+        close_log(ray_log)
 
 
 def follow(
-    config: Config, directory: str | Path, *, idle_timeout: float, address: str | None = None
+    config: Config,
+    directory: str | Path,
+    *,
+    idle_timeout: float,
+    address: str | None = None,
+    verbose: bool = False,
 ) -> Result:
     """Train on each parquet file as it lands in `directory` until `idle_timeout` seconds pass
     without one, or SIGINT; return the run's summary (also written to summary.json).
@@ -137,6 +149,7 @@ def follow(
     config, shape, val_info, location = prepare_follow(config, directory, idle_timeout)
     lock = lock_run(run_dir)
     shown = progress.Watch(run_dir / "metrics.csv", None)
+    ray_log = None if verbose else RayLog(run_dir, say=shown.say)
     try:
         claim_run(run_dir, config)  # a resumed run must fit its checkpoints
         shown.phase("starting Ray")
@@ -145,7 +158,7 @@ def follow(
         from raymb.worker.spec import FollowSpec
         from raymb.worker.worker import STOP_FILE
 
-        cpus = connect(config, address)
+        cpus = connect(config, address, ray_log=ray_log)
         stop_file = run_dir / STOP_FILE
         stop_file.remove()  # left by an earlier run
         if val_info:
@@ -164,6 +177,7 @@ def follow(
     except BaseException:
         shown.close()
         lock.discard()  # a new run that never started leaves nothing; an older one is kept
+        close_log(ray_log)
         lock.release()
         raise
 
@@ -178,6 +192,7 @@ def follow(
         return _run(config, lock, fit, shown=shown, close=close)
     finally:
         stop_file.remove()
+        close_log(ray_log)
         lock.release()  # on failure and Ctrl-C too
 
 
