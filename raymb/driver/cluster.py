@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -198,9 +199,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 checkpoint, the next abandons."""
 
 
-def fit_until_stopped(trainer, stop_file: Location, *, stops: str):
+def fit_until_stopped(
+    trainer, stop_file: Location, *, stops: str, say: Callable[[str], None] | None = None
+):
     """fit(); the first SIGINT or SIGTERM writes `stop_file`, asking the workers to checkpoint
-    and return (`stops` says when, for the line that tells the user).
+    and return (`stops` says when, for the line that tells the user; `say` prints it, by
+    default on stderr).
 
     fit() runs in a thread: on the main thread Ray Train installs its own SIGINT handler,
     which aborts the workers at once. A second signal raises KeyboardInterrupt here at once
@@ -223,11 +227,11 @@ def fit_until_stopped(trainer, stop_file: Location, *, stops: str):
         if signals > 1:
             raise KeyboardInterrupt
         stop_file.write_bytes(b"")
-        print(
-            f"raymb: stopping {stops}, then checkpointing (Ctrl-C again to abandon it)",
-            file=sys.stderr,
-            flush=True,
-        )
+        line = f"raymb: stopping {stops}, then checkpointing (Ctrl-C again to abandon it)"
+        if say is not None:
+            say(line)  # above the progress bar, not into it
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     thread = threading.Thread(target=run, name="raymb-fit", daemon=True)
     previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}

@@ -125,7 +125,9 @@ def _train(
         return "stopped" if stopped else "finished"
 
     try:
-        fit = lambda: fit_until_stopped(trainer, stop_file, stops="at the next step")  # noqa: E731
+        fit = lambda: fit_until_stopped(  # noqa: E731
+            trainer, stop_file, stops="at the next step", say=shown.say
+        )
         return _run(config, lock, fit, shown=shown, close=close)
     finally:
         stop_file.remove()
@@ -188,7 +190,9 @@ def follow(
         return "stopped" if stopped else "finished"
 
     try:
-        fit = lambda: fit_until_stopped(trainer, stop_file, stops="after the file in hand")  # noqa: E731
+        fit = lambda: fit_until_stopped(  # noqa: E731
+            trainer, stop_file, stops="after the file in hand", say=shown.say
+        )
         return _run(config, lock, fit, shown=shown, close=close)
     finally:
         stop_file.remove()
