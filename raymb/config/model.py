@@ -53,6 +53,9 @@ class MlpModel:
     name: Literal["mlp"] = "mlp"
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     """Hidden layer widths."""
+    dropout: Fraction = 0.0
+    """Dropout rate after each hidden ReLU; each row's mask is drawn from (train.seed, the
+    layer, the epoch, the row), so W workers x k microbatches still equal one process."""
     num_classes: Classes | None = None
     """Classes of a classifier; unset: max label + 1."""
     init: Init = "default"
@@ -75,6 +78,9 @@ class CnnModel:
     norm: Literal["batch", "group"] = "batch"
     """BatchNorm (statistics depend on how a step is cut into microbatches: the equivalence
     contract does not hold) or GroupNorm (exact)."""
+    dropout: Fraction = 0.0
+    """Dropout rate after each residual stage; each row's mask is drawn from (train.seed, the
+    stage, the epoch, the row), so W workers x k microbatches still equal one process."""
     num_classes: Classes | None = None
     """Classes of a classifier; unset: max label + 1."""
     init: Init = "default"
@@ -101,7 +107,9 @@ class GptModel:
     block_size: PositiveInt | None = None
     """Longest context (positions); unset: the data's block (tokens per row - 1)."""
     dropout: Fraction = 0.0
-    """Dropout rate (0 keeps the equivalence contract exact)."""
+    """Dropout rate of the embeddings, the attention weights and both residual branches; each
+    row's mask is drawn from (train.seed, the layer, the epoch, the row), so W workers x k
+    microbatches still equal one process."""
     num_classes: Classes | None = None
     """The vocabulary (the output width); unset: the prepared folder's vocab_size, else the
     largest token id + 1."""

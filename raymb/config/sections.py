@@ -66,6 +66,38 @@ class StorageSection:
         require(url is None or "://" in url, "storage.endpoint_url", what, url)
 
 
+@section("data.augment")
+class AugmentSection:
+    """Augmentation of the training rows, in the collate on each worker. Each row's draws come
+    from (train.seed, the epoch, the row's place in the epoch's order), so W workers x k
+    microbatches still equal one process, and a resumed run the straight one. Validation,
+    raymb eval and predict never augment."""
+
+    hflip: Annotated[float, Interval(ge=0, le=1)] = 0.0
+    """Images: the probability of flipping a row left to right."""
+    crop_padding: NonNegativeInt = 0
+    """Images: pad each side by this many pixels (data.augment.padding_mode), then crop a
+    window of the original size at a random offset."""
+    padding_mode: Literal["reflect", "zero"] = "reflect"
+    """How crop_padding pads: reflect (the image mirrored at its edges; the padding must be
+    smaller than the image) or zero (black)."""
+    rotate_degrees: Annotated[float, Interval(ge=0, le=180)] = 0.0
+    """Images: rotate by an angle drawn uniformly from [-rotate_degrees, rotate_degrees]
+    (bilinear, the corners filled with 0)."""
+    noise_std: NonNegativeFloat = 0.0
+    """Add Gaussian noise of this standard deviation to every feature value, in the model's
+    input units (after data.scale, data.mean and data.std): flat features or images."""
+
+    @property
+    def geometric(self) -> bool:
+        """Whether an image transform (hflip, crop, rotation) is on."""
+        return self.hflip > 0 or self.crop_padding > 0 or self.rotate_degrees > 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.geometric or self.noise_std > 0
+
+
 @section("data")
 class DataSection:
     """The training and validation data (parquet) and how it is read."""
@@ -99,6 +131,7 @@ class DataSection:
     """Per-channel mean subtracted after data.scale (channels first), with data.std."""
     std: list[float] | None = None
     """Per-channel standard deviation divided by after data.mean."""
+    augment: AugmentSection = field(default_factory=AugmentSection)
 
     @property
     def label_column(self) -> str | None:

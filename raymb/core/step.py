@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raymb.core import rng
 from raymb.core.loss import summed_loss
 from raymb.core.optim import l1_step
 from raymb.core.sync import Sync
@@ -110,12 +111,16 @@ def accumulate(
     bf16: bool = False,
 ) -> torch.Tensor:
     """Forward and backward of every microbatch, each loss's gradient divided by `divisor`
-    (the gradients accumulate); returns their summed loss, detached."""
+    (the gradients accumulate); returns their summed loss, detached. The row keys the loop
+    set for the step's rows (raymb.core.rng) are narrowed to each microbatch's, so a row's
+    dropout mask does not depend on the microbatch it falls in."""
     total = None
     last = len(microbatches) - 1
     scale = _scale(divisor, microbatches[0][0].device)
+    start = 0
     for i, (x, y) in enumerate(microbatches):
-        with sync.microbatch(model, last=i == last):
+        with sync.microbatch(model, last=i == last), rng.microbatch(start, len(x)):
+            start += len(x)
             if bf16:
                 with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
                     loss = summed_loss(model(x), y, classify).float()

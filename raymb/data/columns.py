@@ -19,12 +19,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from raymb.errors import ConfigError
+
 _RAY_TENSOR = b"ray.data.arrow_tensor"  # ray.data.arrow_tensor and ..._v2 (fixed shapes)
 _RAY_RAGGED = b"ray.data.arrow_variable_shaped_tensor"
 _EXT_NAME, _EXT_META = b"ARROW:extension:name", b"ARROW:extension:metadata"
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the checks before a
     import torch  # run (raymb.data.checks) read only Arrow
+
+    from raymb.core.rng import RowKeys
+    from raymb.data.augment import Augment
 
 
 class ShapeError(ValueError):
@@ -144,10 +149,17 @@ class Inputs:
     def in_features(self) -> int:
         return math.prod(self.shape)
 
-    def collate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        augment: Augment | None = None,
+        keys: RowKeys | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored values (already on the device) to the model's input and target; training
+        rows with data.augment's transforms, drawn from their `keys` (raymb.data.augment)."""
         import torch
 
-        """Stored values (already on the device) to the model's input and target."""
         if self.task == "lm":
             tokens = x.long()
             return tokens[:, :-1], tokens[:, 1:]
@@ -155,16 +167,22 @@ class Inputs:
             x = x.float()
         if self.scale is not None:
             x = x * self.scale
+        if augment is not None:
+            x = augment.images(x, keys)  # before mean/std: zero padding is black
         if self.mean is not None:
             view = (1, -1) + (1,) * (x.dim() - 2)  # per channel: dim 1, channels first
             mean = torch.tensor(self.mean, device=x.device).view(view)
             std = torch.tensor(self.std, device=x.device).view(view)
             x = (x - mean) / std
+        if augment is not None:
+            x = augment.noise(x, keys)
         return x, y
 
     @classmethod
     def of(cls, data, task: str, shape: tuple[int, ...]) -> Inputs:
-        """A run's inputs: its resolved task, the rows' shape, data.scale/mean/std."""
+        """A run's inputs: its resolved task, the rows' shape, data.scale/mean/std; a
+        data.augment the rows cannot take is a ConfigError."""
+        check_augment(data.augment, task, shape)
         return cls(
             task=task,
             shape=shape,
@@ -190,6 +208,33 @@ class Inputs:
             scale=d.get("scale"),
             mean=None if d.get("mean") is None else tuple(d["mean"]),
             std=None if d.get("std") is None else tuple(d["std"]),
+        )
+
+
+def check_augment(augment, task: str, shape: tuple[int, ...]) -> None:
+    """data.augment against the rows (a ConfigError naming the key): image transforms need
+    image rows [C, H, W], reflect padding a smaller padding than the image, and no key
+    applies to token blocks."""
+    keys = ("hflip", "crop_padding", "rotate_degrees", "noise_std")
+    on = [k for k in keys if getattr(augment, k)]
+    if not on:
+        return
+    if task == "lm":
+        raise ConfigError(
+            f'data.augment.{on[0]} does not apply to token blocks (data.task = "lm"): unset it'
+        )
+    images = [k for k in on if k != "noise_std"]
+    if images and len(shape) != 3:
+        raise ConfigError(
+            f"data.augment.{images[0]} needs image rows [C, H, W], but the rows have shape "
+            f"{list(shape)}: unset it (data.augment.noise_std is the one for flat features)"
+        )
+    P = augment.crop_padding
+    if P and augment.padding_mode == "reflect" and P >= min(shape[1:]):
+        raise ConfigError(
+            f'data.augment.crop_padding={P} with padding_mode = "reflect" must be smaller '
+            f"than the images' {shape[1]}x{shape[2]} pixels: lower it or use padding_mode = "
+            '"zero"'
         )
 
 

@@ -3,7 +3,8 @@
 A stem (3x3 conv to widths[0]), then one residual stage per entry of `model.widths`: two
 3x3 convolutions, each followed by a norm, with a skip connection around them; every stage
 after the first halves the image (stride 2) and projects its skip with a 1x1 convolution.
-Global average pooling and a linear head end it, so any image size works.
+Global average pooling and a linear head end it, so any image size works. `model.dropout`
+follows each stage (raymb.models.dropout: a row's mask, any W).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.nn import functional as F
 
 from raymb.config import CnnModel
 from raymb.errors import ConfigError
+from raymb.models.dropout import RowDropout
 
 GROUPS = 8
 """GroupNorm has gcd(8, channels) groups, which always divide the channels: 8 for multiples
@@ -28,7 +30,7 @@ def build(section: CnnModel, shape: tuple[int, ...], out_features: int) -> nn.Mo
             f"model.name 'cnn' needs image rows of shape [C, H, W], got rows of shape "
             f"{list(shape)}: use a tensor column of images, or model.name = 'mlp'"
         )
-    return ResNet(shape[0], list(section.widths), out_features, section.norm)
+    return ResNet(shape[0], list(section.widths), out_features, section.norm, section.dropout)
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -39,10 +41,13 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
 
 
 class Residual(nn.Module):
-    """conv-norm-ReLU, conv-norm, plus the skip, then ReLU."""
+    """conv-norm-ReLU, conv-norm, plus the skip, then ReLU (then dropout, if any)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, norm: str) -> None:
+    def __init__(
+        self, cin: int, cout: int, stride: int, norm: str, dropout: float = 0.0, stream: int = 0
+    ) -> None:
         super().__init__()
+        self.drop = RowDropout(dropout, stream)  # no parameters: no checkpoint keys
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.norm1 = norm_layer(norm, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
@@ -56,11 +61,13 @@ class Residual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(y))
-        return F.relu(y + self.skip(x))
+        return self.drop(F.relu(y + self.skip(x)))
 
 
 class ResNet(nn.Module):
-    def __init__(self, channels: int, widths: list[int], out_features: int, norm: str) -> None:
+    def __init__(
+        self, channels: int, widths: list[int], out_features: int, norm: str, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(channels, widths[0], 3, padding=1, bias=False),
@@ -69,7 +76,7 @@ class ResNet(nn.Module):
         )
         stages, cin = [], widths[0]
         for i, cout in enumerate(widths):
-            stages.append(Residual(cin, cout, 1 if i == 0 else 2, norm))
+            stages.append(Residual(cin, cout, 1 if i == 0 else 2, norm, dropout, stream=i + 1))
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.head = nn.Linear(widths[-1], out_features)

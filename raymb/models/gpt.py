@@ -5,6 +5,11 @@ self-attention through scaled_dot_product_attention, then a 4x-wide GELU MLP, ea
 the residual stream), a final LayerNorm and a head tied to the token embedding. GPT-2's
 initialisation: weights N(0, 0.02), the projections into the residual stream scaled by
 1/sqrt(2 depth) so its variance does not grow with depth.
+
+`model.dropout` (raymb.models.dropout: each row's mask, the same under any W and k) drops the
+embeddings' sum, the attention weights and the two residual branches. With attention dropout
+in training the attention is computed explicitly (scaled_dot_product_attention draws its own
+mask); in eval, or at rate 0, it is scaled_dot_product_attention's fused kernel.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from raymb.config import GptModel
+from raymb.core import rng
 from raymb.errors import ConfigError
+from raymb.models.dropout import RowDropout
 
 
 def build(section: GptModel, shape: tuple[int, ...], vocab: int) -> nn.Module:
@@ -44,32 +51,39 @@ def build(section: GptModel, shape: tuple[int, ...], vocab: int) -> nn.Module:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float) -> None:
+    def __init__(self, width: int, heads: int, dropout: float, stream: int) -> None:
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
-        self.drop = nn.Dropout(dropout)
+        self.attn_drop = RowDropout(dropout, stream)
+        self.drop = RowDropout(dropout, stream + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, heads, T, C / heads)
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        if self.training and self.dropout > 0 and rng.current() is not None:
+            # The row-keyed mask on the weights, which the fused kernel cannot take.
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu_(1)
+            weights = self.attn_drop(scores.masked_fill(future, float("-inf")).softmax(dim=-1))
+            y = weights @ v
+        else:  # eval, rate 0, or outside raymb's loop (the kernel's own dropout)
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float) -> None:
+    def __init__(self, width: int, heads: int, dropout: float, stream: int) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(width)
-        self.attn = SelfAttention(width, heads, dropout)
+        self.attn = SelfAttention(width, heads, dropout, stream)
         self.ln2 = nn.LayerNorm(width)
         self.fc = nn.Linear(width, 4 * width)
         self.proj = nn.Linear(4 * width, width)
-        self.drop = nn.Dropout(dropout)
+        self.drop = RowDropout(dropout, stream + 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -84,8 +98,10 @@ class GPT(nn.Module):
         self.block_size = block_size
         self.tokens = nn.Embedding(vocab, width)
         self.positions = nn.Embedding(block_size, width)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(depth))
+        self.drop = RowDropout(dropout, stream=1)
+        # Streams: 1 the embeddings; block i: 2 + 3i the attention weights, then its two
+        # residual branches.
+        self.blocks = nn.ModuleList(Block(width, heads, dropout, 2 + 3 * i) for i in range(depth))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab, bias=False)
         self.head.weight = self.tokens.weight  # tied: one matrix, one gradient

@@ -1,4 +1,5 @@
-"""linear and mlp: dense layers on flat features (an image row is flattened first)."""
+"""linear and mlp: dense layers on flat features (an image row is flattened first); the mlp's
+`model.dropout` follows each hidden ReLU (raymb.models.dropout: a row's mask, any W)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from torch import nn
 
 from raymb.config import LinearModel, MlpModel
+from raymb.models.dropout import RowDropout
 
 
 def build(section: LinearModel | MlpModel, shape: tuple[int, ...], out_features: int) -> nn.Module:
@@ -15,8 +17,10 @@ def build(section: LinearModel | MlpModel, shape: tuple[int, ...], out_features:
     layers: list[nn.Module] = []
     width = in_features
     if section.name == "mlp":
-        for hidden in section.hidden:
+        for i, hidden in enumerate(section.hidden):
             layers += [nn.Linear(width, hidden), nn.ReLU()]
+            if section.dropout > 0:  # only then: the checkpoint keys stay as they were
+                layers.append(RowDropout(section.dropout, stream=i + 1))
             width = hidden
     layers.append(nn.Linear(width, out_features))
     if len(shape) > 1:

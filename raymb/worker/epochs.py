@@ -1,11 +1,12 @@
 """The per-worker training loop: what each worker runs, top to bottom.
 
-next step's rows (raymb.worker.feed) -> train_step -> a metrics entry; when a checkpoint is due
-(checkpoint.every_steps, an epoch's end at least checkpoint.min_interval_s after the last,
-the end): validate, then report with the checkpoint. Every rank checkpoints and gathers
-metrics at the same steps: the session's report and the gathers are collectives. When the
-driver asks to stop (Ctrl-C, SIGTERM: <run dir>/STOP), the workers learn it at a gather and
-make the next step a checkpoint, then return.
+next step's rows (raymb.worker.feed) -> the collate (data.augment) -> train_step, under the
+rows' keys (raymb.core.rng: what dropout and augmentation draw from) -> a metrics entry; when a
+checkpoint is due (checkpoint.every_steps, an epoch's end at least checkpoint.min_interval_s
+after the last, the end): validate, then report with the checkpoint. Every rank checkpoints
+and gathers metrics at the same steps: the session's report and the gathers are collectives.
+When the driver asks to stop (Ctrl-C, SIGTERM: <run dir>/STOP), the workers learn it at a
+gather and make the next step a checkpoint, then return.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ import signal
 import time
 from pathlib import Path
 
+import torch
+
 from raymb.config import Config
+from raymb.core.order import rank_rows
 from raymb.core.plan import Plan
+from raymb.core.rng import RowKeys, row_keys
+from raymb.data.augment import Augment
 from raymb.data.columns import Inputs
 from raymb.rundir.storage import Location
 from raymb.worker.feed import train_source, val_batches
@@ -60,21 +66,24 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
     source = train_source(spec.train, fetch, features, label, plan, rank, world)
 
     m = plan.microbatch
+    seed, augment = config.train.seed, Augment.of(config.data.augment)
     while not _finished(progress, plan):
         steps = source.steps(progress.epoch, progress.step_in_epoch)
         while progress.step_in_epoch < plan.steps_per_epoch and not _finished(progress, plan):
             waited = time.perf_counter()
             x, y = next(steps)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x, y = inputs.collate(x, y)
+            s = progress.step_in_epoch
+            keys = RowKeys(seed, progress.epoch, row_ids(plan, s, rank, device))
+            x, y = inputs.collate(x, y, augment, keys)
             # A worker without a row in a short last step still takes part (an empty batch):
             # the gradient all-reduce needs every worker's backward.
             microbatches = [(x[i : i + m], y[i : i + m]) for i in range(0, len(y), m)] or [(x, y)]
             faults.before_step(progress.step + 1, rank, microbatches)
             wait_s = time.perf_counter() - waited
-            s = progress.step_in_epoch
             rows = plan.rows_in_step(s, rank)
-            loss, taken, step_s = worker.step(microbatches, rows, uneven=not plan.even(s))
+            with row_keys(keys):  # dropout's masks: the step narrows them per microbatch
+                loss, taken, step_s = worker.step(microbatches, rows, uneven=not plan.even(s))
             progress.step_in_epoch += 1
 
             epoch_end = progress.step_in_epoch == plan.steps_per_epoch
@@ -128,6 +137,16 @@ class Faults:
             return True
         except FileExistsError:
             return False
+
+
+def row_ids(plan: Plan, step_in_epoch: int, rank: int, device) -> torch.Tensor:
+    """The ids the row-keyed draws (dropout, data.augment) know worker `rank`'s rows of a step
+    by: their places in the epoch's order, in the order the source yields them (both sources
+    take the rank's slice of the step's part of the order: raymb.core.order). A row's id,
+    and so its draws, never depend on W, k or a resume."""
+    first, rows = step_in_epoch * plan.step_total, plan.step_rows(step_in_epoch)
+    part = rank_rows(first, rows, plan.workers, rank)
+    return torch.arange(part.start, part.stop, device=device)
 
 
 def _finished(progress: Progress, plan: Plan) -> bool:

@@ -191,7 +191,8 @@ GOT = [
     ),
     (
         ("model.name=mlp", "model.depth=3"),
-        "model.depth is not a key of model.name = 'mlp' (its keys: hidden, num_classes, init)",
+        "model.depth is not a key of model.name = 'mlp' (its keys: hidden, dropout, num_classes, "
+        "init)",
     ),
     (
         "model.widths=[8]",

@@ -32,8 +32,8 @@ from raymb.rundir.checkpoint import atomic_save, claim_run, load_model
 # Each family's keys, written out independently of the classes.
 KEYS = {
     "linear": ["name", "num_classes", "init"],
-    "mlp": ["name", "hidden", "num_classes", "init"],
-    "cnn": ["name", "widths", "norm", "num_classes", "init"],
+    "mlp": ["name", "hidden", "dropout", "num_classes", "init"],
+    "cnn": ["name", "widths", "norm", "dropout", "num_classes", "init"],
     "gpt": ["name", "depth", "width", "heads", "block_size", "dropout", "num_classes", "init"],
     "my.models:make": ["name", "num_classes"],
 }
@@ -78,8 +78,8 @@ def test_each_family_holds_its_own_keys(name: str) -> None:
     ("name", "key", "keys"),
     [
         ("linear", "hidden=[8]", "num_classes, init"),
-        ("mlp", "depth=3", "hidden, num_classes, init"),
-        ("cnn", "heads=2", "widths, norm, num_classes, init"),
+        ("mlp", "depth=3", "hidden, dropout, num_classes, init"),
+        ("cnn", "heads=2", "widths, norm, dropout, num_classes, init"),
         ("gpt", "widths=[8]", "depth, width, heads, block_size, dropout, num_classes, init"),
         ("my.models:make", "norm='group'", "num_classes"),
     ],

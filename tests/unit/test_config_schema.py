@@ -144,7 +144,8 @@ REFUSED = [
     pytest.param(
         '[model]\nname = "mlp"\ndepth = 3\n',
         "('depth' was unexpected)",
-        "model.depth is not a key of model.name = 'mlp' (its keys: hidden, num_classes, init)",
+        "model.depth is not a key of model.name = 'mlp' (its keys: hidden, dropout, "
+        "num_classes, init)",
         id="another-familys-key",
     ),
     pytest.param(
