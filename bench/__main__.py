@@ -19,10 +19,21 @@ BENCHMARKS = {
     "startup": "`raymb train` to its first step vs a minimal TorchTrainer script",
     "microbatch": "the same global batch with k = 1, 4, 16 microbatches: samples/s, memory",
     "strategies": "train.sync grad vs param (H=1,4,16) vs diloco (H=16,64): loss, bytes, time",
+    "rng": "row-keyed draws: ms per million; dropout and data.augment against none in a step",
 }
 # startup and epochs start Ray in subprocesses, so they run first, before `all` holds a
 # session.
-ORDER = ("loop", "models", "startup", "epochs", "ingest", "scaling", "microbatch", "strategies")
+ORDER = (
+    "loop",
+    "models",
+    "rng",
+    "startup",
+    "epochs",
+    "ingest",
+    "scaling",
+    "microbatch",
+    "strategies",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ def test_help_lists_every_benchmark():
         "startup",
         "microbatch",
         "strategies",
+        "rng",
         "all",
     ):
         assert name in proc.stdout
@@ -82,6 +83,22 @@ def test_models(tmp_path):
         assert _positive(row["ratio"]) and _positive(row["peak_rss_mb"])
         assert row["max_param_diff"] < 1e-4  # the same math on the same batches
     assert len(payload["targets"]) == 2
+
+
+def test_rng(tmp_path):
+    payload = _run("rng", tmp_path)
+    draws = [r for r in payload["rows"] if "ms_per_million" in r]
+    assert {r["what"] for r in draws} == {"uniform", "dropout mask", "normal"}
+    assert all(_positive(r["ms_per_million"]) for r in draws)
+    steps = [r for r in payload["rows"] if "cost" in r]
+    assert [r["what"].split(",")[0] for r in steps] == [
+        "gpt step",
+        "cnn step",
+        "cnn collate + step",
+    ]
+    for row in steps:
+        assert _positive(row["without_ms"]) and _positive(row["with_ms"])
+    assert len(payload["targets"]) == 1
 
 
 @pytest.mark.ray
