@@ -114,7 +114,8 @@ def run_train(args: argparse.Namespace) -> int:
         from raymb.driver.run import train
 
         result = train(config, address=args.address, verbose=args.verbose)
-    print("raymb: done")
+    if result.status != "stopped":  # a stopped run has said where it stopped
+        print("raymb: done")
     print(format_summary(result.summary, result.run_dir))
     if config.model.name == "linear" and result.summary["checkpoint"]:
         _print_linear(result.summary["checkpoint"])

@@ -263,8 +263,9 @@ class TrainSection:
     that step on every worker and count it."""
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     log_every: PositiveInt = 10
-    """A row of metrics.csv every this many steps (rows are gathered and written about once a
-    second, so 1 costs little)."""
+    """A row of metrics.csv every this many steps, its train_loss the mean over those steps
+    (rows are gathered and written about once a second, so 1 costs little); summary.json's
+    train_loss is the mean over the last log_every steps (or the last epoch's, if fewer)."""
 
     def __post_init__(self) -> None:
         G, m = self.global_batch_size, self.microbatch_size

@@ -46,6 +46,8 @@ class Result:
 
     run_dir: Location
     summary: dict[str, Any]
+    status: str = "finished"
+    """As status.json says: finished, stopped early, or stopped (by Ctrl-C or SIGTERM)."""
 
     @property
     def checkpoint(self) -> str | None:
@@ -76,9 +78,11 @@ def _train(
     """The run, once its directory is held."""
     run_dir = lock.run_dir
     shown = progress.Watch(run_dir / "metrics.csv", plan.total_steps)
-    ray_log = None if verbose else RayLog(run_dir, say=shown.say)
+    ray_log = None
     try:
         claim_run(run_dir, config)  # a resumed run must fit its checkpoints
+        # The log starts once the run is ours: a refused resume leaves its directory as it was.
+        ray_log = None if verbose else RayLog(run_dir, say=shown.say)
         shown.phase("starting Ray")
         from raymb.driver.cluster import (
             connect,
@@ -151,9 +155,11 @@ def follow(
     config, shape, val_info, location = prepare_follow(config, directory, idle_timeout)
     lock = lock_run(run_dir)
     shown = progress.Watch(run_dir / "metrics.csv", None)
-    ray_log = None if verbose else RayLog(run_dir, say=shown.say)
+    ray_log = None
     try:
         claim_run(run_dir, config)  # a resumed run must fit its checkpoints
+        # The log starts once the run is ours: a refused resume leaves its directory as it was.
+        ray_log = None if verbose else RayLog(run_dir, say=shown.say)
         shown.phase("starting Ray")
         from raymb.driver.cluster import connect, data_spec, fit_until_stopped, make_trainer
         from raymb.worker.follow import follow_loop
@@ -245,7 +251,7 @@ def _run(
             "run the same command to resume",
             flush=True,
         )
-    return Result(run_dir=run_dir, summary=summary)
+    return Result(run_dir=run_dir, summary=summary, status=status)
 
 
 def _starting(config: Config) -> str:

@@ -548,9 +548,10 @@ def test_train_follow_calls_online_follow_and_prints_the_table(
         "bytes_allreduced": 0,
     }
 
-    def follow(config, directory, *, idle_timeout, address):
+    def follow(config, directory, *, idle_timeout, address, verbose):
         calls.append((config.run.name, directory, idle_timeout, address))
-        return types.SimpleNamespace(run_dir=tmp_path / "runs" / "live", summary=summary)
+        live = tmp_path / "runs" / "live"
+        return types.SimpleNamespace(run_dir=live, summary=summary, status="finished")
 
     monkeypatch.setitem(sys.modules, "raymb.driver.run", types.SimpleNamespace(follow=follow))
     code, out, err = run_cli(
