@@ -272,6 +272,10 @@ def temp_sibling(path: Path, *, folder: bool = False) -> Path:
 def _reason(e: BaseException) -> str:
     """The useful part of an Arrow/AWS error, on one line."""
     text = " ".join(str(e).split()) or type(e).__name__
+    if "To create buckets, enable the allow_bucket_creation option" in text:
+        # pyarrow's own hint names its option, not raymb's: say what the store said.
+        bucket = text.split("Bucket '", 1)[-1].split("'", 1)[0]
+        return f"AWS Error NO_SUCH_BUCKET: the bucket {bucket!r} does not exist (create it first)"
     for marker in ("AWS Error ", "curlCode"):
         if marker in text:
             text = text[text.index(marker) :]
