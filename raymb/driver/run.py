@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from raymb.config import Config
 from raymb.data.checks import describe_shape
@@ -33,10 +33,6 @@ from raymb.rundir.lock import RunLock, lock_run
 from raymb.rundir.runs import latest_checkpoint, mark
 from raymb.rundir.storage import Location
 from raymb.rundir.tracking import Tracker
-
-if TYPE_CHECKING:
-    from raymb.core.plan import Plan
-    from raymb.data.checks import DatasetInfo
 
 
 @dataclass(frozen=True)
@@ -59,44 +55,13 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
     Ray's own lines go to <run dir>/logs/ray.log; `verbose` shows them on the terminal."""
     run_dir = check_run_dir(config)  # before the data checks: no torch needed
     plan, train_info, val_info = prepare(config)
-    lock = lock_run(run_dir)
-    try:
-        return _train(config, address, lock, plan, train_info, val_info, verbose)
-    finally:
-        lock.release()  # on failure and Ctrl-C too
-
-
-def _train(
-    config: Config,
-    address: str | None,
-    lock: RunLock,
-    plan: Plan,
-    train_info: DatasetInfo,
-    val_info: DatasetInfo | None,
-    verbose: bool,
-) -> Result:
-    """The run, once its directory is held."""
-    run_dir = lock.run_dir
     shown = progress.Watch(run_dir / "metrics.csv", plan.total_steps)
-    ray_log = None
-    try:
-        claim_run(run_dir, config)  # a resumed run must fit its checkpoints
-        # The log starts once the run is ours: a refused resume leaves its directory as it was.
-        ray_log = None if verbose else RayLog(run_dir, say=shown.say)
-        shown.phase("starting Ray")
-        from raymb.driver.cluster import (
-            connect,
-            data_spec,
-            fit_until_stopped,
-            make_trainer,
-            use_cache,
-        )
+
+    def start(stop_file: Location) -> tuple[Callable, Any]:
+        from raymb.driver.cluster import data_spec, use_cache
         from raymb.worker.epochs import train_loop
         from raymb.worker.spec import EpochsSpec
-        from raymb.worker.worker import STOP_FILE
 
-        # Ray from here on, not before the last refusal
-        cpus = connect(config, address, ray_log=ray_log)
         cached = use_cache(config, [train_info, val_info])
         shown.say(
             f"raymb: data.train: {train_info.num_rows} rows, "
@@ -104,8 +69,6 @@ def _train(
         )
         if cached:
             shown.phase("reading data")  # into Ray's object store, here on the driver
-        stop_file = run_dir / STOP_FILE
-        stop_file.remove()  # left by an earlier run
         spec = EpochsSpec(
             config=config,
             plan=plan,
@@ -114,28 +77,17 @@ def _train(
             val=data_spec(val_info, config, cached, "data.val") if val_info else None,
             tokenizer=tokenizer_spec(config),
         )
-        trainer = make_trainer(config, train_loop, {"spec": spec}, cpus, run_dir)
-    except BaseException:
-        shown.close()
-        lock.discard()  # a new run that never started leaves nothing; an older one is kept
-        close_log(ray_log)
-        raise
+        return train_loop, spec
 
-    def close(summary: dict[str, Any], metrics: dict[str, Any]) -> str:
+    def close(summary: dict[str, Any], metrics: dict[str, Any], stop_asked: bool) -> str:
         if summary["stopped_early"]:
             return "stopped early"
         # A stop asked for as the last step ended changes nothing: the run finished.
-        stopped = summary["steps"] < plan.total_steps and stop_file.exists()
-        return "stopped" if stopped else "finished"
+        return "stopped" if stop_asked and summary["steps"] < plan.total_steps else "finished"
 
-    try:
-        fit = lambda: fit_until_stopped(  # noqa: E731
-            trainer, stop_file, stops="at the next step", say=shown.say
-        )
-        return _run(config, lock, fit, shown=shown, close=close)
-    finally:
-        stop_file.remove()
-        close_log(ray_log)
+    return _launch(
+        config, run_dir, address, verbose, shown, start, stops="at the next step", close=close
+    )
 
 
 def follow(
@@ -153,22 +105,13 @@ def follow(
     """
     run_dir = check_run_dir(config)  # a second driver is refused before waiting for a file
     config, shape, val_info, location = prepare_follow(config, directory, idle_timeout)
-    lock = lock_run(run_dir)
     shown = progress.Watch(run_dir / "metrics.csv", None)
-    ray_log = None
-    try:
-        claim_run(run_dir, config)  # a resumed run must fit its checkpoints
-        # The log starts once the run is ours: a refused resume leaves its directory as it was.
-        ray_log = None if verbose else RayLog(run_dir, say=shown.say)
-        shown.phase("starting Ray")
-        from raymb.driver.cluster import connect, data_spec, fit_until_stopped, make_trainer
+
+    def start(stop_file: Location) -> tuple[Callable, Any]:
+        from raymb.driver.cluster import data_spec
         from raymb.worker.follow import follow_loop
         from raymb.worker.spec import FollowSpec
-        from raymb.worker.worker import STOP_FILE
 
-        cpus = connect(config, address, ray_log=ray_log)
-        stop_file = run_dir / STOP_FILE
-        stop_file.remove()  # left by an earlier run
         if val_info:
             shown.phase("reading data")
         spec = FollowSpec(
@@ -181,28 +124,66 @@ def follow(
             poll_s=min(0.5, max(0.05, idle_timeout / 10)),
             stop_file=stop_file,
         )
-        trainer = make_trainer(config, follow_loop, {"spec": spec}, cpus, run_dir)
-    except BaseException:
-        shown.close()
-        lock.discard()  # a new run that never started leaves nothing; an older one is kept
-        close_log(ray_log)
-        lock.release()
-        raise
+        return follow_loop, spec
 
-    def close(summary: dict[str, Any], metrics: dict[str, Any]) -> str:
-        stopped = stop_file.exists()
+    def close(summary: dict[str, Any], metrics: dict[str, Any], stop_asked: bool) -> str:
         summary["files_consumed"] = metrics.get("epoch", 0)  # the epochs of --follow are files
-        summary["stop_reason"] = "interrupted" if stopped else "idle"
-        return "stopped" if stopped else "finished"
+        summary["stop_reason"] = "interrupted" if stop_asked else "idle"
+        return "stopped" if stop_asked else "finished"
 
+    return _launch(
+        config, run_dir, address, verbose, shown, start, stops="after the file in hand", close=close
+    )
+
+
+def _launch(
+    config: Config,
+    run_dir: Location,
+    address: str | None,
+    verbose: bool,
+    shown: progress.Watch,
+    start: Callable[[Location], tuple[Callable, Any]],
+    *,
+    stops: str,
+    close: Callable[[dict[str, Any], dict[str, Any], bool], str],
+) -> Result:
+    """What train and follow share once their checks passed: hold the run directory, start
+    or join Ray, build the trainer from `start(stop_file)` (the loop and its spec), and run it.
+    A failure before training leaves a new run's directory as it was not (the lock discards
+    it); the lock is released at the end, on failure and Ctrl-C too. `close` gets whether a
+    stop was asked for (the first Ctrl-C or SIGTERM) and returns the status to mark."""
+    lock = lock_run(run_dir)
     try:
-        fit = lambda: fit_until_stopped(  # noqa: E731
-            trainer, stop_file, stops="after the file in hand", say=shown.say
-        )
-        return _run(config, lock, fit, shown=shown, close=close)
+        ray_log = None
+        try:
+            claim_run(run_dir, config)  # a resumed run must fit its checkpoints
+            # The log starts once the run is ours: a refused resume leaves its directory as is.
+            ray_log = None if verbose else RayLog(run_dir, say=shown.say)
+            shown.phase("starting Ray")
+            from raymb.driver.cluster import connect, fit_until_stopped, make_trainer
+            from raymb.worker.worker import STOP_FILE
+
+            # Ray from here on, not before the last refusal
+            cpus = connect(config, address, ray_log=ray_log)
+            stop_file = run_dir / STOP_FILE
+            stop_file.remove()  # left by an earlier run
+            loop, spec = start(stop_file)
+            trainer = make_trainer(config, loop, {"spec": spec}, cpus, run_dir)
+        except BaseException:
+            shown.close()
+            lock.discard()  # a new run that never started leaves nothing; an older one is kept
+            close_log(ray_log)
+            raise
+        try:
+            fit = lambda: fit_until_stopped(  # noqa: E731
+                trainer, stop_file, stops=stops, say=shown.say
+            )
+            done = lambda summary, metrics: close(summary, metrics, stop_file.exists())  # noqa: E731
+            return _run(config, lock, fit, shown=shown, close=done)
+        finally:
+            stop_file.remove()
+            close_log(ray_log)
     finally:
-        stop_file.remove()
-        close_log(ray_log)
         lock.release()  # on failure and Ctrl-C too
 
 
