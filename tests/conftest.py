@@ -166,3 +166,17 @@ def assert_refused(args: list[str], cwd, *words: str, env: dict[str, str] | None
     assert tree(cwd) == before, "a refusal writes nothing"
     assert result.seconds < 2.0, f"refused in {result.seconds:.2f} s: {line}"
     return line
+
+
+def spawn_gloo(worker, nprocs: int) -> dict:
+    """`worker(rank, port, results)` on `nprocs` spawned processes that meet on a free port of
+    127.0.0.1 (each sets up its own gloo group); the dict of what each rank put in `results`."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(port, results), nprocs=nprocs, join=True)
+        return dict(results)

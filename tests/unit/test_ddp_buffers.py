@@ -6,13 +6,12 @@ expectation is what the definition says of a forward on identical data."""
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 from torch import nn
 
 from raymb.core.sync import GradSync, ParamSync
@@ -57,13 +56,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(port, out), nprocs=W, join=True)
-        return dict(out)
+    return spawn_gloo(_worker, W)
 
 
 def test_no_future_warning_from_ddp(results):

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 import textwrap
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 from torch import nn
 
 from raymb.config import ModelSection
@@ -146,13 +145,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def distributed() -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(port, results), nprocs=W, join=True)
-        return dict(results)
+    return spawn_gloo(_worker, W)
 
 
 def _assert_same(history, reference, what: str) -> None:

@@ -4,12 +4,11 @@ computes itself (means of what each worker held, the equivalences of docs/design
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import spawn_gloo
 from torch import nn
 
 from raymb.config import Config
@@ -98,13 +97,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
 
 @pytest.fixture(scope="module")
 def workers() -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(port, results), nprocs=W, join=True)
-        return dict(results)
+    return spawn_gloo(_worker, W)
 
 
 def test_averaging_gives_every_worker_the_bitwise_same_mean(workers):
