@@ -48,6 +48,11 @@ class Config:
         require(self.fault.rank < low, "fault.rank", f"< scale.workers={low}", self.fault.rank)
         if self.optim.name == "lbfgs":
             self._check_lbfgs()
+        if self.train.noise_scale:
+            why = "with train.noise_scale = true (it measures the gradient all-reduce)"
+            require(self.train.sync == "grad", "train.sync", f'"grad" {why}', self.train.sync)
+            what = "a first-order optimizer with train.noise_scale = true (L-BFGS: full batch)"
+            require(self.optim.name != "lbfgs", "optim.name", what, self.optim.name)
         if G == "all" or m == "auto" or self.scale.elastic:
             return  # elastic: a W that does not divide G splits steps unevenly (raymb.core.plan)
         if m is None:

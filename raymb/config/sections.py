@@ -262,6 +262,12 @@ class TrainSection:
     """A non-finite loss on any worker: abort the run (the last checkpoint stays), or skip
     that step on every worker and count it."""
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    noise_scale: bool = False
+    """Estimate the gradient noise scale B_simple (the critical batch, McCandlish et al. 2018)
+    from the squared gradient norms of one worker's rows (before the gradient all-reduce)
+    and of the step's (after it): grad_noise_scale in metrics.csv and summary.json, a line
+    in the result table when G is far from it. train.sync = "grad" only; one worker needs
+    two or more microbatches a step. Changes no parameter (docs/advice.md)."""
     log_every: PositiveInt = 10
     """A row of metrics.csv every this many steps, its train_loss the mean over those steps
     (rows are gathered and written about once a second, so 1 costs little); summary.json's

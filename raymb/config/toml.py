@@ -28,9 +28,22 @@ def _notes(config: Config) -> dict[str, str]:
             "BatchNorm's statistics depend on how a step is cut into microbatches: the "
             'equivalence contract holds with norm = "group", not with batch'
         )
+    if config.train.noise_scale and not _noise_measurable(config):
+        notes["train.noise_scale"] = (
+            "one worker with one microbatch a step has no second batch size: no estimate is "
+            "reported (use 2+ workers, or train.microbatch_size below the global batch)"
+        )
     if config.data.val is None and config.checkpoint.metric == "train_loss":
         notes["checkpoint.metric"] = "no data.val: the default val_loss needs a validation set"
     return notes
+
+
+def _noise_measurable(config: Config) -> bool:
+    """Whether a step has two batch sizes to compare: 2+ workers, or 2+ microbatches."""
+    if config.scale.max_workers > 1:
+        return True
+    G, m = config.train.global_batch_size, config.microbatch()
+    return m is not None and (G == "all" or m < G)
 
 
 def _toml_table(name: str, table: dict[str, Any], notes: dict[str, str], lines: list[str]) -> None:

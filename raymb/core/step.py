@@ -48,12 +48,17 @@ def train_step(
         return lbfgs_step(model, optimizer, microbatches, rows, **each)
     optimizer.zero_grad(set_to_none=True)
     divisor = sync.step_samples(rows, uneven=uneven)
+    probe = getattr(sync, "noise", None)
+    if probe is not None:
+        probe.start()
     total = accumulate(model, microbatches, divisor, sync=sync, classify=classify, bf16=bf16)
     norm = None
     if grad_clip is not None:
         norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     elif check_finite:
         norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if probe is not None:  # train.noise_scale: the norms, before the step; no number changes
+        sync.measured = probe.take(norm, model, rows, divisor)
     if check_finite and not sync.finite(norm):
         optimizer.zero_grad(set_to_none=True)
         return total, False
@@ -117,6 +122,8 @@ def accumulate(
     total = None
     last = len(microbatches) - 1
     scale = _scale(divisor, microbatches[0][0].device)
+    probe = getattr(sync, "noise", None)
+    each = probe is not None and probe.per_microbatch and last > 0  # W = 1, k >= 2
     start = 0
     for i, (x, y) in enumerate(microbatches):
         with sync.microbatch(model, last=i == last), rng.microbatch(start, len(x)):
@@ -127,6 +134,8 @@ def accumulate(
             else:
                 loss = summed_loss(model(x), y, classify)
             loss.backward(scale)  # the gradient of loss / divisor, without another op
+        if each:
+            probe.after_microbatch(model, y.numel())  # rows, tokens for lm
         total = loss.detach() if total is None else total + loss.detach()
     return total
 

@@ -81,11 +81,20 @@ class GradSync:
     per_worker_optimizer = False
 
     def __init__(
-        self, world_size: int, device: torch.device | None = None, comm: Comm | None = None
+        self,
+        world_size: int,
+        device: torch.device | None = None,
+        comm: Comm | None = None,
+        *,
+        noise: bool = False,
     ) -> None:
         self.world_size = world_size
         self.device = device
         self.comm = comm or Comm()
+        self.noise = NoiseProbe(world_size) if noise else None
+        """train.noise_scale: the squared gradient norms of each step (raymb.core.noise)."""
+        self.measured: torch.Tensor | None = None
+        """The last step's NoiseProbe.take."""
 
     def wrap(self, model: nn.Module, *, sync_buffers: bool = True) -> nn.Module:
         """DDP around `model`; `sync_buffers`: rank 0's buffers replace the others' at each
@@ -98,7 +107,10 @@ class GradSync:
             device_ids=[self.device] if on_gpu else None,
             **_buffer_sync(sync_buffers),
         )
-        ddp.register_comm_hook(self.comm, _sum_and_count)
+        if self.noise is None:
+            ddp.register_comm_hook(self.comm, _sum_and_count)
+        else:
+            ddp.register_comm_hook((self.comm, self.noise), _measure_sum_and_count)
         return ddp
 
     def step_samples(self, rows: int, *, uneven: bool = False) -> int:
@@ -139,6 +151,85 @@ def _sum_and_count(state, bucket):  # unannotated: DDP rejects string annotation
     state.calls += 1
     work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _measure_sum_and_count(state, bucket):
+    """_sum_and_count, after adding the bucket's squared norm to this worker's (the gradient
+    of its own rows, before the all-reduce: train.noise_scale). It reads and changes nothing."""
+    comm, probe = state
+    probe.add_local(bucket.buffer())
+    return _sum_and_count(comm, bucket)
+
+
+class NoiseProbe:
+    """What train.noise_scale measures of one step, on one worker, without changing a number.
+
+    W >= 2: the squared norm of this worker's accumulated gradient as the DDP comm hook sees
+    each bucket before its all-reduce. W = 1: each microbatch's own gradient (the change it
+    makes to the accumulated one), when the step has two or more. After the all-reduce: the
+    squared norm of the step's gradient. `take` returns them as one float64 vector that the
+    metrics' gather all-reduces with the losses (raymb.worker.metrics): no message of its own.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.local_sq: torch.Tensor | None = None
+        self.parts: list[tuple[torch.Tensor, int]] = []
+        """(squared norm of a part's summed gradient / N_step, the part's units)."""
+        self.previous: list[torch.Tensor] | None = None
+
+    @property
+    def per_microbatch(self) -> bool:
+        return self.world_size == 1
+
+    def start(self) -> None:
+        self.local_sq, self.parts, self.previous = None, [], None
+
+    def add_local(self, bucket: torch.Tensor) -> None:
+        sq = torch.linalg.vector_norm(bucket).double().square()
+        self.local_sq = sq if self.local_sq is None else self.local_sq + sq
+
+    def after_microbatch(self, model: nn.Module, units: int) -> None:
+        """W = 1: the gradient the microbatch of `units` added (its own, / N_step)."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if self.previous is None:
+            self.previous = [g.clone() for g in grads]
+            own = grads
+        else:
+            own = torch._foreach_sub(grads, self.previous)
+            torch._foreach_copy_(self.previous, grads)
+        self.parts.append((_squared(own), units))
+
+    def take(self, big_norm: torch.Tensor | None, model: nn.Module, units: int, divisor: float):
+        """The step's vector [sum over parts of |G_part|^2, parts, sum of 1/B_part, |G_big|^2,
+        1/B_big] in units (rows, tokens for lm), each |G_part|^2 the part's mean gradient:
+        its summed gradient / N_step scaled by N_step / B_part. `big_norm`: the all-reduced
+        gradient's norm if the step computed it. None: nothing measured (an L-BFGS step)."""
+        if self.per_microbatch:
+            parts = self.parts
+        else:
+            parts = [(self.local_sq, units)] if self.local_sq is not None and units else []
+        if self.local_sq is None and not self.parts:
+            return None
+        if big_norm is None:
+            big_sq = _squared([p.grad for p in model.parameters() if p.grad is not None])
+        else:
+            big_sq = big_norm.double().square()
+        zero = torch.zeros((), dtype=torch.float64, device=big_sq.device)
+        small = sum(((sq * (divisor / b) ** 2) for sq, b in parts if b), zero)
+        count = sum(1 for _, b in parts if b)
+        inverse = sum(1.0 / b for _, b in parts if b)
+        numbers = torch.tensor([count, inverse, 1.0 / divisor], dtype=torch.float64)
+        numbers = numbers.to(big_sq.device)
+        self.start()
+        return torch.stack([small, numbers[0], numbers[1], big_sq, numbers[2]])
+
+
+def _squared(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack(norms)).double().square()
 
 
 class ParamSync:
@@ -334,7 +425,7 @@ def build_sync(config: Config | str, world_size: int, device: torch.device | Non
         config = Config.from_dict({"train": {"sync": config}})
     train = config.train
     if train.sync == "grad":
-        return GradSync(world_size, device)
+        return GradSync(world_size, device, noise=train.noise_scale)
     if train.sync == "param":
         return ParamSync(
             world_size,

@@ -335,7 +335,16 @@ def _summary(result, wall_s: float, config: Config, run_dir: Location) -> dict[s
         "workers": m.get("workers"),
         "nodes": m.get("nodes"),
         "stopped_early": stopped_early,
+        **_noise_summary(m, config),
     }
+
+
+def _noise_summary(metrics: dict[str, Any], config: Config) -> dict[str, Any]:
+    """train.noise_scale: the last estimate, and the G the result table compares it with."""
+    if not config.train.noise_scale:
+        return {}
+    G = config.train.global_batch_size
+    return {"grad_noise_scale": metrics.get("grad_noise_scale"), "global_batch_size": G}
 
 
 def _data_error(error: BaseException) -> str | None:

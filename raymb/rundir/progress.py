@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from raymb.core.noise import batch_advice
 from raymb.errors import RaymbError
 from raymb.rundir.storage import Location
 
@@ -411,6 +412,7 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
         ("samples/s", "n/a" if rate is None else f"{rate:,.1f}"),
         ("wall time", duration(summary["wall_s"]) if summary.get("wall_s") is not None else "n/a"),
         ("all-reduced", f"{size(summary.get('bytes_allreduced') or 0)} per worker"),
+        *_noise_rows(summary),
         ("checkpoint", str(summary.get("checkpoint") or "none")),
         *(
             [("best", str(summary["best_checkpoint"]))]
@@ -421,6 +423,18 @@ def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
     ]
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def _noise_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """train.noise_scale: the last estimate, and a line when G is far from it."""
+    if "grad_noise_scale" not in summary:
+        return []
+    estimate = summary["grad_noise_scale"]
+    if estimate is None:
+        return [("noise scale", "n/a (no step with two batch sizes yet)")]
+    rows = [("noise scale", f"{estimate:,.1f} rows (B_simple, the last estimate)")]
+    advice = batch_advice(estimate, summary.get("global_batch_size"))
+    return rows + ([("", advice)] if advice else [])
 
 
 def duration(seconds: float) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from raymb.core.noise import NoiseScale
 from raymb.rundir import storage
 from raymb.rundir.storage import Location
 
@@ -49,6 +50,10 @@ COLUMNS = (
     "bytes_allreduced",
     "skipped_steps",
 )
+NOISE_COLUMN = "grad_noise_scale"
+"""With train.noise_scale: the estimate after the row's step, in rows (raymb.core.noise)."""
+NOISE_WIDTH = 5
+"""The numbers of a step's NoiseProbe.take."""
 FLUSH_S = 1.0
 """About how often the workers gather their entries into rows."""
 UPLOAD_S = 5.0
@@ -68,6 +73,8 @@ class Entry:
     ended: float
     logged: bool
     units: int
+    noise: torch.Tensor | None = None
+    """train.noise_scale: this worker's NoiseProbe.take of the step (None: not measured)."""
 
 
 class Ledger:
@@ -82,8 +89,12 @@ class Ledger:
         log_every: int,
         window: int | None = None,
         recent: Iterable[list] = (),
+        noise: NoiseScale | None = None,
     ) -> None:
-        self.csv = MetricsCsv(csv_path) if csv_path is not None else None
+        self.noise = noise
+        """train.noise_scale: the moving averages, updated at each gather in step order."""
+        columns = COLUMNS + ((NOISE_COLUMN,) if noise is not None else ())
+        self.csv = MetricsCsv(csv_path, columns) if csv_path is not None else None
         self.world, self.device = world, device
         self.log_every = log_every
         self.window = min(log_every, window or log_every)
@@ -126,9 +137,14 @@ class Ledger:
                 _t(float(flag), self),
             ]
         )
+        measured = self._measured(entries)
+        if measured is not None:  # train.noise_scale: in the same message
+            values = torch.cat([values, measured])
         if self.world > 1:
             dist.all_reduce(values)
-        *losses, elapsed, flagged = values.tolist()
+        values = values.tolist()
+        noise = values[len(entries) + 2 :]
+        *losses, elapsed, flagged = values[: len(entries) + 2]
         # The next gather after about FLUSH_S, judged by the workers' mean time: all agree.
         per_step = elapsed / self.world / len(entries)
         self.every = max(1, min(100_000, int(FLUSH_S / per_step) if per_step > 0 else 100_000))
@@ -137,7 +153,10 @@ class Ledger:
         if bad is not None:
             return bad, flagged > 0
         rows = []
-        for entry, loss in zip(entries, losses):
+        for i, (entry, loss) in enumerate(zip(entries, losses)):
+            if self.noise is not None:
+                self._add_noise(noise[i * NOISE_WIDTH : (i + 1) * NOISE_WIDTH])
+                entry.row[NOISE_COLUMN] = self.noise.value
             step = entry.row["step"]
             self.recent.append((step, None if entry.loss is None else loss, entry.units))
             self.t_rows += entry.rows
@@ -150,6 +169,22 @@ class Ledger:
         if self.csv is not None and rows:
             self.csv.append(rows)
         return None, flagged > 0
+
+    def _measured(self, entries: list[Entry]) -> torch.Tensor | None:
+        """The entries' noise vectors in a row (zeros for a step not measured)."""
+        if self.noise is None:
+            return None
+        empty = torch.zeros(NOISE_WIDTH, dtype=torch.float64, device=self.device)
+        return torch.cat([empty if e.noise is None else e.noise.to(self.device) for e in entries])
+
+    def _add_noise(self, summed: list[float]) -> None:
+        """One step's numbers summed over the workers: the parts' mean |G_small|^2 and 1/B,
+        and |G_big|^2 and 1/B_big (the same on every worker) into the moving averages."""
+        small, parts, inverse, big, inverse_big = summed
+        if parts:
+            self.noise.add(
+                small / parts, inverse / parts, big / self.world, inverse_big / self.world
+            )
 
     def _row(self, entry: Entry) -> dict[str, Any]:
         step = entry.row["step"]
@@ -191,7 +226,8 @@ class MetricsCsv:
     is uploaded at most every UPLOAD_S seconds and at each `flush` (before a checkpoint's
     report), so what a resumed run downloads holds every row up to its checkpoint."""
 
-    def __init__(self, target: Path | Location) -> None:
+    def __init__(self, target: Path | Location, columns: tuple[str, ...] = COLUMNS) -> None:
+        self.columns = columns
         if not isinstance(target, Location):
             target = storage.resolve(target)
         self.target = target
@@ -212,7 +248,7 @@ class MetricsCsv:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, self.path)
@@ -221,11 +257,11 @@ class MetricsCsv:
     def append(self, rows: list[dict[str, Any]]) -> None:
         new = not self.path.exists()
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
             if new:
                 writer.writeheader()
             for row in rows:
-                writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
+                writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in self.columns})
         if time.monotonic() - self.uploaded >= UPLOAD_S:
             self.flush()
 

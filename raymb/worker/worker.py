@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from raymb.config import Config
 from raymb.core.loss import batch_sums, lm_metrics
+from raymb.core.noise import NoiseScale
 from raymb.core.optim import build_optimizer, build_scheduler
 from raymb.core.step import train_step
 from raymb.core.sync import build_sync
@@ -71,6 +72,8 @@ class Progress:
     recent_losses: list[list] = field(default_factory=list)
     """[step, loss summed over all workers, units] of the last train.log_every steps: the
     metrics rows and train_loss of a resumed run reach back past the resume."""
+    noise: list[float] = field(default_factory=list)
+    """train.noise_scale: the moving averages (raymb.core.noise.NoiseScale.state)."""
 
 
 class Worker:
@@ -116,6 +119,7 @@ class Worker:
             self.sync.load_state_dict(saved_sync)
         self.sync.comm.bytes = self.progress.bytes_allreduced
         csv_path = run_dir / "metrics.csv" if self.rank == 0 else None
+        noise = NoiseScale.from_state(self.progress.noise) if config.train.noise_scale else None
         self.ledger = Ledger(
             csv_path,
             self.world,
@@ -123,6 +127,7 @@ class Worker:
             log_every=config.train.log_every,
             window=epoch_steps,
             recent=self.progress.recent_losses,
+            noise=noise,
         )
         if self.ledger.csv is not None:
             self.ledger.csv.truncate_after(self.progress.step)  # rows a resume writes again
@@ -135,6 +140,8 @@ class Worker:
         self.stop_requested = False
         """The driver asked to stop: every worker learns it at the same gather."""
         self._looked = -float("inf")
+        self.measured: torch.Tensor | None = None
+        """train.noise_scale: the last step's norms, until record() hands them on."""
 
     @property
     def resumed(self) -> bool:
@@ -159,9 +166,22 @@ class Worker:
             l1=self.config.optim.l1,
         )
         self.scheduler.step()
+        self.measured = self._take_noise()
         self.progress.skipped_steps += not taken
         self.progress.step += 1
         return loss, taken, time.perf_counter() - started
+
+    def _take_noise(self) -> torch.Tensor | None:
+        """train.noise_scale: the step's norms (raymb.core.sync.NoiseProbe.take), with 1/B in
+        rows rather than tokens for lm: the estimate is a number of rows."""
+        measured = getattr(self.sync, "measured", None)
+        if measured is None:
+            return None
+        self.sync.measured = None
+        units = self.shape.inputs.units_per_row
+        if units != 1:
+            measured = measured * measured.new_tensor([1.0, 1.0, units, 1.0, units])
+        return measured
 
     def record(self, loss, taken: bool, rows: int, *, step_s: float, wait_s: float, due: bool):
         """Keep the step's metrics (`rows`: the step's rows on all workers); when `due`,
@@ -184,8 +204,10 @@ class Worker:
                 wait_s=wait_s,
                 ended=time.perf_counter(),
                 logged=due or progress.step % self.config.train.log_every == 0,
+                noise=self.measured if taken else None,
             )
         )
+        self.measured = None
         if due:
             self.report(with_checkpoint=True)
         elif self.ledger.due:
@@ -230,6 +252,9 @@ class Worker:
             "stopped_early": progress.stopped_early,
             "nodes": self.nodes,
         }
+        if self.ledger.noise is not None:
+            metrics["grad_noise_scale"] = self.ledger.noise.value
+            progress.noise = self.ledger.noise.state()
         if with_checkpoint and self.config.train.early_stopping.patience is not None:
             self._early_stopping(metrics)
             metrics["stopped_early"] = progress.stopped_early
