@@ -8,6 +8,7 @@ through pyplot, so no display, GUI backend or global figure state is involved.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import tempfile
@@ -165,3 +166,33 @@ def _float(text: Any) -> float | None:
         return float(text) if text not in (None, "") else None
     except ValueError:
         return None
+
+
+def write_lr_find_plot(
+    lrs: list[float], losses: list[float], smoothed: list[float], suggested: float | None, out
+) -> bool:
+    """lr_find.png: the range test's loss and smoothed loss against the rate (log axis), the
+    suggestion marked; `out` a Location. False without matplotlib."""
+    if not have_matplotlib():
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    finite = [(lr, v) for lr, v in zip(lrs, losses) if math.isfinite(v)]
+    ax.plot([p[0] for p in finite], [p[1] for p in finite], color="C0", alpha=0.35, label="loss")
+    ax.plot(lrs, smoothed, color="C0", label="smoothed loss")
+    if suggested is not None:
+        ax.axvline(suggested, color="C3", linestyle="--", label=f"suggested lr = {suggested:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title("learning-rate range test")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    out.write_bytes(buffer.getvalue())
+    return True

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,21 +65,14 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
         worker.report(with_checkpoint=False)
         return
     source = train_source(spec.train, fetch, features, label, plan, rank, world)
+    batches = StepBatches.of(config, plan, rank, device)
 
-    m = plan.microbatch
-    seed, augment = config.train.seed, Augment.of(config.data.augment)
     while not _finished(progress, plan):
         steps = source.steps(progress.epoch, progress.step_in_epoch)
         while progress.step_in_epoch < plan.steps_per_epoch and not _finished(progress, plan):
             waited = time.perf_counter()
-            x, y = next(steps)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             s = progress.step_in_epoch
-            keys = RowKeys(seed, progress.epoch, row_ids(plan, s, rank, device))
-            x, y = inputs.collate(x, y, augment, keys)
-            # A worker without a row in a short last step still takes part (an empty batch):
-            # the gradient all-reduce needs every worker's backward.
-            microbatches = [(x[i : i + m], y[i : i + m]) for i in range(0, len(y), m)] or [(x, y)]
+            microbatches, keys = batches(next(steps), s, progress.epoch)
             faults.before_step(progress.step + 1, rank, microbatches)
             wait_s = time.perf_counter() - waited
             rows = plan.rows_in_step(s, rank)
@@ -101,6 +95,38 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
                 return  # the checkpoint just taken holds everything; the driver says so
             if epoch_end:
                 break
+
+
+@dataclass(frozen=True)
+class StepBatches:
+    """Turns a step's rows from the source into what train_step takes: on the device,
+    collated (data.augment) under the rows' keys, cut into microbatches of plan.microbatch."""
+
+    plan: Plan
+    inputs: Inputs
+    seed: int
+    augment: Augment | None
+    rank: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, config: Config, plan: Plan, rank: int, device: torch.device) -> StepBatches:
+        inputs = Inputs.from_dict(plan.inputs)
+        return cls(plan, inputs, config.train.seed, Augment.of(config.data.augment), rank, device)
+
+    def __call__(
+        self, batch: tuple[torch.Tensor, torch.Tensor], step_in_epoch: int, epoch: int
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], RowKeys]:
+        """The microbatches, and the rows' keys (dropout draws from them)."""
+        x, y = batch
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        ids = row_ids(self.plan, step_in_epoch, self.rank, self.device)
+        keys = RowKeys(self.seed, epoch, ids)
+        x, y = self.inputs.collate(x, y, self.augment, keys)
+        # A worker without a row in a short last step still takes part (an empty batch): the
+        # gradient all-reduce needs every worker's backward.
+        m = self.plan.microbatch
+        return [(x[i : i + m], y[i : i + m]) for i in range(0, len(y), m)] or [(x, y)], keys
 
 
 class Faults:

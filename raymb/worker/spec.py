@@ -112,3 +112,12 @@ class FollowSpec:
     idle_timeout: float
     poll_s: float
     stop_file: Location
+
+
+@dataclass(frozen=True, kw_only=True)
+class LrFindSpec:
+    """What `raymb lr-find` hands each worker (raymb.worker.lr_find): the epoch loop's spec,
+    its run_dir <run.storage_path>/<run.name>-lr-find, and the rates to step at."""
+
+    run: EpochsSpec
+    lrs: tuple[float, ...]

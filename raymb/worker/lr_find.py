@@ -1,0 +1,79 @@
+"""The learning-rate range test's worker loop (`raymb lr-find`): the epoch loop's data path,
+steps and sync, with the rate set before each step from the schedule (raymb.core.lr_find).
+
+Each step's summed loss is all-reduced, so every rank adds the same mean loss to the same
+curve and stops at the same step; nothing is validated, checkpointed or reported. Rank 0
+writes lr_find.csv (step, lr, loss, smoothed_loss) into the test's own directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+
+from raymb.core.lr_find import Curve
+from raymb.core.rng import row_keys
+from raymb.data.columns import Inputs
+from raymb.worker.epochs import StepBatches
+from raymb.worker.feed import train_source
+from raymb.worker.session import RaySession, Session
+from raymb.worker.spec import LrFindSpec, Shape
+from raymb.worker.worker import Worker, all_sum
+
+CSV_FILE = "lr_find.csv"
+CSV_COLUMNS = ("step", "lr", "loss", "smoothed_loss")
+
+
+def lr_find_loop(payload: dict[str, LrFindSpec], session: Session | None = None) -> None:
+    """Ray Train calls it with its train_loop_config ({"spec": LrFindSpec}); a TorchSession
+    passes itself."""
+    spec = payload["spec"]
+    run = spec.run
+    session = session or RaySession()
+    config, rank, world = run.config, session.rank, session.world
+    plan = run.plan.for_world(world)
+    inputs = Inputs.from_dict(plan.inputs)
+    shape = Shape(inputs, plan.out_features, run.tokenizer)
+    worker = Worker(
+        config, shape, run.run_dir, mode="lr-find", total_steps=len(spec.lrs), session=session
+    )
+    device = worker.device
+    features, label = config.data.features, config.data.label_column
+    source = train_source(run.train, session.fetch, features, label, plan, rank, world)
+    batches = StepBatches.of(config, plan, rank, device)
+    curve = Curve()
+    epoch, s = 0, 0
+    steps = source.steps(epoch, s)
+    for lr in spec.lrs:
+        if s == plan.steps_per_epoch:
+            epoch, s = epoch + 1, 0
+            steps = source.steps(epoch, s)
+        microbatches, keys = batches(next(steps), s, epoch)
+        for group in worker.optimizer.param_groups:
+            group["lr"] = lr  # after the scheduler's step, which set its own
+        with row_keys(keys):
+            loss, _, _ = worker.step(
+                microbatches, plan.rows_in_step(s, rank), uneven=not plan.even(s)
+            )
+        summed = all_sum(loss.detach().double().reshape(1).to(device))
+        mean = summed.item() / (plan.step_rows(s) * inputs.units_per_row)
+        s += 1
+        if curve.add(lr, mean):
+            break
+    if rank == 0:
+        (run.run_dir / CSV_FILE).write_text(curve_csv(curve))
+
+
+def curve_csv(curve: Curve) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for i, (lr, loss, smooth) in enumerate(zip(curve.lrs, curve.losses, curve.smoothed)):
+        writer.writerow([i + 1, repr(lr), repr(loss), repr(smooth)])
+    return out.getvalue()
+
+
+def read_curve(text: str) -> tuple[list[float], list[float]]:
+    """(rates, losses) of an lr_find.csv."""
+    rows = list(csv.DictReader(io.StringIO(text)))
+    return [float(r["lr"]) for r in rows], [float(r["loss"]) for r in rows]
