@@ -20,6 +20,7 @@ BENCHMARKS = {
     "microbatch": "the same global batch with k = 1, 4, 16 microbatches: samples/s, memory",
     "strategies": "train.sync grad vs param (H=1,4,16) vs diloco (H=16,64): loss, bytes, time",
     "rng": "row-keyed draws: ms per million; dropout and data.augment against none in a step",
+    "advice": "train.noise_scale's cost on the mlp and gpt; lr-find's wall time against train",
 }
 # startup and epochs start Ray in subprocesses, so they run first, before `all` holds a
 # session.
@@ -27,6 +28,7 @@ ORDER = (
     "loop",
     "models",
     "rng",
+    "advice",
     "startup",
     "epochs",
     "ingest",

@@ -52,13 +52,13 @@ def train_step(
     if probe is not None:
         probe.start()
     total = accumulate(model, microbatches, divisor, sync=sync, classify=classify, bf16=bf16)
+    if probe is not None:  # train.noise_scale: the norms, before clipping; no number changes
+        sync.measured = probe.take(model, rows, divisor)
     norm = None
     if grad_clip is not None:
         norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     elif check_finite:
         norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    if probe is not None:  # train.noise_scale: the norms, before the step; no number changes
-        sync.measured = probe.take(norm, model, rows, divisor)
     if check_finite and not sync.finite(norm):
         optimizer.zero_grad(set_to_none=True)
         return total, False
@@ -135,7 +135,7 @@ def accumulate(
                 loss = summed_loss(model(x), y, classify)
             loss.backward(scale)  # the gradient of loss / divisor, without another op
         if each:
-            probe.after_microbatch(model, y.numel())  # rows, tokens for lm
+            probe.after_microbatch(model, i, last + 1, y.numel())  # rows, tokens for lm
         total = loss.detach() if total is None else total + loss.detach()
     return total
 

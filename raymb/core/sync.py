@@ -165,69 +165,68 @@ class NoiseProbe:
     """What train.noise_scale measures of one step, on one worker, without changing a number.
 
     W >= 2: the squared norm of this worker's accumulated gradient as the DDP comm hook sees
-    each bucket before its all-reduce. W = 1: each microbatch's own gradient (the change it
-    makes to the accumulated one), when the step has two or more. After the all-reduce: the
-    squared norm of the step's gradient. `take` returns them as one float64 vector that the
-    metrics' gather all-reduces with the losses (raymb.worker.metrics): no message of its own.
+    each bucket before its all-reduce. W = 1 with k >= 2 microbatches: the step's two halves
+    (the first k // 2 microbatches and the rest) play two workers: a copy of the gradient
+    after the first half, and its difference from the final one (one copy, one subtraction
+    and two norms a step, whatever k). Then the squared norm of the step's gradient. `take`
+    returns them as one float64 vector that the metrics' gather all-reduces with the losses
+    (raymb.worker.metrics): no message of its own.
     """
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        self.local_sq: torch.Tensor | None = None
-        self.parts: list[tuple[torch.Tensor, int]] = []
-        """(squared norm of a part's summed gradient / N_step, the part's units)."""
-        self.previous: list[torch.Tensor] | None = None
+        self.start()
 
     @property
     def per_microbatch(self) -> bool:
         return self.world_size == 1
 
     def start(self) -> None:
-        self.local_sq, self.parts, self.previous = None, [], None
+        self.local_sq: torch.Tensor | None = None
+        self.parts: list[tuple[torch.Tensor, int]] = []
+        """(squared norm of a part's summed gradient / N_step, the part's units)."""
+        self.half: list[torch.Tensor] | None = None
+        self.units = [0, 0]
 
     def add_local(self, bucket: torch.Tensor) -> None:
         sq = torch.linalg.vector_norm(bucket).double().square()
         self.local_sq = sq if self.local_sq is None else self.local_sq + sq
 
-    def after_microbatch(self, model: nn.Module, units: int) -> None:
-        """W = 1: the gradient the microbatch of `units` added (its own, / N_step)."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if self.previous is None:
-            self.previous = [g.clone() for g in grads]
-            own = grads
-        else:
-            own = torch._foreach_sub(grads, self.previous)
-            torch._foreach_copy_(self.previous, grads)
-        self.parts.append((_squared(own), units))
+    def after_microbatch(self, model: nn.Module, index: int, count: int, units: int) -> None:
+        """W = 1: microbatch `index` of `count` (>= 2), of `units`, has added its gradient."""
+        first = index < count // 2
+        self.units[0 if first else 1] += units
+        if index == count // 2 - 1:
+            self.half = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            self.parts.append((_squared(self.half), self.units[0]))
 
-    def take(self, big_norm: torch.Tensor | None, model: nn.Module, units: int, divisor: float):
+    def take(self, model: nn.Module, units: int, divisor: float) -> torch.Tensor | None:
         """The step's vector [sum over parts of |G_part|^2, parts, sum of 1/B_part, |G_big|^2,
         1/B_big] in units (rows, tokens for lm), each |G_part|^2 the part's mean gradient:
-        its summed gradient / N_step scaled by N_step / B_part. `big_norm`: the all-reduced
-        gradient's norm if the step computed it. None: nothing measured (an L-BFGS step)."""
+        its summed gradient / N_step scaled by N_step / B_part. Called after the all-reduce,
+        before any clipping. None: nothing measured."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         if self.per_microbatch:
+            if self.half is None:
+                return None
+            torch._foreach_sub_(self.half, grads)  # minus the second half's own gradient
+            self.parts.append((_squared(self.half), self.units[1]))
             parts = self.parts
-        else:
-            parts = [(self.local_sq, units)] if self.local_sq is not None and units else []
-        if self.local_sq is None and not self.parts:
+        elif self.local_sq is None:
             return None
-        if big_norm is None:
-            big_sq = _squared([p.grad for p in model.parameters() if p.grad is not None])
         else:
-            big_sq = big_norm.double().square()
-        zero = torch.zeros((), dtype=torch.float64, device=big_sq.device)
-        small = sum(((sq * (divisor / b) ** 2) for sq, b in parts if b), zero)
-        count = sum(1 for _, b in parts if b)
-        inverse = sum(1.0 / b for _, b in parts if b)
-        numbers = torch.tensor([count, inverse, 1.0 / divisor], dtype=torch.float64)
-        numbers = numbers.to(big_sq.device)
+            parts = [(self.local_sq, units)]
+        big_sq = _squared(grads)
+        parts = [(sq, b) for sq, b in parts if b]
+        small = sum((sq * (divisor / b) ** 2 for sq, b in parts), torch.zeros_like(big_sq))
+        numbers = [len(parts), sum(1.0 / b for _, b in parts), 1.0 / divisor]
+        numbers = torch.tensor(numbers, dtype=torch.float64).to(big_sq.device)
         self.start()
         return torch.stack([small, numbers[0], numbers[1], big_sq, numbers[2]])
 
 
 def _squared(tensors: list[torch.Tensor]) -> torch.Tensor:
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64)
+    """The squared norm of all the tensors together, as float64."""
     norms = torch._foreach_norm(tensors)
     return torch.linalg.vector_norm(torch.stack(norms)).double().square()
 

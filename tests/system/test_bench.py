@@ -60,6 +60,7 @@ def test_help_lists_every_benchmark():
         "microbatch",
         "strategies",
         "rng",
+        "advice",
         "all",
     ):
         assert name in proc.stdout
@@ -83,6 +84,15 @@ def test_models(tmp_path):
         assert _positive(row["ratio"]) and _positive(row["peak_rss_mb"])
         assert row["max_param_diff"] < 1e-4  # the same math on the same batches
     assert len(payload["targets"]) == 2
+
+
+def test_advice(tmp_path):
+    payload = _run("advice", tmp_path)
+    whats = [r["what"] for r in payload["rows"]]
+    assert [w.split(",")[0] for w in whats] == ["noise_scale"] * 4 + ["lr-find vs train"]
+    for row in payload["rows"]:
+        assert _positive(row["off_ms"]) and _positive(row["on_ms"])
+    assert len(payload["targets"]) == 4
 
 
 def test_rng(tmp_path):

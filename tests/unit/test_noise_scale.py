@@ -81,7 +81,7 @@ def _last_estimate(run_dir) -> float:
     "layout",
     [
         ["scale.workers=2"],  # B_small: one worker's 32 rows
-        ["scale.workers=1", "train.microbatch_size=16"],  # B_small: a microbatch of 16 rows
+        ["scale.workers=1", "train.microbatch_size=16"],  # B_small: half a step, 32 rows
     ],
     ids=["W2", "W1k4"],
 )
