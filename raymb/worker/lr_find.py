@@ -58,7 +58,15 @@ def lr_find_loop(payload: dict[str, LrFindSpec], session: Session | None = None)
         summed = all_sum(loss.detach().double().reshape(1).to(device))
         mean = summed.item() / (plan.step_rows(s) * inputs.units_per_row)
         s += 1
-        if curve.add(lr, mean):
+        stop = curve.add(lr, mean)
+        done = len(curve.lrs)
+        if rank == 0 and (stop or done % max(1, len(spec.lrs) // 10) == 0):
+            print(
+                f"raymb: lr-find: step {done}/{len(spec.lrs)}, lr {lr:.3g}, "
+                f"smoothed loss {curve.smoothed[-1]:.4g}",
+                flush=True,
+            )
+        if stop:
             break
     if rank == 0:
         (run.run_dir / CSV_FILE).write_text(curve_csv(curve))
