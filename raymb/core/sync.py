@@ -183,52 +183,50 @@ class NoiseProbe:
 
     def start(self) -> None:
         self.local_sq: torch.Tensor | None = None
-        self.parts: list[tuple[torch.Tensor, int]] = []
-        """(squared norm of a part's summed gradient / N_step, the part's units)."""
         self.half: list[torch.Tensor] | None = None
+        """W = 1: the gradient after the first half of the step's microbatches."""
         self.units = [0, 0]
 
     def add_local(self, bucket: torch.Tensor) -> None:
-        sq = torch.linalg.vector_norm(bucket).double().square()
+        sq = torch.linalg.vector_norm(bucket, dtype=torch.float64).square()
         self.local_sq = sq if self.local_sq is None else self.local_sq + sq
 
     def after_microbatch(self, model: nn.Module, index: int, count: int, units: int) -> None:
         """W = 1: microbatch `index` of `count` (>= 2), of `units`, has added its gradient."""
-        first = index < count // 2
-        self.units[0 if first else 1] += units
+        self.units[0 if index < count // 2 else 1] += units
         if index == count // 2 - 1:
-            self.half = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-            self.parts.append((_squared(self.half), self.units[0]))
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            self.half = torch._foreach_mul(grads, 1.0)  # a copy, in one call
 
-    def take(self, model: nn.Module, units: int, divisor: float) -> torch.Tensor | None:
-        """The step's vector [sum over parts of |G_part|^2, parts, sum of 1/B_part, |G_big|^2,
-        1/B_big] in units (rows, tokens for lm), each |G_part|^2 the part's mean gradient:
-        its summed gradient / N_step scaled by N_step / B_part. Called after the all-reduce,
-        before any clipping. None: nothing measured."""
+    def take(self, model: nn.Module, units: int, divisor: float):
+        """The step's numbers, or None when nothing was measured: a float64 tensor
+        [sum over parts of |G_part|^2, |G_big|^2] and the floats (parts, sum over parts of
+        1/B_part, 1/B_big), in units (rows, tokens for lm). A part is a worker (W >= 2) or a
+        half of the step (W = 1); |G_part|^2 is its mean gradient's: its summed gradient /
+        N_step, scaled by N_step / B_part. Called after the all-reduce, before clipping."""
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if self.per_microbatch:
             if self.half is None:
                 return None
+            first = _squared(self.half)
             torch._foreach_sub_(self.half, grads)  # minus the second half's own gradient
-            self.parts.append((_squared(self.half), self.units[1]))
-            parts = self.parts
+            parts = [(first, self.units[0]), (_squared(self.half), self.units[1])]
         elif self.local_sq is None:
             return None
         else:
             parts = [(self.local_sq, units)]
-        big_sq = _squared(grads)
         parts = [(sq, b) for sq, b in parts if b]
+        big_sq = _squared(grads)
         small = sum((sq * (divisor / b) ** 2 for sq, b in parts), torch.zeros_like(big_sq))
-        numbers = [len(parts), sum(1.0 / b for _, b in parts), 1.0 / divisor]
-        numbers = torch.tensor(numbers, dtype=torch.float64).to(big_sq.device)
+        floats = (float(len(parts)), sum(1.0 / b for _, b in parts), 1.0 / divisor)
         self.start()
-        return torch.stack([small, numbers[0], numbers[1], big_sq, numbers[2]])
+        return torch.stack([small, big_sq]), floats
 
 
 def _squared(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The squared norm of all the tensors together, as float64."""
     norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack(norms)).double().square()
+    return torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64).square()
 
 
 class ParamSync:

@@ -73,7 +73,7 @@ class Entry:
     ended: float
     logged: bool
     units: int
-    noise: torch.Tensor | None = None
+    noise: tuple[torch.Tensor, tuple[float, float, float]] | None = None
     """train.noise_scale: this worker's NoiseProbe.take of the step (None: not measured)."""
 
 
@@ -171,16 +171,20 @@ class Ledger:
         return None, flagged > 0
 
     def _measured(self, entries: list[Entry]) -> torch.Tensor | None:
-        """The entries' noise vectors in a row (zeros for a step not measured)."""
+        """The entries' noise numbers, NOISE_WIDTH a step (zeros for a step not measured):
+        sum of the parts' |G_part|^2, |G_big|^2, parts, sum of their 1/B, 1/B_big."""
         if self.noise is None:
             return None
-        empty = torch.zeros(NOISE_WIDTH, dtype=torch.float64, device=self.device)
-        return torch.cat([empty if e.noise is None else e.noise.to(self.device) for e in entries])
+        zero = torch.zeros(2, dtype=torch.float64, device=self.device)
+        squares = torch.stack([zero if e.noise is None else e.noise[0] for e in entries])
+        floats = [(0.0, 0.0, 0.0) if e.noise is None else e.noise[1] for e in entries]
+        floats = torch.tensor(floats, dtype=torch.float64, device=self.device)
+        return torch.cat([squares.to(self.device), floats], dim=1).reshape(-1)
 
     def _add_noise(self, summed: list[float]) -> None:
         """One step's numbers summed over the workers: the parts' mean |G_small|^2 and 1/B,
         and |G_big|^2 and 1/B_big (the same on every worker) into the moving averages."""
-        small, parts, inverse, big, inverse_big = summed
+        small, big, parts, inverse, inverse_big = summed
         if parts:
             self.noise.add(
                 small / parts, inverse / parts, big / self.world, inverse_big / self.world

@@ -140,7 +140,7 @@ class Worker:
         self.stop_requested = False
         """The driver asked to stop: every worker learns it at the same gather."""
         self._looked = -float("inf")
-        self.measured: torch.Tensor | None = None
+        self.measured = None
         """train.noise_scale: the last step's norms, until record() hands them on."""
 
     @property
@@ -171,17 +171,16 @@ class Worker:
         self.progress.step += 1
         return loss, taken, time.perf_counter() - started
 
-    def _take_noise(self) -> torch.Tensor | None:
+    def _take_noise(self):
         """train.noise_scale: the step's norms (raymb.core.sync.NoiseProbe.take), with 1/B in
         rows rather than tokens for lm: the estimate is a number of rows."""
         measured = getattr(self.sync, "measured", None)
         if measured is None:
             return None
         self.sync.measured = None
+        squares, (parts, inverse, inverse_big) = measured
         units = self.shape.inputs.units_per_row
-        if units != 1:
-            measured = measured * measured.new_tensor([1.0, 1.0, units, 1.0, units])
-        return measured
+        return squares, (parts, inverse * units, inverse_big * units)
 
     def record(self, loss, taken: bool, rows: int, *, step_s: float, wait_s: float, due: bool):
         """Keep the step's metrics (`rows`: the step's rows on all workers); when `due`,
