@@ -10,8 +10,9 @@ equations, whose solution is the unbiased pair
 
 Each step gives one noisy pair; both are kept as debiased exponential moving averages and the
 estimate is the ratio of the averages (the average of the ratios is biased). raymb's B_small
-is one worker's rows, B_big the step's; when the workers' rows differ, 1 / B_small is the mean
-of their 1 / b_w, which keeps the first equation exact for the workers' mean |G_w|^2.
+is one worker's rows (on one worker, half the step's microbatches), B_big the step's; when
+the workers' rows differ, 1 / B_small is the mean of their 1 / b_w, which keeps the first
+equation exact for the workers' mean |G_w|^2.
 """
 
 from __future__ import annotations
