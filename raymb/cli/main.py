@@ -2,8 +2,8 @@
 place where an error a user can cause becomes one line and an exit status.
 
 Each command's arguments and the function that runs it live in its group's module:
-raymb.cli.train (train, config-schema), raymb.cli.data (gen-data, prepare) and
-raymb.cli.tools (eval, predict, sample, export, runs, plot).
+raymb.cli.train (train, config-schema), raymb.cli.tune (tune), raymb.cli.data (gen-data,
+prepare) and raymb.cli.tools (eval, predict, sample, export, runs, plot).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
-from raymb.cli import data, tools, train
+from raymb.cli import data, tools, train, tune
 from raymb.errors import RaymbError
 
 
@@ -34,6 +34,12 @@ TABLE = (
         "train a model (with no --config: the default linear job)",
         train.add_train_arguments,
         train.run_train,
+    ),
+    Command(
+        "tune",
+        "search hyperparameters on Ray Tune: grid, random, Optuna, ASHA, cross-validation",
+        tune.add_tune_arguments,
+        tune.run_tune,
     ),
     Command(
         "gen-data",

@@ -34,6 +34,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             if not isinstance(table, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a table")
         table[path[-1]] = value
+    if "tune" in raw:  # a sweep's config: raymb.config.tune reads it
+        raise ConfigError(
+            "[tune] is a sweep's section: run it with raymb tune --config FILE (or remove "
+            "[tune] to train one run)"
+        )
     return Config.from_dict(with_manifest(raw))
 
 
