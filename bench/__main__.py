@@ -20,14 +20,16 @@ BENCHMARKS = {
     "microbatch": "the same global batch with k = 1, 4, 16 microbatches: samples/s, memory",
     "strategies": "train.sync grad vs param (H=1,4,16) vs diloco (H=16,64): loss, bytes, time",
     "rng": "row-keyed draws: ms per million; dropout and data.augment against none in a step",
+    "tune": "a `raymb tune` grid of 4 vs the same 4 `raymb train` runs one by one; trial overhead",
 }
-# startup and epochs start Ray in subprocesses, so they run first, before `all` holds a
+# startup, tune and epochs start Ray in subprocesses, so they run first, before `all` holds a
 # session.
 ORDER = (
     "loop",
     "models",
     "rng",
     "startup",
+    "tune",
     "epochs",
     "ingest",
     "scaling",

@@ -27,6 +27,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from raymb.config import Config
@@ -69,7 +70,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: bo
             name=sweep_dir.name,
             storage_path=str(sweep_dir.parent),
             verbose=0,
-            callbacks=[shown],
+            callbacks=[shown, _Cleanup(sweep_dir / out.TRIALS_DIR)],
         )
         if tune.Tuner.can_restore(str(sweep_dir)):
             print(f"raymb: resuming the sweep in {sweep_dir}", flush=True)
@@ -115,10 +116,11 @@ def _trial(values: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpus: float
         if done is not None:  # trained before the sweep was stopped: its files stay as they are
             tune.report(_final_metrics(done, config))
             return
+        groups = _NotePlacementGroup(_groups_file(trials_dir, name))
         train(
             _with_cpus(config, cpus),
             verbose=True,
-            callbacks=[TuneReportCallback()],
+            callbacks=[TuneReportCallback(), groups],
             stream=quiet,
         )
         return
@@ -128,13 +130,82 @@ def _trial(values: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpus: float
         run_dir = Path(fold.run.storage_path) / fold.run.name
         summary = _finished_summary(run_dir)
         if summary is None:
-            summary = train(_with_cpus(fold, cpus), verbose=True, stream=quiet).summary
+            groups = _NotePlacementGroup(_groups_file(trials_dir, name))
+            summary = train(
+                _with_cpus(fold, cpus), verbose=True, callbacks=[groups], stream=quiet
+            ).summary
         metrics.append(summary.get(sweep.metric))
         steps += summary.get("steps") or 0
         known = [m for m in metrics if m is not None]
         mean = sum(known) / len(known) if known else None
         std = math.sqrt(sum((m - mean) ** 2 for m in known) / len(known)) if known else None
         tune.report({sweep.metric: mean, f"{sweep.metric}_std": std, "fold": f + 1, "step": steps})
+
+
+def _groups_file(trials_dir: str, name: str) -> Path:
+    """Beside the trial's run directory: the placement groups of its Train runs."""
+    return Path(trials_dir) / f".{name}.placement_groups"
+
+
+class _NotePlacementGroup(WorkerGroupCallback):
+    """Writes down the placement group of each worker group the trial's Train run starts.
+
+    When the scheduler stops a trial, Tune ends its actor and Ray Train's controller with it;
+    Train's own PlacementGroupCleaner asks the dashboard's State API whether the controller
+    lives, which a cluster without a dashboard (raymb's local one) does not have, so the
+    workers' CPUs would stay held and the next trials wait forever. The sweep's driver
+    removes what a stopped trial left (_Cleanup)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def after_worker_group_start(self, worker_group) -> None:
+        handle = worker_group.get_worker_group_state().placement_group_handle
+        with open(self.path, "a") as f:
+            f.write(handle.placement_group.id.hex() + "\n")
+
+
+class _Cleanup(tune.Callback):
+    """Removes the placement groups that a trial's Train runs left once the trial has ended
+    (each checked for a while after: a dying controller may still be starting one)."""
+
+    WATCH_S = 60.0
+
+    def __init__(self, trials_dir: Path) -> None:
+        self.trials_dir = trials_dir
+        self.ended: dict[str, float] = {}
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.ended[_trial_name(trial)] = time.monotonic()
+        self._sweep()
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.on_trial_complete(iteration, trials, trial)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if self.ended:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import (
+            PlacementGroup,
+            placement_group_table,
+            remove_placement_group,
+        )
+
+        now = time.monotonic()
+        for name, ended in list(self.ended.items()):
+            try:
+                ids = _groups_file(str(self.trials_dir), name).read_text().split()
+            except OSError:
+                ids = []
+            for hex_id in ids:
+                group = PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id)))
+                if placement_group_table(group).get("state") not in (None, "REMOVED"):
+                    remove_placement_group(group)
+            if now - ended > self.WATCH_S:
+                del self.ended[name]
 
 
 def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
