@@ -24,7 +24,7 @@ from pydantic.types import NonNegativeInt, PositiveInt
 
 from raymb.config.build import MAX_SEED, build, section
 from raymb.config.config import Config
-from raymb.config.load import parse_override, read_toml, with_manifest
+from raymb.config.load import read_tables, with_manifest
 from raymb.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
@@ -179,15 +179,7 @@ class Sweep:
 def load_sweep(path: str | None, overrides: typing.Sequence[str] = ()) -> Sweep:
     """Read a sweep's config file and --set overrides (`tune.KEY=VALUE` sets [tune]); check
     [tune], the space and every trial's config. A one-line ConfigError names what to fix."""
-    raw: dict[str, Any] = read_toml(path) if path is not None else {}
-    for item in overrides:
-        keys, value = parse_override(item)
-        table = raw
-        for part in keys[:-1]:
-            table = table.setdefault(part, {})
-            if not isinstance(table, dict):
-                raise ConfigError(f"--set {item!r}: {part} is not a table")
-        table[keys[-1]] = value
+    raw = read_tables(path, overrides)
     tune_table = raw.pop("tune", None)
     if tune_table is None:
         raise ConfigError("raymb tune needs a [tune] section with [tune.space] (docs/tune.md)")

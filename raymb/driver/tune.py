@@ -86,6 +86,9 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: bo
             )
         grid = tuner.fit()
         shown.close()
+        cleanup = _Cleanup(sweep_dir / out.TRIALS_DIR)  # what the last trials left
+        cleanup.ended = {_name_of(r, sweep_dir): time.monotonic() for r in grid}
+        cleanup._sweep()
         rows = [_row(sweep, r, sweep_dir) for r in grid]
     finally:
         close_log(ray_log)
@@ -206,6 +209,32 @@ class _Cleanup(tune.Callback):
                     remove_placement_group(group)
             if now - ended > self.WATCH_S:
                 del self.ended[name]
+        _end_orphaned_cleaners()
+
+
+def _end_orphaned_cleaners() -> None:
+    """End the PlacementGroupCleaner actors of dead Train controllers: detached, they would
+    poll the missing State API for as long as the cluster lives, a process each. A controller
+    starts its cleaner after itself, so a cleaner older than every controller not yet dead
+    is an orphan (read from the GCS's actor table; a living controller's cleaner is only a
+    safety net, which _Cleanup provides in a sweep). Internal APIs: on any error, nothing."""
+    try:
+        from ray._private import state
+        from ray._private.worker import global_worker
+
+        actors = list(state.actors().values())
+        living = [
+            a["StartTime"]
+            for a in actors
+            if a["ActorClassName"] == "TrainController" and a["State"] != "DEAD"
+        ]
+        oldest = min(living, default=math.inf)
+        for a in actors:
+            cleaner = a["ActorClassName"] == "PlacementGroupCleaner" and a["State"] == "ALIVE"
+            if cleaner and a["StartTime"] < oldest:
+                global_worker.core_worker.kill_actor(ray.ActorID.from_hex(a["ActorID"]), True)
+    except Exception:  # noqa: BLE001 - a cleanup of Ray's internals: never the sweep's failure
+        pass
 
 
 def _finished_summary(run_dir: Path) -> dict[str, Any] | None:

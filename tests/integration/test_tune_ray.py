@@ -105,6 +105,18 @@ def test_asha_stops_the_diverging_trials_early(ray_session, linear_data, tmp_pat
         assert steps[lr] < 12  # before the last epoch's 4 steps
     assert status[good[0]] == "finished"  # the first at the rung is never stopped
     assert result.best_values["optim.lr"] in good
+    # The stopped trials' Train runs left nothing: no placement group, no worker, no cleaner.
+    import ray
+    from ray._private import state
+    from ray.util.placement_group import placement_group_table
+
+    left = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+    assert left == []
+    trains = ("TrainController", "RayTrainWorker", "PlacementGroupCleaner")
+    alive = [a["ActorClassName"] for a in state.actors().values() if a["State"] == "ALIVE"]
+    assert not [a for a in alive if a in trains], alive
+    free = ray.available_resources().get("CPU", 0)
+    assert free == pytest.approx(ray.cluster_resources()["CPU"])
 
 
 def test_cross_validation_reports_the_mean_of_its_folds(ray_session, linear_data, tmp_path):
@@ -127,3 +139,22 @@ def test_cross_validation_reports_the_mean_of_its_folds(ray_session, linear_data
     saved["run"] = {"storage_path": str(tmp_path / "refs"), "name": "fold-0"}
     train_torch(Config.from_saved(saved))
     assert _last_val_loss(tmp_path / "refs" / "fold-0") == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_optuna_draws_its_trials_within_the_space(ray_session, linear_data, tmp_path):
+    pytest.importorskip("optuna")
+    import raymb
+
+    tune = (
+        '[tune]\nsearch = "optuna"\nsamples = 2\n[tune.space]\n'
+        '"optim.lr" = { loguniform = [0.01, 0.3] }\n"optim.name" = ["sgd", "adam"]\n'
+    )
+    path = _sweep_file(tmp_path, linear_data, "optuna", tune, workers=1)
+    path.write_text(path.read_text().replace("epochs = 2", "epochs = 1"))
+    result = raymb.tune(path)
+    assert len(result.trials) == 2
+    for row in result.trials:
+        assert 0.01 <= row["optim.lr"] <= 0.3 and row["optim.name"] in ("sgd", "adam")
+        assert row["status"] == "finished" and row["val_loss"] > 0
+    saved = json.loads((Path(result.trials[0]["run_dir"]) / "run.json").read_text())["config"]
+    assert saved["optim"]["lr"] == result.trials[0]["optim.lr"]  # the trial ran its draw
