@@ -88,7 +88,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: bo
         shown.close()
         cleanup = _Cleanup(sweep_dir / out.TRIALS_DIR)  # what the last trials left
         cleanup.ended = {_name_of(r, sweep_dir): time.monotonic() for r in grid}
-        cleanup._sweep()
+        cleanup._sweep(wait_s=10.0)
         rows = [_row(sweep, r, sweep_dir) for r in grid]
     finally:
         close_log(ray_log)
@@ -189,7 +189,7 @@ class _Cleanup(tune.Callback):
         if self.ended:
             self._sweep()
 
-    def _sweep(self) -> None:
+    def _sweep(self, wait_s: float = 0.0) -> None:
         from ray._raylet import PlacementGroupID
         from ray.util.placement_group import (
             PlacementGroup,
@@ -209,10 +209,10 @@ class _Cleanup(tune.Callback):
                     remove_placement_group(group)
             if now - ended > self.WATCH_S:
                 del self.ended[name]
-        _end_orphaned_cleaners()
+        _end_orphaned_cleaners(wait_s)
 
 
-def _end_orphaned_cleaners() -> None:
+def _end_orphaned_cleaners(wait_s: float = 0.0) -> None:
     """End the PlacementGroupCleaner actors of dead Train controllers: detached, they would
     poll the missing State API for as long as the cluster lives, a process each. A controller
     starts its cleaner after itself, so a cleaner older than every controller not yet dead
@@ -229,10 +229,16 @@ def _end_orphaned_cleaners() -> None:
             if a["ActorClassName"] == "TrainController" and a["State"] != "DEAD"
         ]
         oldest = min(living, default=math.inf)
+        ended = []
         for a in actors:
             cleaner = a["ActorClassName"] == "PlacementGroupCleaner" and a["State"] == "ALIVE"
             if cleaner and a["StartTime"] < oldest:
                 global_worker.core_worker.kill_actor(ray.ActorID.from_hex(a["ActorID"]), True)
+                ended.append(a["ActorID"])
+        deadline = time.monotonic() + wait_s  # a kill is asynchronous
+        while ended and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ended = [i for i in ended if state.actors(actor_id=i).get("State") != "DEAD"]
     except Exception:  # noqa: BLE001 - a cleanup of Ray's internals: never the sweep's failure
         pass
 
