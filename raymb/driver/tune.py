@@ -226,7 +226,8 @@ def _end_orphaned_cleaners(wait_s: float = 0.0) -> None:
         living = [
             a["StartTime"]
             for a in actors
-            if a["ActorClassName"] == "TrainController" and a["State"] != "DEAD"
+            # One not started yet (StartTime 0) has no cleaner yet, and may never start.
+            if a["ActorClassName"] == "TrainController" and a["State"] != "DEAD" and a["StartTime"]
         ]
         oldest = min(living, default=math.inf)
         ended = []

@@ -105,14 +105,14 @@ def test_asha_stops_the_diverging_trials_early(ray_session, linear_data, tmp_pat
         assert steps[lr] < 12  # before the last epoch's 4 steps
     assert status[good[0]] == "finished"  # the first at the rung is never stopped
     assert result.best_values["optim.lr"] in good
-    # The stopped trials' Train runs left nothing: no placement group, no worker, no cleaner.
+    # The stopped trials' Train runs left no placement group and no controller or worker.
     import ray
     from ray._private import state
     from ray.util.placement_group import placement_group_table
 
     left = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
     assert left == []
-    trains = ("TrainController", "RayTrainWorker", "PlacementGroupCleaner")
+    trains = ("TrainController", "RayTrainWorker")
     alive = [a["ActorClassName"] for a in state.actors().values() if a["State"] == "ALIVE"]
     assert not [a for a in alive if a in trains], alive
     free = ray.available_resources().get("CPU", 0)
