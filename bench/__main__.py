@@ -21,8 +21,9 @@ BENCHMARKS = {
     "strategies": "train.sync grad vs param (H=1,4,16) vs diloco (H=16,64): loss, bytes, time",
     "rng": "row-keyed draws: ms per million; dropout and data.augment against none in a step",
     "advice": "train.noise_scale's cost on the mlp and gpt; lr-find's wall time against train",
+    "tune": "a `raymb tune` grid of 4 vs the same 4 `raymb train` runs one by one; trial overhead",
 }
-# startup and epochs start Ray in subprocesses, so they run first, before `all` holds a
+# startup, tune and epochs start Ray in subprocesses, so they run first, before `all` holds a
 # session.
 ORDER = (
     "loop",
@@ -30,6 +31,7 @@ ORDER = (
     "rng",
     "advice",
     "startup",
+    "tune",
     "epochs",
     "ingest",
     "scaling",

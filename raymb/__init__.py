@@ -8,12 +8,17 @@ from raymb.config import Config, load_config
 from raymb.errors import CheckpointError, ConfigError, DataError, RaymbError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from raymb.config.tune import Sweep
     from raymb.driver.run import Result
+    from raymb.rundir.sweep import TuneResult
 
 __all__ = [
     "Config",
     "load_config",
     "train",
+    "tune",
     "RaymbError",
     "ConfigError",
     "DataError",
@@ -28,3 +33,14 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
     from raymb.driver.run import train as _train  # Ray is imported only when training
 
     return _train(config, address=address, verbose=verbose)
+
+
+def tune(
+    config: Sweep | str | Path, *, address: str | None = None, verbose: bool = False
+) -> TuneResult:
+    """Run (or resume) a sweep on Ray Tune: a sweep config file's path (an ordinary config
+    with [tune] and [tune.space]), or raymb.config.tune.load_sweep's Sweep. Returns the
+    trials, the best trial's values, metric and config (docs/tune.md)."""
+    from raymb.cli.tune import tune as _tune
+
+    return _tune(config, address=address, verbose=verbose)

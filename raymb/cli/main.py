@@ -2,8 +2,9 @@
 place where an error a user can cause becomes one line and an exit status.
 
 Each command's arguments and the function that runs it live in its group's module:
-raymb.cli.train (train, config-schema), raymb.cli.lr_find (lr-find), raymb.cli.data
-(gen-data, prepare) and raymb.cli.tools (eval, predict, sample, export, runs, plot).
+raymb.cli.train (train, config-schema), raymb.cli.lr_find (lr-find), raymb.cli.tune (tune),
+raymb.cli.data (gen-data, prepare) and raymb.cli.tools (eval, predict, sample, export, runs,
+plot).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
-from raymb.cli import data, lr_find, tools, train
+from raymb.cli import data, lr_find, tools, train, tune
 from raymb.errors import RaymbError
 
 
@@ -40,6 +41,12 @@ TABLE = (
         "suggest optim.lr: a learning-rate range test on the config's workers and data",
         lr_find.add_lr_find_arguments,
         lr_find.run_lr_find,
+    ),
+    Command(
+        "tune",
+        "search hyperparameters on Ray Tune: grid, random, Optuna, ASHA, cross-validation",
+        tune.add_tune_arguments,
+        tune.run_tune,
     ),
     Command(
         "gen-data",

@@ -177,7 +177,7 @@ def bounds(f: Any) -> str:
 def describe(tp: Any) -> str:
     """A field's type in words, for the 'must be' of an error."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or origin is dict:
         return "a table of keys"
     if origin is Annotated:
         return describe(args[0])

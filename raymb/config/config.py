@@ -107,7 +107,8 @@ class Config:
             # Never validate a user's model on the demo set.
             raw = {**raw, "data": {**data, "val": None}}
         config = build(cls, raw, "")
-        if config.data.val is None and "metric" not in raw.get("checkpoint", {}):
+        no_val = config.data.val is None and not config.data.folds
+        if no_val and "metric" not in raw.get("checkpoint", {}):
             # The default, val_loss, would refuse to train: fall back to what there is.
             checkpoint = dataclasses.replace(config.checkpoint, metric="train_loss")
             config = dataclasses.replace(config, checkpoint=checkpoint)

@@ -23,18 +23,27 @@ else:  # pragma: no cover
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a TOML config (or the defaults when path is None), apply --set overrides, and
     fill in the [data] keys of a prepared folder's manifest that neither sets."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_toml(path)
+    raw = read_tables(path, overrides)
+    if "tune" in raw:  # a sweep's config: raymb.config.tune reads it
+        raise ConfigError(
+            "[tune] is a sweep's section: run it with raymb tune --config FILE (or remove "
+            "[tune] to train one run)"
+        )
+    return Config.from_dict(with_manifest(raw))
+
+
+def read_tables(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> dict[str, Any]:
+    """A config file's tables (none when path is None) with the --set overrides applied."""
+    raw: dict[str, Any] = read_toml(path) if path is not None else {}
     for item in overrides:
-        path, value = parse_override(item)
+        keys, value = parse_override(item)
         table = raw
-        for part in path[:-1]:
+        for part in keys[:-1]:
             table = table.setdefault(part, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a table")
-        table[path[-1]] = value
-    return Config.from_dict(with_manifest(raw))
+        table[keys[-1]] = value
+    return raw
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

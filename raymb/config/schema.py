@@ -63,14 +63,18 @@ Each key: its type, its default, what it does."""
 
 def markdown() -> str:
     """docs/config.md: every section and key of the config, from the sections' fields."""
+    from raymb.config.tune import TuneSection
+
     fields = Config.__pydantic_fields__
-    index = "Sections: " + ", ".join(f"[[{n}]](#{n})" for n in fields) + "."
+    names = [*fields, "tune"]
+    index = "Sections: " + ", ".join(f"[[{n}]](#{n})" for n in names) + "."
     lines = [HEADER, "", _wrap(index), ""]
     for name, f in fields.items():
         if one_of(f) is not None:
             _model(name, f, lines)
         else:
             _section(name, f.annotation, lines)
+    _section("tune", TuneSection, lines)  # a sweep's, read by raymb tune (docs/tune.md)
     return "\n".join(lines).rstrip() + "\n"
 
 

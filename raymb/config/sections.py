@@ -132,6 +132,12 @@ class DataSection:
     std: list[float] | None = None
     """Per-channel standard deviation divided by after data.mean."""
     augment: AugmentSection = field(default_factory=AugmentSection)
+    folds: NonNegativeInt = 0
+    """k >= 2: k-fold cross-validation (`raymb tune` sets it): the rows of data.train whose
+    position in a permutation drawn from train.seed is data.fold mod k validate, the others
+    train (data.val must be unset; the rows are cached). 0: none."""
+    fold: NonNegativeInt = 0
+    """With data.folds: the fold held out, 0 to data.folds - 1."""
 
     @property
     def label_column(self) -> str | None:
@@ -149,6 +155,15 @@ class DataSection:
         require(std is None or all(s > 0 for s in std), "data.std", "positive values", std)
         lm = 'one column of token blocks when data.task = "lm"'
         require(self.task != "lm" or isinstance(features, str), "data.features", lm, features)
+        if self.folds or self.fold:
+            folds, fold = self.folds, self.fold
+            require(folds >= 2, "data.folds", ">= 2 when data.fold is set (or 0)", folds)
+            require(fold < folds, "data.fold", f"< data.folds={folds}", fold)
+            why = "with data.folds (the held-out rows validate)"
+            require(self.val is None, "data.val", f'unset ("") {why}', self.val)
+            require(self.cache is not False, "data.cache", 'true or "auto" with data.folds', False)
+            files = '"rows" or "none" with data.folds (a fold is a set of rows)'
+            require(self.shuffle != "files", "data.shuffle", files, self.shuffle)
 
 
 @section("optim")

@@ -57,3 +57,27 @@ def rank_rows(start: int, n: int, world: int, rank: int) -> slice:
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of an epoch's order: distinct for every (seed, epoch) below a million epochs."""
     return (seed * 1_000_003 + epoch * 7_919 + 0x5EED) % (2**63)
+
+
+def fold_rows(seed: int, total: int, folds: int, fold: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, held-out rows) of fold `fold` of k-fold cross-validation (data.folds),
+    both ascending: the held-out rows are those whose position in a permutation of the
+    `total` rows, drawn from `seed` alone, is `fold` mod `folds`. The k folds partition the
+    rows; a fold's training rows are then a data set of their own, in file order."""
+    import torch
+
+    generator = torch.Generator().manual_seed(fold_seed(seed))
+    held = torch.randperm(total, generator=generator)[fold::folds].sort().values
+    keep = torch.ones(total, dtype=torch.bool)
+    keep[held] = False
+    return torch.arange(total)[keep], held
+
+
+def held_out_count(total: int, folds: int, fold: int) -> int:
+    """How many rows fold `fold` holds out: the positions fold, fold + k, ... below total."""
+    return len(range(fold, total, folds))
+
+
+def fold_seed(seed: int) -> int:
+    """The seed of the folds' permutation: apart from every epoch's (epoch_seed)."""
+    return (seed * 1_000_003 + 0xF01D5) % (2**63)  # no epoch * 7_919 + 0x5EED is 0xF01D5

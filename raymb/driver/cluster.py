@@ -163,9 +163,12 @@ def data_spec(
     return DataSpec.of(info, config, what=what, blocks=tuple(dataset.to_arrow_refs()))
 
 
-def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: Location):
+def make_trainer(
+    config: Config, loop, loop_config: dict, cpus: float, run_dir: Location, callbacks=()
+):
     """The TorchTrainer of a run: its workers, storage, failures, checkpoints. Each worker
-    writes its checkpoint files straight to run_dir's filesystem (Ray Train's upload)."""
+    writes its checkpoint files straight to run_dir's filesystem (Ray Train's upload).
+    `callbacks`: Ray Train callbacks of the run (a sweep's trial reports to Ray Tune)."""
     # Ray passes the setting on to the controller that fit() starts.
     os.environ.setdefault(POLL_ENV, str(POLL_S))
     return TorchTrainer(
@@ -190,6 +193,7 @@ def make_trainer(config: Config, loop, loop_config: dict, cpus: float, run_dir: 
                 checkpoint_score_attribute=config.checkpoint.metric,
                 checkpoint_score_order=config.checkpoint.mode,
             ),
+            callbacks=list(callbacks) or None,
         ),
     )
 

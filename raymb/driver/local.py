@@ -18,7 +18,7 @@ from raymb.rundir.checkpoint import MODEL_FILE
 from raymb.worker.epochs import train_loop
 from raymb.worker.feed import read_blocks
 from raymb.worker.session import TorchSession, run_torch
-from raymb.worker.spec import DataSpec, EpochsSpec
+from raymb.worker.spec import DataSpec, EpochsSpec, validation
 
 
 def local_spec(config: Config) -> EpochsSpec:
@@ -30,12 +30,14 @@ def local_spec(config: Config) -> EpochsSpec:
         blocks = read_blocks(info.files, columns, info.filesystem)
         return DataSpec.of(info, config, what=what, blocks=blocks)
 
+    train = cached(train_info, "data.train")
+    val = cached(val_info, "data.val") if val_info else None
     return EpochsSpec(
         config=config,
         plan=plan,
         run_dir=run_location(config),
-        train=cached(train_info, "data.train"),
-        val=cached(val_info, "data.val") if val_info else None,
+        train=train,
+        val=validation(config, train, val),
         tokenizer=tokenizer_spec(config),
     )
 

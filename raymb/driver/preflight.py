@@ -54,7 +54,7 @@ def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
                 f"{val_info.label_kind} labels; data.train has "
                 f"{describe_shape(train_info, data.features)} and {train_info.label_kind}"
             )
-    if config.checkpoint.metric.startswith("val_") and val_info is None:
+    if config.checkpoint.metric.startswith("val_") and val_info is None and not data.folds:
         raise ConfigError(
             f"checkpoint.metric={config.checkpoint.metric!r} needs data.val; set data.val "
             "or checkpoint.metric=train_loss"
@@ -62,9 +62,14 @@ def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
     inputs = Inputs.of(data, _task(config, train_info), train_info.feature_shape)
     _check_model_fits(config, inputs, train_info)
     found = find_manifest(data.train)
+    num_rows = train_info.num_rows
+    if data.folds:  # a fold trains on the rows it does not hold out (raymb.core.order)
+        from raymb.core.order import held_out_count
+
+        num_rows -= held_out_count(num_rows, data.folds, data.fold)
     plan = Plan.build(
         config,
-        num_rows=train_info.num_rows,
+        num_rows=num_rows,
         inputs=inputs,
         out_features=_out_features(
             config, inputs.task, train_info, val_info, found[1] if found else {}

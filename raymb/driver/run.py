@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from raymb.config import Config
 from raymb.data.checks import describe_shape
@@ -50,31 +50,45 @@ class Result:
         return self.summary["checkpoint"]
 
 
-def train(config: Config, *, address: str | None = None, verbose: bool = False) -> Result:
+def train(
+    config: Config,
+    *,
+    address: str | None = None,
+    verbose: bool = False,
+    callbacks: Sequence[Any] = (),
+    stream: TextIO | None = None,
+) -> Result:
     """Train as configured and return the run's summary (also written to summary.json).
-    Ray's own lines go to <run dir>/logs/ray.log; `verbose` shows them on the terminal."""
+    Ray's own lines go to <run dir>/logs/ray.log; `verbose` shows them on the terminal.
+
+    A trial of `raymb tune` (raymb.driver.tune) runs it inside the sweep's Ray session: its
+    `callbacks` (Ray Train UserCallbacks) go to the trainer's RunConfig, and `stream` takes
+    the progress display instead of stderr."""
     run_dir = check_run_dir(config)  # before the data checks: no torch needed
     plan, train_info, val_info = prepare(config)
-    shown = progress.Watch(run_dir / "metrics.csv", plan.total_steps)
+    shown = progress.Watch(run_dir / "metrics.csv", plan.total_steps, stream)
 
     def start(stop_file: Location) -> tuple[Callable, Any]:
         from raymb.driver.cluster import data_spec, use_cache
         from raymb.worker.epochs import train_loop
-        from raymb.worker.spec import EpochsSpec
+        from raymb.worker.spec import EpochsSpec, validation
 
-        cached = use_cache(config, [train_info, val_info])
+        # A fold of cross-validation is an index into the cached rows.
+        cached = use_cache(config, [train_info, val_info]) or bool(config.data.folds)
         shown.say(
             f"raymb: data.train: {train_info.num_rows} rows, "
             f"{describe_shape(train_info, config.data.features)}, task {plan.inputs['task']}"
         )
         if cached:
             shown.phase("reading data")  # into Ray's object store, here on the driver
+        train_spec = data_spec(train_info, config, cached)
+        val = data_spec(val_info, config, cached, "data.val") if val_info else None
         spec = EpochsSpec(
             config=config,
             plan=plan,
             run_dir=run_dir,
-            train=data_spec(train_info, config, cached),
-            val=data_spec(val_info, config, cached, "data.val") if val_info else None,
+            train=train_spec,
+            val=validation(config, train_spec, val),
             tokenizer=tokenizer_spec(config),
         )
         return train_loop, spec
@@ -86,7 +100,15 @@ def train(config: Config, *, address: str | None = None, verbose: bool = False) 
         return "stopped" if stop_asked and summary["steps"] < plan.total_steps else "finished"
 
     return _launch(
-        config, run_dir, address, verbose, shown, start, stops="at the next step", close=close
+        config,
+        run_dir,
+        address,
+        verbose,
+        shown,
+        start,
+        stops="at the next step",
+        close=close,
+        callbacks=callbacks,
     )
 
 
@@ -146,6 +168,7 @@ def _launch(
     *,
     stops: str,
     close: Callable[[dict[str, Any], dict[str, Any], bool], str],
+    callbacks: Sequence[Any] = (),
 ) -> Result:
     """What train and follow share once their checks passed: hold the run directory, start
     or join Ray, build the trainer from `start(stop_file)` (the loop and its spec), and run it.
@@ -168,7 +191,7 @@ def _launch(
             stop_file = run_dir / STOP_FILE
             stop_file.remove()  # left by an earlier run
             loop, spec = start(stop_file)
-            trainer = make_trainer(config, loop, {"spec": spec}, cpus, run_dir)
+            trainer = make_trainer(config, loop, {"spec": spec}, cpus, run_dir, callbacks)
         except BaseException:
             shown.close()
             lock.discard()  # a new run that never started leaves nothing; an older one is kept

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from raymb.core.order import epoch_order, epoch_seed, rank_rows, worker_rows
+from raymb.core.order import epoch_order, epoch_seed, fold_rows, rank_rows, worker_rows
 from raymb.core.plan import Plan
 from raymb.data.checks import check_values
 from raymb.data.columns import table_to_tensors
@@ -45,6 +45,9 @@ class CachedSource:
     def __init__(self, spec: DataSpec, fetch: Fetch, features, label, plan: Plan, rank, world):
         self.x, self.y = _tensors(spec, fetch, features, label)
         self.file_rows = spec.file_rows
+        if spec.folds:  # the fold's training rows, a data set of their own in file order
+            self.x, self.y = _fold(spec, self.x, self.y)
+            self.file_rows = (len(self.y),)
         self.shuffle, self.seed = spec.shuffle, spec.seed
         self.plan, self.rank, self.world = plan, rank, world
 
@@ -105,6 +108,8 @@ def val_batches(
         return None
     if spec.cached:
         x, y = _tensors(spec, fetch, features, label)
+        if spec.folds:
+            x, y = _fold(spec, x, y)
         x, y = x[rank::world], y[rank::world]
         return [(x[i : i + rows], y[i : i + rows]) for i in range(0, len(y), rows)]
     return _StreamedVal(spec, features, label, rank, world, rows)
@@ -126,6 +131,13 @@ class _StreamedVal:
             if part.stop > part.start:
                 table = table.slice(part.start, part.stop - part.start)
                 yield table_to_tensors(table, self.features, self.label)
+
+
+def _fold(spec: DataSpec, x: torch.Tensor, y: torch.Tensor) -> Batch:
+    """A cached set's rows of its fold: the training rows, or the held-out ones."""
+    train, held = fold_rows(spec.seed, len(y), spec.folds, spec.fold)
+    rows = held if spec.held_out else train
+    return x.index_select(0, rows), y.index_select(0, rows)
 
 
 def _stream(spec: DataSpec, files: list[str]):

@@ -7,7 +7,7 @@ nothing that reads the disk when it is built on the worker side.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from raymb.config import Config
@@ -55,6 +55,11 @@ class DataSpec:
     blocks: tuple = ()
     """Cached: the set in file order, as Ray object refs (RaySession) or pyarrow Tables
     (TorchSession); the session's fetch turns them into Tables."""
+    folds: int = 0
+    fold: int = 0
+    """data.folds, data.fold: train on the rows fold `fold` keeps (raymb.core.order.fold_rows)."""
+    held_out: bool = False
+    """With folds: this spec reads the fold's held-out rows instead (its validation)."""
 
     @classmethod
     def of(
@@ -82,7 +87,16 @@ class DataSpec:
             seed=config.train.seed,
             shuffle_buffer=max(4096, 4 * step_rows),
             blocks=tuple(blocks or ()),
+            folds=config.data.folds,
+            fold=config.data.fold,
         )
+
+
+def validation(config: Config, train: DataSpec, val: DataSpec | None) -> DataSpec | None:
+    """What validates: data.val's spec, or with data.folds the held-out rows of data.train."""
+    if not config.data.folds:
+        return val
+    return replace(train, held_out=True, what=f"data.train (fold {config.data.fold})")
 
 
 @dataclass(frozen=True, kw_only=True)

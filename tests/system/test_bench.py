@@ -124,6 +124,17 @@ def test_startup(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.bench
+def test_tune(tmp_path):
+    # A sweep and four plain runs, each launching its own local Ray (minutes on 2 cores).
+    payload = _run("tune", tmp_path)
+    one_by_one, sweep = payload["rows"]
+    assert _positive(one_by_one["wall_s"]) and _positive(sweep["wall_s"])
+    assert _positive(sweep["ratio"]) and len(payload["trial_overheads_s"]) == 4
+    assert all(math.isfinite(s) for s in payload["trial_overheads_s"])
+
+
+@pytest.mark.ray
+@pytest.mark.bench
 def test_epochs(tmp_path):
     # Before the module's Ray session: it launches both programs, then runs raymb in its own.
     payload = _run("epochs", tmp_path)

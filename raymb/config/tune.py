@@ -1,0 +1,364 @@
+"""A sweep's config (`raymb tune`): an ordinary config plus [tune] and [tune.space].
+
+Pure Python, no Ray and no torch: `load_sweep` reads the file and the --set overrides, checks
+[tune] and the space, and checks every trial's config through `Config.from_dict` (every grid
+point; the bounds and a few seeded draws of a random space), so that a sweep that would fail
+in its third trial is refused before anything starts. `trials` expands a grid into the trials'
+values, in the order Ray Tune runs them.
+
+`raymb train` refuses a config that has [tune] (raymb.config.load): it names `raymb tune`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import random
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge
+from pydantic.types import NonNegativeInt, PositiveInt
+
+from raymb.config.build import MAX_SEED, build, section
+from raymb.config.config import Config
+from raymb.config.load import read_tables, with_manifest
+from raymb.errors import ConfigError
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+FIXED = ("run.name", "run.storage_path", "data.fold", "data.folds")
+"""Keys a sweep sets itself: the trials' run directories and their cross-validation folds."""
+RANDOM_CHECKS = 8
+"""Seeded draws of a random space checked before the sweep starts (besides its bounds)."""
+
+
+@section("tune")
+class TuneSection:
+    """`raymb tune`: a sweep over the keys of [tune.space], each trial an ordinary run in
+    <run dir>/trials/<trial>/ (`raymb train` refuses a config with [tune])."""
+
+    metric: Literal["val_loss", "train_loss", "val_accuracy"] | None = None
+    """The metric trials are compared by; unset: checkpoint.metric."""
+    mode: Literal["min", "max"] | None = None
+    """Whether the best trial has the least or the most of the metric; unset: max for
+    val_accuracy, else min."""
+    search: Literal["grid", "random", "optuna"] = "grid"
+    """grid: every combination of the lists in [tune.space]; random: `samples` seeded draws;
+    optuna: `samples` trials chosen by Optuna's TPE sampler (pip install 'raymb[tune]')."""
+    samples: PositiveInt = 1
+    """grid: repeats of the whole grid, each with its own train.seed (the first keeps
+    train.seed, the others are drawn from it); random, optuna: the number of trials."""
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    """fifo: every trial runs to its end; asha: ASHA stops trials whose metric lags at a rung
+    (after grace_epochs, then every reduction_factor times as many epochs)."""
+    grace_epochs: PositiveInt = 1
+    """asha: epochs a trial runs before it may be stopped."""
+    reduction_factor: Annotated[int, Ge(2)] = 3
+    """asha: the share of trials kept at each rung is 1 / reduction_factor."""
+    max_concurrent: NonNegativeInt = 0
+    """Trials at once; 0: as many as the cluster has CPUs for (scale.workers x each worker's
+    CPUs, one CPU left for Ray Data's reads)."""
+    cv_folds: NonNegativeInt = 0
+    """k >= 2: k-fold cross-validation over data.train: each trial trains k runs, fold f
+    validating on the rows whose position in a permutation of the training rows drawn from
+    train.seed is f mod k (data.fold, data.folds), and its metric is the mean over the
+    folds; data.val is not used. 0: none."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """[tune.space]: a config key as written ("optim.lr") = a list of values (the grid's;
+    the choices under random or optuna), or one distribution: { uniform = [low, high] },
+    { loguniform = [low, high] } (low > 0), { randint = [low, high] } (high excluded),
+    { choice = [a, b, ...] }."""
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One key of [tune.space]: `kind` is "grid" (a list), or a distribution's name."""
+
+    key: str
+    kind: str
+    values: tuple
+
+    def draw(self, rng: random.Random) -> Any:
+        """A value as a random search draws it (the checks' draws; Ray Tune draws its own)."""
+        if self.kind in ("grid", "choice"):
+            return rng.choice(self.values)
+        low, high = self.values
+        if self.kind == "uniform":
+            return rng.uniform(low, high)
+        if self.kind == "loguniform":
+            return math.exp(rng.uniform(math.log(low), math.log(high)))
+        return rng.randrange(low, high)
+
+    def edges(self) -> list[Any]:
+        """The values a check must try: every listed value, or a range's two ends."""
+        if self.kind in ("grid", "choice"):
+            return list(self.values)
+        low, high = self.values
+        return [low, high - 1] if self.kind == "randint" else [low, high]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A checked sweep: the base config (its tables `raw`, without [tune]), [tune], the space,
+    and the metric resolved."""
+
+    raw: dict[str, Any]
+    config: Config
+    tune: TuneSection
+    space: tuple[Dimension, ...]
+    metric: str
+    mode: str
+
+    @property
+    def keys(self) -> list[str]:
+        """The searched keys as written, and train.seed for a grid repeated with new seeds."""
+        keys = [d.key for d in self.space]
+        if self.repeats_seed:
+            keys.append("train.seed")
+        return keys
+
+    @property
+    def repeats_seed(self) -> bool:
+        return (
+            self.tune.search == "grid"
+            and self.tune.samples > 1
+            and "train.seed" not in [d.key for d in self.space]
+        )
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every trial's values of a grid search: the product of the lists, `samples` times
+        (each repeat with its own train.seed)."""
+        points = [
+            dict(zip([d.key for d in self.space], combo))
+            for combo in itertools.product(*(d.values for d in self.space))
+        ]
+        if not self.repeats_seed:
+            return points
+        seeds = repeat_seeds(self.config.train.seed, self.tune.samples)
+        return [{**p, "train.seed": s} for s in seeds for p in points]
+
+    def trial_raw(self, values: dict[str, Any], *, storage: str, name: str) -> dict[str, Any]:
+        """A trial's config tables: the base with the trial's values, its run directory
+        `storage`/`name`."""
+        raw = _deep_copy(self.raw)
+        for key, value in values.items():
+            set_key(raw, key, value)
+        if self.tune.scheduler == "asha" and "min_interval_s" not in raw.get("checkpoint", {}):
+            # ASHA compares trials at each validation: validate at every epoch's end.
+            set_key(raw, "checkpoint.min_interval_s", 0.0)
+        set_key(raw, "run.storage_path", storage)
+        set_key(raw, "run.name", name)
+        return raw
+
+    def fold_raw(self, raw: dict[str, Any], fold: int, *, storage: str) -> dict[str, Any]:
+        """Fold `fold` of a trial's config under cross-validation: the held-out rows of
+        data.train validate, data.val is not read."""
+        raw = _deep_copy(raw)
+        set_key(raw, "data.folds", self.tune.cv_folds)
+        set_key(raw, "data.fold", fold)
+        set_key(raw, "data.val", "")
+        set_key(raw, "run.storage_path", storage)
+        set_key(raw, "run.name", f"fold-{fold}")
+        if "metric" not in raw.get("checkpoint", {}):
+            set_key(raw, "checkpoint.metric", self.config.checkpoint.metric)
+        return raw
+
+    def best_raw(self, values: dict[str, Any]) -> dict[str, Any]:
+        """best.toml's tables: the base with the best trial's values, run.name <name>-best."""
+        raw = _deep_copy(self.raw)
+        for key, value in values.items():
+            set_key(raw, key, value)
+        if self.tune.scheduler == "asha" and "min_interval_s" not in raw.get("checkpoint", {}):
+            set_key(raw, "checkpoint.min_interval_s", 0.0)  # as the trial validated
+        set_key(raw, "run.name", f"{self.config.run.name}-best")
+        return raw
+
+
+def load_sweep(path: str | None, overrides: typing.Sequence[str] = ()) -> Sweep:
+    """Read a sweep's config file and --set overrides (`tune.KEY=VALUE` sets [tune]); check
+    [tune], the space and every trial's config. A one-line ConfigError names what to fix."""
+    raw = read_tables(path, overrides)
+    tune_table = raw.pop("tune", None)
+    if tune_table is None:
+        raise ConfigError("raymb tune needs a [tune] section with [tune.space] (docs/tune.md)")
+    tune = build(TuneSection, tune_table, "tune")
+    raw = with_manifest(raw)
+    config = Config.from_dict(raw)
+    return check_sweep(raw, config, tune)
+
+
+def check_sweep(raw: dict[str, Any], config: Config, tune: TuneSection) -> Sweep:
+    """The checks of [tune] against the base config, and of every trial's config."""
+    if tune.cv_folds == 1:
+        raise ConfigError("tune.cv_folds must be 0 (none) or at least 2 (got 1)")
+    if tune.search == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise ConfigError(
+                'tune.search = "optuna" needs optuna: pip install "raymb[tune]"'
+                ' (or use search = "random")'
+            )
+    if tune.scheduler == "asha" and tune.cv_folds:
+        raise ConfigError(
+            'tune.scheduler = "asha" cannot stop cross-validated trials (their folds run one '
+            'after another): use scheduler = "fifo" or cv_folds = 0'
+        )
+    if tune.search == "grid" and tune.samples > 1 and "train.seed" in tune.space:
+        raise ConfigError(
+            "tune.samples > 1 repeats a grid with new train.seed values: do not search "
+            '"train.seed" as well'
+        )
+    metric = tune.metric or config.checkpoint.metric
+    mode = tune.mode or ("max" if metric.endswith("accuracy") else "min")
+    if metric.startswith("val_") and config.data.val is None and not tune.cv_folds:
+        raise ConfigError(
+            f"tune.metric={metric!r} needs data.val (or tune.cv_folds >= 2); "
+            'or set tune.metric = "train_loss"'
+        )
+    if tune.cv_folds and config.data.cache is False:
+        raise ConfigError(
+            'tune.cv_folds needs data.cache = true or "auto" (a fold is an index into the '
+            "cached rows)"
+        )
+    if tune.cv_folds and config.data.shuffle == "files":
+        raise ConfigError(
+            'tune.cv_folds needs data.shuffle = "rows" or "none" (a fold is a set of rows, '
+            "not of files)"
+        )
+    space = tuple(parse_dimension(k, v, tune.search) for k, v in tune.space.items())
+    if not space:
+        raise ConfigError('[tune.space] is empty: give at least one key, e.g. "optim.lr" = [...]')
+    sweep = Sweep(raw=raw, config=config, tune=tune, space=space, metric=metric, mode=mode)
+    if tune.search == "grid":
+        candidates = sweep.grid()
+    else:  # every listed value and range end with the others' first, then seeded draws
+        first = {d.key: d.edges()[0] for d in space}
+        candidates = [{**first, d.key: v} for d in space for v in d.edges()]
+        rng = random.Random(config.train.seed)
+        candidates += [{d.key: d.draw(rng) for d in space} for _ in range(RANDOM_CHECKS)]
+    for values in candidates:
+        _check_trial(sweep, values)
+    return sweep
+
+
+def parse_dimension(key: Any, value: Any, search: str) -> Dimension:
+    """One [tune.space] entry, its key checked to be a config key the sweep may set."""
+    where = f"tune.space.{key!r}" if not _plain_key(key) else f'tune.space."{key}"'
+    if not _plain_key(key):
+        raise ConfigError(f'{where}: expected a config key such as "optim.lr" (section.key)')
+    if key in FIXED:
+        raise ConfigError(f"{where}: a sweep sets {key} itself; it cannot be searched")
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{where} is an empty list: give at least one value")
+        return Dimension(key, "grid", tuple(value))
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ConfigError(
+            f"{where}: expected a list of values or one distribution, "
+            f"{{ {' | '.join(DISTRIBUTIONS)} = [...] }} (got {value!r})"
+        )
+    ((kind, args),) = value.items()
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(
+            f"{where}: unknown distribution {kind!r}; known: {', '.join(DISTRIBUTIONS)}"
+        )
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: choice takes a non-empty list of values (got {args!r})")
+        return Dimension(key, "grid" if search == "grid" else "choice", tuple(args))
+    if search == "grid":
+        raise ConfigError(
+            f'{where}: a {kind} distribution needs tune.search = "random" or "optuna" '
+            "(a grid takes a list of values)"
+        )
+    number = int if kind == "randint" else (int, float)
+    ok = (
+        isinstance(args, list)
+        and len(args) == 2
+        and all(isinstance(a, number) and not isinstance(a, bool) for a in args)
+        and all(math.isfinite(a) for a in args)
+        and args[0] < args[1]
+    )
+    if not ok:
+        what = "two integers" if kind == "randint" else "two numbers"
+        raise ConfigError(
+            f"{where}: {kind} takes [low, high], {what} with low < high (got {args!r})"
+        )
+    if kind == "loguniform" and args[0] <= 0:
+        raise ConfigError(f"{where}: loguniform needs bounds > 0 (got {args!r})")
+    return Dimension(key, kind, (args[0], args[1]))
+
+
+def _plain_key(key: Any) -> bool:
+    parts = key.split(".") if isinstance(key, str) else []
+    return len(parts) in (2, 3) and all(p and p.isidentifier() for p in parts)
+
+
+def _check_trial(sweep: Sweep, values: dict[str, Any]) -> None:
+    """A trial's config must build; a key that is no config key is named as such."""
+    raw = sweep.trial_raw(values, storage=sweep.config.run.storage_path, name="trial")
+    try:
+        config = Config.from_dict(raw)
+        if sweep.tune.cv_folds:
+            Config.from_dict(sweep.fold_raw(raw, 0, storage=config.run.storage_path))
+    except ConfigError as e:
+        text = str(e)
+        for key in values:
+            if key in text and ("unknown config" in text or "is not a key of" in text):
+                raise ConfigError(f'tune.space."{key}" is not a config key: {text}') from None
+        shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        raise ConfigError(f"tune.space: the trial {shown} is not a valid config: {text}") from None
+
+
+def repeat_seeds(seed: int, samples: int) -> list[int]:
+    """train.seed of each repeat of a grid: the first keeps `seed`, the others are drawn
+    from it (distinct, within 0..MAX_SEED)."""
+    seeds = [seed]
+    r = 0
+    while len(seeds) < samples:
+        r += 1
+        digest = hashlib.sha256(f"raymb-tune:{seed}:{r}".encode()).digest()
+        drawn = int.from_bytes(digest[:8], "big") % (MAX_SEED + 1)
+        if drawn not in seeds:
+            seeds.append(drawn)
+    return seeds
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted config key ("optim.lr", "train.early_stopping.patience") in `raw`."""
+    *tables, last = key.split(".")
+    table = raw
+    for part in tables:
+        inner = table.get(part)
+        if not isinstance(inner, dict):
+            inner = table[part] = {}
+        table = inner
+    table[last] = value
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def sweep_toml(sweep: Sweep) -> str:
+    """--print-config: the resolved base config, then [tune] and [tune.space] as read."""
+    from raymb.config.toml import to_toml, toml_value
+
+    lines = [to_toml(sweep.config).rstrip("\n"), "", "[tune]"]
+    tune = sweep.tune
+    for name in TuneSection.__pydantic_fields__:
+        value = getattr(tune, name)
+        if name == "space":
+            continue
+        if name == "metric":
+            value = sweep.metric
+        if name == "mode":
+            value = sweep.mode
+        lines.append(f"{name} = {toml_value(value)}")
+    lines += ["", "[tune.space]"]
+    for key, value in tune.space.items():
+        lines.append(f'"{key}" = {toml_value(value)}')
+    return "\n".join(lines) + "\n"

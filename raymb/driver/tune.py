@@ -1,0 +1,438 @@
+"""`raymb tune`: a sweep on Ray Tune, each trial an ordinary raymb run.
+
+A `Tuner` over a function trainable (Train V2's pattern): each trial builds its TorchTrainer
+through raymb.driver.run.train with the trial's config, its run directory
+<sweep>/trials/<trial>/ named after the trial (no timestamp, so a resumed trial finds its own
+checkpoints), and reports to Tune at each validation (TuneReportCallback). Under
+cross-validation a trial trains its folds one after another (<trial>/fold-<f>/) and reports
+their mean. A trial's driver holds a hundredth of a CPU (ray-project/ray#54305: at one CPU it
+can starve the next trial's workers), taken from its workers' share.
+
+Starting the same sweep again restores it (Tuner.restore): finished trials are kept, the
+others resume from their latest checkpoint. The only module besides raymb.driver.cluster
+that imports Ray on the driver: the Ray-specific part of a sweep is here, the rest in
+raymb.config.tune and raymb.rundir.sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from raymb.config import Config
+from raymb.config.tune import Sweep
+from raymb.driver.cluster import connect
+from raymb.driver.logs import RayLog, close_log
+from raymb.rundir import sweep as out
+from raymb.rundir.runs import STATUS_FILE, mark
+
+DRIVER_CPU = 0.01
+"""CPUs a trial's driver holds (its workers hold the rest of the trial's share)."""
+
+
+def run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: bool):
+    """Run (or resume) the sweep in `sweep_dir`; write its outputs; return a TuneResult."""
+    config = sweep.config
+    sweep = _absolute(sweep)  # a trial runs in Tune's trial directory
+    # Tune's own output engine prints tables and trial events on the driver's terminal:
+    # the sweep's progress line (_Progress) takes their place.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # The trials' own raymb lines stay in the log: the sweep's progress line stands for them.
+    say = lambda line: None if line.startswith("raymb:") else print(line, flush=True)  # noqa: E731
+    ray_log = None if verbose else RayLog(_location(sweep_dir), say=say)
+    try:
+        cpus = connect(config, address, ray_log=ray_log)
+        if ray_log is not None:
+            print(f"raymb: Ray's own messages go to {ray_log.shown} (--verbose shows them here)")
+        W = config.scale.max_workers
+        worker_cpus = None if config.scale.use_gpu else max(cpus - DRIVER_CPU / W, DRIVER_CPU)
+        total = ray.cluster_resources().get("CPU", 0)
+        concurrent = sweep.tune.max_concurrent or max(1, int((total - 1 + 1e-9) // (W * cpus)))
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                _trial, sweep=sweep, trials_dir=str(sweep_dir / out.TRIALS_DIR), cpus=worker_cpus
+            ),
+            {"cpu": DRIVER_CPU},
+        )
+        shown = _Progress(sweep, _planned(sweep))
+        run_config = tune.RunConfig(
+            name=sweep_dir.name,
+            storage_path=str(sweep_dir.parent),
+            verbose=0,
+            callbacks=[shown, _Cleanup(sweep_dir / out.TRIALS_DIR)],
+        )
+        if tune.Tuner.can_restore(str(sweep_dir)):
+            print(f"raymb: resuming the sweep in {sweep_dir}", flush=True)
+            tuner = tune.Tuner.restore(
+                str(sweep_dir), trainable, resume_unfinished=True, param_space=_space(sweep)
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=_space(sweep),
+                tune_config=_tune_config(sweep, concurrent),
+                run_config=run_config,
+            )
+        grid = tuner.fit()
+        shown.close()
+        cleanup = _Cleanup(sweep_dir / out.TRIALS_DIR)  # what the last trials left
+        cleanup.ended = {_name_of(r, sweep_dir): time.monotonic() for r in grid}
+        cleanup._sweep(wait_s=10.0)
+        rows = [_row(sweep, r, sweep_dir) for r in grid]
+    finally:
+        close_log(ray_log)
+    return out.write_outputs(sweep, rows, sweep_dir)
+
+
+def _absolute(sweep: Sweep) -> Sweep:
+    """The sweep with data.train and data.val as absolute paths (URIs as they are)."""
+    data = dict(sweep.raw.get("data", {}))
+    for key in ("train", "val"):
+        value = data.get(key, getattr(sweep.config.data, key))
+        if isinstance(value, str) and value not in ("", "none") and "://" not in value:
+            data[key] = os.path.abspath(os.path.expanduser(value))
+    return dataclasses.replace(sweep, raw={**sweep.raw, "data": data})
+
+
+def _trial(values: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpus: float | None) -> None:
+    """One trial, in its Tune actor: an ordinary raymb run (or one per fold)."""
+    from raymb.driver.run import train
+
+    name = tune.get_context().get_trial_name()
+    values = {k: values[k] for k in sweep.keys}
+    raw = sweep.trial_raw(values, storage=trials_dir, name=name)
+    quiet = open(os.devnull, "w")  # noqa: SIM115 - the progress display, unseen in a trial
+    if not sweep.tune.cv_folds:
+        config = Config.from_dict(raw)
+        done = _finished_summary(Path(trials_dir) / name)
+        if done is not None:  # trained before the sweep was stopped: its files stay as they are
+            tune.report(_final_metrics(done, config))
+            return
+        groups = _NotePlacementGroup(_groups_file(trials_dir, name))
+        train(
+            _with_cpus(config, cpus),
+            verbose=True,
+            callbacks=[TuneReportCallback(), groups],
+            stream=quiet,
+        )
+        return
+    metrics, steps = [], 0
+    for f in range(sweep.tune.cv_folds):
+        fold = Config.from_dict(sweep.fold_raw(raw, f, storage=f"{trials_dir}/{name}"))
+        run_dir = Path(fold.run.storage_path) / fold.run.name
+        summary = _finished_summary(run_dir)
+        if summary is None:
+            groups = _NotePlacementGroup(_groups_file(trials_dir, name))
+            summary = train(
+                _with_cpus(fold, cpus), verbose=True, callbacks=[groups], stream=quiet
+            ).summary
+        metrics.append(summary.get(sweep.metric))
+        steps += summary.get("steps") or 0
+        known = [m for m in metrics if m is not None]
+        mean = sum(known) / len(known) if known else None
+        std = math.sqrt(sum((m - mean) ** 2 for m in known) / len(known)) if known else None
+        tune.report({sweep.metric: mean, f"{sweep.metric}_std": std, "fold": f + 1, "step": steps})
+
+
+def _groups_file(trials_dir: str, name: str) -> Path:
+    """Beside the trial's run directory: the placement groups of its Train runs."""
+    return Path(trials_dir) / f".{name}.placement_groups"
+
+
+class _NotePlacementGroup(WorkerGroupCallback):
+    """Writes down the placement group of each worker group the trial's Train run starts.
+
+    When the scheduler stops a trial, Tune ends its actor and Ray Train's controller with it;
+    Train's own PlacementGroupCleaner asks the dashboard's State API whether the controller
+    lives, which a cluster without a dashboard (raymb's local one) does not have, so the
+    workers' CPUs would stay held and the next trials wait forever. The sweep's driver
+    removes what a stopped trial left (_Cleanup)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def after_worker_group_start(self, worker_group) -> None:
+        handle = worker_group.get_worker_group_state().placement_group_handle
+        with open(self.path, "a") as f:
+            f.write(handle.placement_group.id.hex() + "\n")
+
+
+class _Cleanup(tune.Callback):
+    """Removes the placement groups that a trial's Train runs left once the trial has ended
+    (each checked for a while after: a dying controller may still be starting one)."""
+
+    WATCH_S = 60.0
+
+    def __init__(self, trials_dir: Path) -> None:
+        self.trials_dir = trials_dir
+        self.ended: dict[str, float] = {}
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.ended[_trial_name(trial)] = time.monotonic()
+        self._sweep()
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.on_trial_complete(iteration, trials, trial)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if self.ended:
+            self._sweep()
+
+    def _sweep(self, wait_s: float = 0.0) -> None:
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import (
+            PlacementGroup,
+            placement_group_table,
+            remove_placement_group,
+        )
+
+        now = time.monotonic()
+        for name, ended in list(self.ended.items()):
+            try:
+                ids = _groups_file(str(self.trials_dir), name).read_text().split()
+            except OSError:
+                ids = []
+            for hex_id in ids:
+                group = PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id)))
+                if placement_group_table(group).get("state") not in (None, "REMOVED"):
+                    remove_placement_group(group)
+            if now - ended > self.WATCH_S:
+                del self.ended[name]
+        _end_orphaned_cleaners(wait_s)
+
+
+def _end_orphaned_cleaners(wait_s: float = 0.0) -> None:
+    """End the PlacementGroupCleaner actors of dead Train controllers: detached, they would
+    poll the missing State API for as long as the cluster lives, a process each. A controller
+    starts its cleaner after itself, so a cleaner older than every controller not yet dead
+    is an orphan (read from the GCS's actor table; a living controller's cleaner is only a
+    safety net, which _Cleanup provides in a sweep). Internal APIs: on any error, nothing."""
+    try:
+        from ray._private import state
+        from ray._private.worker import global_worker
+
+        actors = list(state.actors().values())
+        living = [
+            a["StartTime"]
+            for a in actors
+            # One not started yet (StartTime 0) has no cleaner yet, and may never start.
+            if a["ActorClassName"] == "TrainController" and a["State"] != "DEAD" and a["StartTime"]
+        ]
+        oldest = min(living, default=math.inf)
+        ended = []
+        for a in actors:
+            cleaner = a["ActorClassName"] == "PlacementGroupCleaner" and a["State"] == "ALIVE"
+            if cleaner and a["StartTime"] < oldest:
+                global_worker.core_worker.kill_actor(ray.ActorID.from_hex(a["ActorID"]), True)
+                ended.append(a["ActorID"])
+        deadline = time.monotonic() + wait_s  # a kill is asynchronous
+        while ended and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ended = [i for i in ended if state.actors(actor_id=i).get("State") != "DEAD"]
+    except Exception:  # noqa: BLE001 - a cleanup of Ray's internals: never the sweep's failure
+        pass
+
+
+def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A fold run that finished before (a resumed trial): its summary, without training."""
+    try:
+        status = json.loads((run_dir / STATUS_FILE).read_text()).get("status")
+        if status in (out.FINISHED, out.STOPPED_EARLY):
+            return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _final_metrics(summary: dict[str, Any], config: Config) -> dict[str, Any]:
+    """What the last report of a finished run said, from its summary.json."""
+    keep = ("train_loss", "val_loss", "val_accuracy")
+    return {
+        **{k: summary[k] for k in keep if summary.get(k) is not None},
+        "step": summary.get("steps"),
+        "epoch": config.train.epochs,
+    }
+
+
+def _with_cpus(config: Config, cpus: float | None) -> Config:
+    """The trial's workers' CPUs, their share less the trial driver's (a config that sets
+    scale.cpus_per_worker keeps it); numbers do not depend on it."""
+    if cpus is None or config.scale.cpus_per_worker is not None:
+        return config
+    return dataclasses.replace(
+        config, scale=dataclasses.replace(config.scale, cpus_per_worker=cpus)
+    )
+
+
+def _space(sweep: Sweep) -> dict[str, Any]:
+    """Tune's param_space: one entry per searched key, as written."""
+    space: dict[str, Any] = {}
+    for d in sweep.space:
+        if sweep.tune.search == "grid":
+            space[d.key] = tune.grid_search(list(d.values))
+        elif d.kind in ("grid", "choice"):
+            space[d.key] = tune.choice(list(d.values))
+        elif d.kind == "uniform":
+            space[d.key] = tune.uniform(*d.values)
+        elif d.kind == "loguniform":
+            space[d.key] = tune.loguniform(*d.values)
+        else:
+            space[d.key] = tune.randint(*d.values)
+    if sweep.repeats_seed:
+        from raymb.config.tune import repeat_seeds
+
+        space["train.seed"] = tune.grid_search(
+            repeat_seeds(sweep.config.train.seed, sweep.tune.samples)
+        )
+    return space
+
+
+def _tune_config(sweep: Sweep, concurrent: int) -> tune.TuneConfig:
+    t = sweep.tune
+    search_alg = None
+    if t.search == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=sweep.config.train.seed)
+    elif t.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna = OptunaSearch(metric=sweep.metric, mode=sweep.mode, seed=sweep.config.train.seed)
+        search_alg = ConcurrencyLimiter(optuna, max_concurrent=concurrent)
+    scheduler = None
+    if t.scheduler == "asha":
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="epoch",
+            metric=sweep.metric,
+            mode=sweep.mode,
+            max_t=sweep.config.train.epochs,
+            grace_period=t.grace_epochs,
+            reduction_factor=t.reduction_factor,
+        )
+    return tune.TuneConfig(
+        metric=None if search_alg is not None or scheduler is not None else sweep.metric,
+        mode=None if search_alg is not None or scheduler is not None else sweep.mode,
+        search_alg=search_alg,
+        scheduler=scheduler,
+        num_samples=1 if t.search == "grid" else t.samples,
+        max_concurrent_trials=concurrent,
+        trial_name_creator=_trial_name,
+        trial_dirname_creator=lambda trial: f"tune-{_trial_name(trial)}",
+    )
+
+
+def _trial_name(trial) -> str:
+    """trial-000, trial-001, ... in the order Tune creates them (its trial id's counter)."""
+    counter = trial.trial_id.rsplit("_", 1)[-1]
+    return f"trial-{int(counter):03d}" if counter.isdigit() else f"trial-{trial.trial_id}"
+
+
+def _planned(sweep: Sweep) -> int:
+    return len(sweep.grid()) if sweep.tune.search == "grid" else sweep.tune.samples
+
+
+def _row(sweep: Sweep, result, sweep_dir: Path) -> dict[str, Any]:
+    """A trial's row of trials.csv, from Tune's result and its run directory's status."""
+    config = result.config or {}
+    metrics = result.metrics or {}
+    name = _name_of(result, sweep_dir)
+    run_dir = sweep_dir / out.TRIALS_DIR / name
+    row: dict[str, Any] = {"trial": name, **{k: config.get(k) for k in sweep.keys}}
+    row[sweep.metric] = metrics.get(sweep.metric)
+    if sweep.tune.cv_folds:
+        row[f"{sweep.metric}_std"] = metrics.get(f"{sweep.metric}_std")
+        done = metrics.get("fold") == sweep.tune.cv_folds
+        row["status"] = out.FINISHED if done else _failed(result) or out.STOPPED_EARLY
+    else:
+        status = _run_status(run_dir)
+        error = _failed(result)
+        # The scheduler may end a trial's actor at its last report, all its steps trained.
+        trained = (metrics.get("epoch") or 0) >= sweep.config.train.epochs or (
+            config_steps(sweep) is not None and (metrics.get("step") or 0) >= config_steps(sweep)
+        )
+        if error:
+            row["status"] = error
+        elif status == out.FINISHED or (status == "running" and trained):
+            row["status"] = out.FINISHED
+        else:  # stopped by the scheduler (or by raymb's own early stopping)
+            row["status"] = out.STOPPED_EARLY
+        if status == "running" and not error:  # its actor was ended: say so to raymb runs
+            mark(_location(run_dir), row["status"])
+    row["steps"] = metrics.get("step")
+    row["run_dir"] = str(run_dir)
+    return row
+
+
+def config_steps(sweep: Sweep) -> int | None:
+    return sweep.config.train.max_steps
+
+
+def _name_of(result, sweep_dir: Path) -> str:
+    path = Path(result.path).name
+    return path[len("tune-") :] if path.startswith("tune-") else path
+
+
+def _failed(result) -> str | None:
+    if result.error is None:
+        return None
+    lines = [line for line in str(result.error).splitlines() if line.strip()]
+    return f"failed: {lines[-1].strip() if lines else type(result.error).__name__}"
+
+
+def _run_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / STATUS_FILE).read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _location(path: Path):
+    from raymb.rundir.storage import resolve
+
+    return resolve(str(path))
+
+
+class _Progress(tune.Callback):
+    """The sweep's one progress line: trials done, running and left, and the best so far."""
+
+    def __init__(self, sweep: Sweep, planned: int) -> None:
+        self.sweep, self.planned = sweep, planned
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+        self.started = time.monotonic()
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        running = [t for t in trials if t.status == "RUNNING"]
+        left = max(self.planned - len(done) - len(running), 0)
+        best = None
+        for t in trials:
+            value = (t.last_result or {}).get(self.sweep.metric)
+            if isinstance(value, int | float) and math.isfinite(value):
+                if best is None or (value < best[0]) == (self.sweep.mode == "min"):
+                    best = (value, _trial_name(t))
+        shown = f"best {self.sweep.metric} {best[0]:.6g} ({best[1]})" if best else "no result yet"
+        line = f"raymb: tune: {len(done)} done, {len(running)} running, {left} left; {shown}"
+        if line == self.last:
+            return
+        self.last = line
+        if self.tty:
+            print(f"\r\x1b[2K{line}", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty and self.last:
+            print(file=sys.stderr, flush=True)
