@@ -238,8 +238,8 @@ def _train_log(session_dir: str | None, after: float) -> dict[str, float]:
 
 
 class _head:
-    """`ray start --head --block` on 127.0.0.1 with its own ports and temp dir; stopped (its
-    process group) at the end. Its processes inherit RAYMB_TIMELINE."""
+    """`ray start --head --block` with its own ports and temp dir; stopped (its process group)
+    at the end. Its processes inherit RAYMB_TIMELINE."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -264,7 +264,7 @@ class _head:
         }
         command = [
             str(ray),
-            *("start", "--head", "--block", "--node-ip-address", "127.0.0.1"),
+            *("start", "--head", "--block"),  # on the node's address: ray.init wants it
             *("--port", str(gcs), "--ray-client-server-port", str(client)),
             *("--dashboard-agent-listen-port", str(agent), "--include-dashboard", "false"),
             *("--num-cpus", "3", "--disable-usage-stats"),
