@@ -151,6 +151,7 @@ def _launch(
         ]
     env = {**os.environ, "RAYMB_TIMELINE": str(timeline), "RAY_USAGE_STATS_ENABLED": "0"}
     if address:
+        env["RAY_AUTH_MODE"] = "token"  # the head's token, in ~/.ray/auth_token
         env["RAYMB_TIMELINE"] = os.environ["RAYMB_BENCH_HEAD_TIMELINE"]
         timeline = Path(env["RAYMB_TIMELINE"])
         timeline.write_text("")  # the head's workers append to it: one launch at a time
