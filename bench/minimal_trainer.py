@@ -27,7 +27,9 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--classes", type=int, default=3)
     args = parser.parse_args()
+    from raymb.rundir.timeline import stamp  # bench/startup.py's phases (RAYMB_TIMELINE)
 
+    stamp("checked")
     import ray
     import ray.data
     import ray.train
@@ -36,6 +38,7 @@ def main() -> None:
     W = args.workers
     # The same cluster and worker size as raymb.driver.connect chooses.
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, W + 1), include_dashboard=False)
+    stamp("ray", session_dir=ray._private.worker._global_node.get_session_dir_path())
     total = ray.cluster_resources()["CPU"]
     cpus = min(1.0, max(total - 1, total / 2) / W)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -62,6 +65,7 @@ def main() -> None:
         ),
         datasets={"train": ray.data.read_parquet(args.data)},
     )
+    stamp("read")  # nothing read yet: the workers read the dataset as they iterate
     trainer.fit()
     ray.shutdown()
 
@@ -72,6 +76,11 @@ def train_loop(config: dict) -> None:
     import torch
     from torch import nn
 
+    from raymb.rundir.timeline import process_started, stamp
+
+    rank = ray.train.get_context().get_world_rank()
+    stamp("worker process", rank, t=process_started())
+    stamp("loop", rank)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(config["features"], 64),
@@ -88,6 +97,8 @@ def train_loop(config: dict) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if step == 1:
+            stamp("first step", rank)
         ray.train.report({"step": step, "loss": loss.item()})
         if step == config["steps"]:
             break

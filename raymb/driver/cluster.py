@@ -5,6 +5,7 @@ the TorchTrainer, and run it. The only driver module that imports Ray.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import signal
@@ -15,8 +16,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import ray.train
-from ray.train.torch import TorchTrainer
 
 from raymb.config import Config
 from raymb.data.checks import DatasetInfo
@@ -25,10 +24,34 @@ from raymb.driver import watchdog
 from raymb.driver.logs import RayLog, divert
 from raymb.rundir.storage import Location
 from raymb.worker.spec import DataSpec
-from raymb.worker.worker import POLL_ENV, POLL_S
 
-TrainingFailed = ray.train.TrainingFailedError
-"""What fit() raises when the workers fail (the run directory keeps its checkpoints)."""
+TRAINER_MODULES = ("ray.train.torch", "raymb.worker.epochs")
+"""What the trainer needs on the driver (Ray Train, torch, the loop): seconds of imports that
+connect() runs in a thread while Ray starts, not before it."""
+
+
+def __getattr__(name: str):
+    if name == "TrainingFailed":  # what fit() raises when the workers fail
+        import ray.train
+
+        return ray.train.TrainingFailedError
+    raise AttributeError(name)
+
+
+def import_trainer_modules() -> threading.Thread:
+    """Import TRAINER_MODULES in a thread; an import that fails raises again where it is used
+    (an import of a module another thread is importing waits for it)."""
+
+    def run() -> None:
+        for name in TRAINER_MODULES:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - raised again by the import that needs it
+                return
+
+    thread = threading.Thread(target=run, name="raymb-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 CACHE_SHARE = 0.25
@@ -51,6 +74,7 @@ def connect(config: Config, address: str | None, *, ray_log: RayLog | None = Non
     RayLog.current = ray_log  # None: Ray's lines on the terminal, as Ray prints them
     if ray_log is not None:
         quiet()
+    import_trainer_modules()  # make_trainer's imports wait for them
     if not ray.is_initialized():
         if address is None:
             context = ray.init(
@@ -68,6 +92,13 @@ def connect(config: Config, address: str | None, *, ray_log: RayLog | None = Non
         return config.scale.cpus_per_worker
     total = ray.cluster_resources().get("CPU", 0)
     return min(1.0, max(total - 1, total / 2) / W) if total else 1.0
+
+
+def session_dir() -> str:
+    """The Ray session's directory on this node (its logs: bench/startup.py reads them)."""
+    import ray._private.worker as core
+
+    return core._global_node.get_session_dir_path()
 
 
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
@@ -155,11 +186,21 @@ def data_spec(
         return DataSpec.of(info, config, what=what)
     import ray.data
 
+    context = ray.data.DataContext.get_current()
     # Blocks in file order: the row indices of raymb.core.order are positions in the files.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dataset = ray.data.read_parquet(list(info.files), filesystem=info.filesystem)
-    columns = column_names(config.data.features, config.data.label_column)
-    dataset = dataset.select_columns(columns).materialize()
+    context.execution_options.preserve_order = True
+    # Ray Data's newer parquet reader (its default) starts footer-reading actors, each a new
+    # process: for a set read once into the object store the older one is 3-4x faster here
+    # (bench/startup.py). Its sampling of the files draws a bar of its own on stderr: none.
+    saved = context.use_datasource_v2, context.enable_progress_bars
+    context.use_datasource_v2 = context.enable_progress_bars = False
+    try:
+        columns = column_names(config.data.features, config.data.label_column)
+        dataset = ray.data.read_parquet(
+            list(info.files), filesystem=info.filesystem, columns=columns
+        ).materialize()
+    finally:
+        context.use_datasource_v2, context.enable_progress_bars = saved
     return DataSpec.of(info, config, what=what, blocks=tuple(dataset.to_arrow_refs()))
 
 
@@ -169,6 +210,11 @@ def make_trainer(
     """The TorchTrainer of a run: its workers, storage, failures, checkpoints. Each worker
     writes its checkpoint files straight to run_dir's filesystem (Ray Train's upload).
     `callbacks`: Ray Train callbacks of the run (a sweep's trial reports to Ray Tune)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raymb.worker.worker import POLL_ENV, POLL_S
+
     # Ray passes the setting on to the controller that fit() starts.
     os.environ.setdefault(POLL_ENV, str(POLL_S))
     return TorchTrainer(

@@ -32,6 +32,8 @@ from raymb.rundir.checkpoint import MODEL_FILE, claim_run
 from raymb.rundir.lock import RunLock, lock_run
 from raymb.rundir.runs import latest_checkpoint, mark
 from raymb.rundir.storage import Location
+from raymb.rundir.timeline import enabled as timeline_enabled
+from raymb.rundir.timeline import stamp
 from raymb.rundir.tracking import Tracker
 
 
@@ -70,7 +72,6 @@ def train(
 
     def start(stop_file: Location) -> tuple[Callable, Any]:
         from raymb.driver.cluster import data_spec, use_cache
-        from raymb.worker.epochs import train_loop
         from raymb.worker.spec import EpochsSpec, validation
 
         # A fold of cross-validation is an index into the cached rows.
@@ -91,6 +92,8 @@ def train(
             val=validation(config, train_spec, val),
             tokenizer=tokenizer_spec(config),
         )
+        from raymb.worker.epochs import train_loop  # imported while Ray started and read
+
         return train_loop, spec
 
     def close(summary: dict[str, Any], metrics: dict[str, Any], stop_asked: bool) -> str:
@@ -182,15 +185,18 @@ def _launch(
             claim_run(run_dir, config)  # a resumed run must fit its checkpoints
             # The log starts once the run is ours: a refused resume leaves its directory as is.
             ray_log = None if verbose else RayLog(run_dir, say=shown.say)
+            stamp("checked")
             shown.phase("starting Ray")
-            from raymb.driver.cluster import connect, fit_until_stopped, make_trainer
+            from raymb.driver.cluster import connect, fit_until_stopped, make_trainer, session_dir
             from raymb.worker.worker import STOP_FILE
 
             # Ray from here on, not before the last refusal
             cpus = connect(config, address, ray_log=ray_log)
+            stamp("ray", session_dir=session_dir() if timeline_enabled() else None)
             stop_file = run_dir / STOP_FILE
             stop_file.remove()  # left by an earlier run
             loop, spec = start(stop_file)
+            stamp("read")
             trainer = make_trainer(config, loop, {"spec": spec}, cpus, run_dir, callbacks)
         except BaseException:
             shown.close()
@@ -235,6 +241,7 @@ def _run(
             shown.phase(_starting(config))
             shown.follow_rows(tracker.log_rows)
             result = fit()
+        stamp("fit done")
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
         tracker.finish(summary=None, status="KILLED" if interrupted else "FAILED", files={})

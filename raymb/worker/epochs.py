@@ -26,6 +26,7 @@ from raymb.core.rng import RowKeys, row_keys
 from raymb.data.augment import Augment
 from raymb.data.columns import Inputs
 from raymb.rundir.storage import Location
+from raymb.rundir.timeline import process_started, stamp
 from raymb.worker.feed import train_source, val_batches
 from raymb.worker.session import RaySession, Session
 from raymb.worker.spec import EpochsSpec, Shape
@@ -40,6 +41,8 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
     config, run_dir = spec.config, spec.run_dir
     faults = Faults(config, run_dir)
     rank, world = session.rank, session.world
+    stamp("worker process", rank, t=process_started())
+    stamp("loop", rank)  # Ray Train has set up the process group
     plan = spec.plan.for_world(world)  # elastic: as many workers as the cluster gave
     features = config.data.features
     label = config.data.label_column
@@ -58,6 +61,7 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
         epoch_steps=plan.steps_per_epoch,
     )
     worker.stop_file = run_dir / STOP_FILE
+    stamp("model", rank)  # and data.val, and the checkpoint a resumed run starts from
     progress, device = worker.progress, worker.device
     if worker.resumed and rank == 0:
         print(f"raymb: resumed from step {progress.step} (epoch {progress.epoch})", flush=True)
@@ -66,6 +70,8 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
         return
     source = train_source(spec.train, fetch, features, label, plan, rank, world)
     batches = StepBatches.of(config, plan, rank, device)
+    stamp("data", rank)
+    first_step = True
 
     while not _finished(progress, plan):
         steps = source.steps(progress.epoch, progress.step_in_epoch)
@@ -78,6 +84,9 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
             rows = plan.rows_in_step(s, rank)
             with row_keys(keys):  # dropout's masks: the step narrows them per microbatch
                 loss, taken, step_s = worker.step(microbatches, rows, uneven=not plan.even(s))
+            if first_step:
+                stamp("first step", rank)
+                first_step = False
             progress.step_in_epoch += 1
 
             epoch_end = progress.step_in_epoch == plan.steps_per_epoch

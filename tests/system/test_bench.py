@@ -114,10 +114,16 @@ def test_rng(tmp_path):
 @pytest.mark.ray
 @pytest.mark.bench
 def test_startup(tmp_path):
+    from bench.startup import PHASES
+
     payload = _run("startup", tmp_path)
-    minimal, raymb = payload["rows"]
-    for row in (minimal, raymb):
+    minimal, raymb, resumed, joined = payload["rows"]
+    for row in (minimal, raymb, resumed, joined):
         assert 0 < row["first_step_s"] <= row["total_s"]
+        # Consecutive phases from the launch: together, the time to the first step.
+        phases = [row[key] for key, _ in PHASES if key != "process_group_s"]
+        assert all(p is not None and p >= 0 for p in phases), row
+        assert math.isclose(sum(phases), row["first_step_s"], rel_tol=1e-6), row
         assert _positive(row["driver_peak_rss_mb"]) and _positive(row["worker_peak_rss_mb"])
     assert _positive(raymb["ratio"])
 

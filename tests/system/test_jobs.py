@@ -173,6 +173,8 @@ class Cluster:
     address: str  # the dashboard, where `ray job submit` goes
     token: str
     home: Path  # HOME of the head and the first submission: holds .ray/auth_token
+    gcs: str  # host:port of the head's GCS, where a driver joins (raymb train --address)
+    head: subprocess.Popen  # `ray start --head --block`
 
     def env(self, *, home: Path, **extra: str) -> dict[str, str]:
         return clean_env(HOME=str(home), **extra)
@@ -266,7 +268,9 @@ def cluster() -> Iterator[Cluster]:
             AUTOSCALER_METRIC_PORT=str(autoscaler),
         )
         options = (
-            f"--node-ip-address 127.0.0.1 --port {gcs} --ray-client-server-port {client} "
+            # The node's own address, not 127.0.0.1: ray.init turns a loopback address into
+            # the node's, so a driver (raymb train --address) finds no raylet on 127.0.0.1.
+            f"--port {gcs} --ray-client-server-port {client} "
             f"--dashboard-host 127.0.0.1 --dashboard-port {dashboard} "
             f"--dashboard-agent-listen-port {agent} --min-worker-port 0 --max-worker-port 0 "
             "--num-cpus 4 --disable-usage-stats"
@@ -283,7 +287,10 @@ def cluster() -> Iterator[Cluster]:
         address = f"http://127.0.0.1:{dashboard}"
         _wait_for_jobs_api(address, token, head, log)
         generate("linear", root / "data", rows=512, shards=2)
-        yield Cluster(root=root, address=address, token=token, home=home)
+        gcs_address = f"127.0.0.1:{gcs}"
+        yield Cluster(
+            root=root, address=address, token=token, home=home, gcs=gcs_address, head=head
+        )
     finally:
         if head is not None:
             _stop_head(head)
@@ -401,6 +408,33 @@ def test_job_trains_then_resumes_under_the_same_name(cluster: Cluster) -> None:
     second = json.loads((run_dir / "summary.json").read_text())
     assert second["resumed_from_steps"] == [first["steps"]]
     assert second["steps"] > first["steps"]
+
+
+@pytest.mark.ray
+def test_raymb_train_joins_the_running_head_and_leaves_it_running(cluster: Cluster) -> None:
+    """`raymb train --address` against the head: trains there, and the head outlives it."""
+    import pyarrow.parquet as pq
+
+    run_dir = cluster.root / "runs" / "joined"
+    before = job_count(cluster)
+    config = training_args(cluster, "joined", epochs=2)
+    config[2:4] = ["--set", "run.name=joined"]  # raymb train names the run in the config
+    proc = subprocess.run(
+        [sys.executable, "-m", "raymb.cli", "train", "--address", cluster.gcs, *config],
+        cwd=REPO,
+        env=cluster.env(home=cluster.home, RAY_AUTH_MODE="token"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = pq.read_table(cluster.root / "data" / "train").num_rows
+    assert summary["steps"] == 2 * -(-rows // 64)  # 2 epochs at G = 64, the last step short
+    assert summary["workers"] == 2
+    # The head is still up and serving: its process, and its jobs API (one more driver seen).
+    assert cluster.head.poll() is None
+    assert job_count(cluster) >= before
 
 
 @pytest.mark.ray
