@@ -182,5 +182,9 @@ def _torch_process(
     )
     try:
         loop(*args, session_factory=TorchSession)
+        # No rank leaves while another still talks to the group (rank 0 also serves its
+        # store): a peer gone mid-teardown aborts gloo ("terminate called without an active
+        # exception"). A rank that raised is not waited for: the others are terminated.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
