@@ -87,7 +87,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: bo
         grid = tuner.fit()
         shown.close()
         cleanup = _Cleanup(sweep_dir / out.TRIALS_DIR)  # what the last trials left
-        cleanup.ended = {_name_of(r, sweep_dir): time.monotonic() for r in grid}
+        cleanup.ended = {_name_of(r): time.monotonic() for r in grid}
         cleanup._sweep(wait_s=10.0)
         rows = [_row(sweep, r, sweep_dir) for r in grid]
     finally:
@@ -246,13 +246,12 @@ def _end_orphaned_cleaners(wait_s: float = 0.0) -> None:
 
 def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
     """A fold run that finished before (a resumed trial): its summary, without training."""
+    if _run_status(run_dir) not in (out.FINISHED, out.STOPPED_EARLY):
+        return None
     try:
-        status = json.loads((run_dir / STATUS_FILE).read_text()).get("status")
-        if status in (out.FINISHED, out.STOPPED_EARLY):
-            return json.loads((run_dir / "summary.json").read_text())
+        return json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
-        pass
-    return None
+        return None
 
 
 def _final_metrics(summary: dict[str, Any], config: Config) -> dict[str, Any]:
@@ -347,7 +346,7 @@ def _row(sweep: Sweep, result, sweep_dir: Path) -> dict[str, Any]:
     """A trial's row of trials.csv, from Tune's result and its run directory's status."""
     config = result.config or {}
     metrics = result.metrics or {}
-    name = _name_of(result, sweep_dir)
+    name = _name_of(result)
     run_dir = sweep_dir / out.TRIALS_DIR / name
     row: dict[str, Any] = {"trial": name, **{k: config.get(k) for k in sweep.keys}}
     row[sweep.metric] = metrics.get(sweep.metric)
@@ -359,8 +358,9 @@ def _row(sweep: Sweep, result, sweep_dir: Path) -> dict[str, Any]:
         status = _run_status(run_dir)
         error = _failed(result)
         # The scheduler may end a trial's actor at its last report, all its steps trained.
+        max_steps = sweep.config.train.max_steps
         trained = (metrics.get("epoch") or 0) >= sweep.config.train.epochs or (
-            config_steps(sweep) is not None and (metrics.get("step") or 0) >= config_steps(sweep)
+            max_steps is not None and (metrics.get("step") or 0) >= max_steps
         )
         if error:
             row["status"] = error
@@ -375,11 +375,7 @@ def _row(sweep: Sweep, result, sweep_dir: Path) -> dict[str, Any]:
     return row
 
 
-def config_steps(sweep: Sweep) -> int | None:
-    return sweep.config.train.max_steps
-
-
-def _name_of(result, sweep_dir: Path) -> str:
+def _name_of(result) -> str:
     path = Path(result.path).name
     return path[len("tune-") :] if path.startswith("tune-") else path
 
