@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +56,18 @@ def tune(sweep: Sweep | str | Path, *, address: str | None = None, verbose: bool
     sweep_dir = check_sweep_dir(sweep)
     from raymb.driver.preflight import prepare
 
+    checked = set()
     for values in sweep.grid()[:64] if sweep.tune.search == "grid" else [{}]:
         raw = sweep.trial_raw(values, storage=str(sweep_dir), name="trial")
         config = sweep.config if not values else _config(raw)
         if sweep.tune.cv_folds:
             config = _config(sweep.fold_raw(raw, 0, storage=str(sweep_dir)))
-        prepare(config)  # the data against every trial's batch sizes, before Ray
+        # The data checks read no optim.* key: trials that differ only there are one check
+        # (a grid of learning rates reads the data's footers once, not once a point).
+        key = repr(dataclasses.replace(config, optim=sweep.config.optim))
+        if key not in checked:
+            checked.add(key)
+            prepare(config)  # the data against every trial's batch sizes, before Ray
     from raymb.driver.tune import run_sweep
 
     return run_sweep(sweep, sweep_dir, address=address, verbose=verbose)
