@@ -105,7 +105,8 @@ def run(quick: bool) -> dict:
         "notes": [
             "Before Ray: the interpreter, raymb's imports and the config and data checks; Ray "
             "start: ray.init (or joining), with Ray Train, torch and the loop imported in a "
-            "thread meanwhile; reads: data.train and data.val into the object store (the "
+            "thread meanwhile; reads: submitting the read tasks of data.train and data.val, "
+            "which run while Ray Train starts (the "
             "minimal script reads in its workers, inside its loop phase); to the controller: "
             "fit() until Ray Train's controller actor runs; worker group: its placement group, "
             "worker processes, train context and process group (Ray Train's logs); loop: the "

@@ -428,6 +428,23 @@ def _open(fs: pafs.FileSystem, f: str, what: str) -> pq.ParquetFile:
         raise DataError(f"{what}: not a parquet file: {f} ({_one_line(e)})") from None
 
 
+def read_file(path: str, columns: tuple[str, ...], filesystem, what: str) -> pa.Table:
+    """One file of a cached dataset as a pyarrow Table: `columns` of it, whole. A Ray task of
+    the driver (raymb.driver.cluster.data_spec) or a TorchSession's read; a file that cannot be
+    read is a DataError naming it."""
+    try:
+        return pq.read_table(path, columns=list(columns), filesystem=filesystem)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{what}: could not read {path} ({_one_line(e)})") from None
+
+
+def read_blocks(
+    files: tuple[str, ...], columns: tuple[str, ...], filesystem, what: str = "data.train"
+) -> tuple[pa.Table, ...]:
+    """A cached dataset's files as pyarrow Tables, in file order."""
+    return tuple(read_file(f, columns, filesystem, what) for f in files)
+
+
 def _field(schema: pa.Schema, name: str, prefix: str, role: str) -> pa.Field:
     if schema.get_field_index(name) < 0:
         names = ", ".join(schema.names) or "none"

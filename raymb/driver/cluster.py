@@ -18,7 +18,7 @@ import numpy as np
 import ray
 
 from raymb.config import Config
-from raymb.data.checks import DatasetInfo
+from raymb.data.checks import DatasetInfo, read_blocks
 from raymb.data.columns import column_names
 from raymb.driver import watchdog
 from raymb.driver.logs import RayLog, divert
@@ -180,28 +180,40 @@ def _itemsize(info: DatasetInfo) -> int:
 def data_spec(
     info: DatasetInfo, config: Config, cached: bool, what: str = "data.train"
 ) -> DataSpec:
-    """What a worker needs to read a dataset (raymb.worker.feed): the blocks materialized in
-    Ray's object store, or the files to stream."""
+    """What a worker needs to read a dataset (raymb.worker.feed): the blocks it fetches from
+    Ray's object store, or the files to stream.
+
+    A cached set is read into the object store by Ray tasks with pyarrow, a table a file, in
+    file order (the row indices of raymb.core.order are positions in the files): one task per
+    READ_TASK_BYTES of files, runs of consecutive files. This returns once they are
+    submitted: the workers fetch the blocks when Ray Train has started them, and the read
+    runs meanwhile. Ray Data's read of a small set here cost seconds more of CPU (its own
+    execution and tasks; bench/startup.py). The tasks hold no CPU, so a run whose workers
+    hold every CPU still gets its blocks.
+    """
     if not cached:
         return DataSpec.of(info, config, what=what)
-    import ray.data
+    columns = tuple(column_names(config.data.features, config.data.label_column))
+    files = tuple(info.files)
+    tasks = min(len(files), max(1, -(-info.bytes // READ_TASK_BYTES)))
+    blocks: list = []
+    for k in range(tasks):
+        run = files[k * len(files) // tasks : (k + 1) * len(files) // tasks]
+        read = _read_files.options(name=f"raymb read {what}", num_returns=len(run))
+        refs = read.remote(run, columns, info.filesystem, what)
+        blocks.extend([refs] if len(run) == 1 else refs)
+    return DataSpec.of(info, config, what=what, blocks=tuple(blocks))
 
-    context = ray.data.DataContext.get_current()
-    # Blocks in file order: the row indices of raymb.core.order are positions in the files.
-    context.execution_options.preserve_order = True
-    # Ray Data's newer parquet reader (its default) starts footer-reading actors, each a new
-    # process: for a set read once into the object store the older one is 3-4x faster here
-    # (bench/startup.py). Its sampling of the files draws a bar of its own on stderr: none.
-    saved = context.use_datasource_v2, context.enable_progress_bars
-    context.use_datasource_v2 = context.enable_progress_bars = False
-    try:
-        columns = column_names(config.data.features, config.data.label_column)
-        dataset = ray.data.read_parquet(
-            list(info.files), filesystem=info.filesystem, columns=columns
-        ).materialize()
-    finally:
-        context.use_datasource_v2, context.enable_progress_bars = saved
-    return DataSpec.of(info, config, what=what, blocks=tuple(dataset.to_arrow_refs()))
+
+READ_TASK_BYTES = 64 * 2**20
+"""A cached set's files per read task: a small set is one task, one worker process."""
+
+
+@ray.remote(num_cpus=0)
+def _read_files(files, columns, filesystem, what):
+    """Files of a cached set as tables, one return value each (raymb.data.checks)."""
+    tables = read_blocks(files, columns, filesystem, what)
+    return tables[0] if len(tables) == 1 else tables
 
 
 def make_trainer(

@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from raymb.config import Config
-from raymb.data.checks import DatasetInfo
+from raymb.data.checks import DatasetInfo, read_blocks
 from raymb.data.columns import column_names
 from raymb.driver.preflight import prepare, run_location, tokenizer_spec
 from raymb.rundir.checkpoint import MODEL_FILE
 from raymb.worker.epochs import train_loop
-from raymb.worker.feed import read_blocks
 from raymb.worker.session import TorchSession, run_torch
 from raymb.worker.spec import DataSpec, EpochsSpec, validation
 
@@ -27,7 +26,7 @@ def local_spec(config: Config) -> EpochsSpec:
     columns = tuple(column_names(config.data.features, config.data.label_column))
 
     def cached(info: DatasetInfo, what: str) -> DataSpec:
-        blocks = read_blocks(info.files, columns, info.filesystem)
+        blocks = read_blocks(info.files, columns, info.filesystem, what)
         return DataSpec.of(info, config, what=what, blocks=blocks)
 
     train = cached(train_info, "data.train")

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from raymb.core.order import epoch_order, epoch_seed, fold_rows, rank_rows, worker_rows
@@ -149,11 +148,6 @@ def _stream(spec: DataSpec, files: list[str]):
         files, filesystem=spec.filesystem, override_num_blocks=len(files), include_paths=True
     )
     return dataset.select_columns([*spec.columns, PATH])
-
-
-def read_blocks(files: tuple[str, ...], columns: tuple[str, ...], filesystem) -> tuple:
-    """A dataset's files as pyarrow Tables in file order, read here (a TorchSession's cache)."""
-    return tuple(pq.read_table(f, columns=list(columns), filesystem=filesystem) for f in files)
 
 
 def check_batch(table: pa.Table, spec: DataSpec) -> None:

@@ -296,3 +296,19 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(launched, name):
     for w in CASES[name].words:
         assert w in lines[0], (w, lines[0])
     assert _tree(d) == before, "no run directory, checkpoint, metrics.csv or summary.json"
+
+
+def test_a_cached_file_gone_after_the_checks_is_one_line_naming_it(tmp_path):
+    # The read tasks of a cached set (raymb.driver.cluster) run after the checks before Ray.
+    from raymb.data.checks import read_blocks
+    from raymb.errors import DataError
+
+    there = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"x": np.arange(4, dtype=np.float32), "label": np.zeros(4)}), there)
+    gone = tmp_path / "b.parquet"
+    tables = read_blocks((str(there),), ("x",), None, "data.train")
+    assert tables[0].column_names == ["x"] and tables[0].num_rows == 4
+    with pytest.raises(DataError) as info:
+        read_blocks((str(there), str(gone)), ("x", "label"), None, "data.train")
+    message = str(info.value)
+    assert message.startswith(f"data.train: could not read {gone} (") and "\n" not in message
