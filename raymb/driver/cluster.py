@@ -54,6 +54,12 @@ def import_trainer_modules() -> threading.Thread:
     return thread
 
 
+LOCAL_OFF = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED")
+"""Ray Train parts a local cluster has no use for: the preemption watcher (an actor process
+that polls for spot-node notices) and its Prometheus metrics (no dashboard reads them). On
+2 cores each costs start-up seconds of CPU (bench/startup.py); a joined cluster keeps both."""
+
+
 CACHE_SHARE = 0.25
 """data.cache = "auto" caches when the data takes at most this share of Ray's object store
 and of the memory Ray may use."""
@@ -77,6 +83,8 @@ def connect(config: Config, address: str | None, *, ray_log: RayLog | None = Non
     import_trainer_modules()  # make_trainer's imports wait for them
     if not ray.is_initialized():
         if address is None:
+            for name in LOCAL_OFF:  # the user's own setting wins
+                os.environ.setdefault(name, "0")
             context = ray.init(
                 address="local",
                 num_cpus=max(os.cpu_count() or 1, W + 1),

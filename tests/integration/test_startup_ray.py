@@ -1,4 +1,5 @@
-"""The Ray session a local `raymb train` starts for itself: only what the run uses.
+"""The Ray session a local `raymb train` starts for itself: only what the run uses (no
+dashboard, no preemption watcher).
 
 This module starts no Ray session of its own (no `ray_session` fixture): raymb.train does,
 as on a laptop, and the test looks at that real session before shutting it down.
@@ -58,6 +59,11 @@ def test_a_local_run_starts_ray_without_a_dashboard(linear_data, tmp_path) -> No
         assert not node.address_info.get("webui_url")  # no dashboard address
         commands = _session_commands(node.get_session_dir_path())
         assert any("raylet" in c for c in commands), commands  # the session is up
+        # Ray Train's preemption watcher (an actor process) has nothing to watch here.
+        from ray._private import state
+
+        started = {a["ActorClassName"] for a in state.actors().values()}
+        assert "TrainController" in started and "PreemptionWatcher" not in started, started
         # Ray keeps a head process for its usage statistics; none serves the dashboard.
         for command in commands:
             if "dashboard/dashboard.py" in command:
