@@ -90,7 +90,10 @@ def test_a_grid_of_three_equals_three_plain_runs(ray_session, linear_data, tmp_p
 def test_asha_stops_the_diverging_trials_early(ray_session, linear_data, tmp_path):
     import raymb
 
-    good, diverging = [0.03, 0.1, 0.3, 1.0], [2.0, 4.0]  # 2 and 4 grow the loss each epoch
+    # 2 and 4 grow the loss each epoch. Run in this order (max_concurrent 1), ASHA keeps the
+    # first at the rung, then stops a trial whose loss is worse than the rung's cutoff: the
+    # percentile (1 - 1/3) of the losses recorded there before it.
+    good, diverging = [0.1], [2.0, 4.0]
     tune = (
         '[tune]\nscheduler = "asha"\ngrace_epochs = 1\nreduction_factor = 3\nmax_concurrent = 1\n'
         f'[tune.space]\n"optim.lr" = {good + diverging}'
