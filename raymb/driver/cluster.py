@@ -60,6 +60,11 @@ that polls for spot-node notices) and its Prometheus metrics (no dashboard reads
 2 cores each costs start-up seconds of CPU (bench/startup.py); a joined cluster keeps both."""
 
 
+_started_here = False
+"""connect() started the local cluster this process uses (make_trainer leaves out what such a
+cluster has no use for)."""
+
+
 CACHE_SHARE = 0.25
 """data.cache = "auto" caches when the data takes at most this share of Ray's object store
 and of the memory Ray may use."""
@@ -92,6 +97,8 @@ def connect(config: Config, address: str | None, *, ray_log: RayLog | None = Non
                 log_to_driver=True,
             )
             watchdog.start(context.address_info["session_dir"])
+            global _started_here
+            _started_here = True
         else:
             ray.init(address=address)
     if ray_log is not None:
@@ -237,7 +244,8 @@ def make_trainer(
 
     # Ray passes the setting on to the controller that fit() starts.
     os.environ.setdefault(POLL_ENV, str(POLL_S))
-    return TorchTrainer(
+    trainer = _LocalTorchTrainer() if _started_here else TorchTrainer
+    return trainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -262,6 +270,27 @@ def make_trainer(
             callbacks=list(callbacks) or None,
         ),
     )
+
+
+@functools.cache
+def _LocalTorchTrainer():  # noqa: N802 - a class, built once Ray Train is imported
+    """TorchTrainer without Ray Train's placement-group cleaner, for a cluster that ends with
+    this process: the cleaner is an actor process that asks the dashboard's State API
+    whether the controller lives, and a local cluster has no dashboard (every poll fails),
+    while its placement groups end with it. ~2.5 s of CPU at start-up on 2 cores
+    (bench/startup.py). `_create_default_callbacks` is Ray Train's internal list: on a Ray
+    upgrade, check it first."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
