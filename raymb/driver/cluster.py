@@ -87,6 +87,8 @@ def connect(config: Config, address: str | None, *, ray_log: RayLog | None = Non
         quiet()
     import_trainer_modules()  # make_trainer's imports wait for them
     if not ray.is_initialized():
+        global _started_here
+        _started_here = address is None
         if address is None:
             for name in LOCAL_OFF:  # the user's own setting wins
                 os.environ.setdefault(name, "0")
@@ -97,8 +99,6 @@ def connect(config: Config, address: str | None, *, ray_log: RayLog | None = Non
                 log_to_driver=True,
             )
             watchdog.start(context.address_info["session_dir"])
-            global _started_here
-            _started_here = True
         else:
             ray.init(address=address)
     if ray_log is not None:
