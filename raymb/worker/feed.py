@@ -3,9 +3,10 @@
 Two sources, one interface (`steps(epoch, start)` yields this worker's (x, y) for each step
 of an epoch from step `start` on):
 
-- Cached (data.cache): the driver reads the set once with Ray Data and materializes it in
-  the object store; each worker fetches the blocks once, keeps them as tensors, and gathers
-  each step's rows by index. Later epochs cost nothing but the gather.
+- Cached (data.cache): the driver's read tasks put the set once in the object store, a
+  block a file (raymb.driver.cluster.data_spec); each worker fetches the blocks once, keeps
+  them as tensors, and gathers each step's rows by index. Later epochs cost nothing but the
+  gather.
 - Streamed: every epoch each worker streams the files with Ray Data in the epoch's file
   order (and, for shuffle "rows", through a seeded shuffle buffer), in batches of one whole
   step of every worker's rows, and keeps its own slice. Every worker reads the same stream,
@@ -165,7 +166,7 @@ def check_batch(table: pa.Table, spec: DataSpec) -> None:
 
 
 def _tensors(spec: DataSpec, fetch: Fetch, features, label) -> Batch:
-    """The materialized blocks as tensors, their feature values checked file by file (the
+    """The cached blocks as tensors, their feature values checked file by file (the
     blocks are in file order)."""
     tables = fetch(list(spec.blocks))
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
