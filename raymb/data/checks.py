@@ -439,7 +439,7 @@ def read_file(path: str, columns: tuple[str, ...], filesystem, what: str) -> pa.
 
 
 def read_blocks(
-    files: tuple[str, ...], columns: tuple[str, ...], filesystem, what: str = "data.train"
+    files: tuple[str, ...], columns: tuple[str, ...], filesystem, what: str
 ) -> tuple[pa.Table, ...]:
     """A cached dataset's files as pyarrow Tables, in file order."""
     return tuple(read_file(f, columns, filesystem, what) for f in files)

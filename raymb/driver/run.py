@@ -81,7 +81,7 @@ def train(
             f"{describe_shape(train_info, config.data.features)}, task {plan.inputs['task']}"
         )
         if cached:
-            shown.phase("reading data")  # into Ray's object store, here on the driver
+            shown.phase("reading data")  # submitting the read tasks; the workers wait on them
         train_spec = data_spec(train_info, config, cached)
         val = data_spec(val_info, config, cached, "data.val") if val_info else None
         spec = EpochsSpec(
