@@ -4,6 +4,7 @@ the TorchTrainer, and run it. The only driver module that imports Ray.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -11,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -60,9 +61,30 @@ that polls for spot-node notices) and its Prometheus metrics (no dashboard reads
 2 cores each costs start-up seconds of CPU (bench/startup.py); a joined cluster keeps both."""
 
 
-_started_here = False
-"""connect() started the local cluster this process uses (make_trainer leaves out what such a
-cluster has no use for)."""
+def started_here() -> bool:
+    """The Ray cluster this process is connected to is one it started itself (its head node
+    runs in this process's session: `ray.init()` with no address, as connect() and a test's
+    session do), not one it joined. Such a cluster ends with the process, so make_trainer
+    leaves out what it has no use for. A Ray worker (a Tune trial's driver) is never one."""
+    import ray._private.worker as core
+
+    node = core._global_node
+    return ray.is_initialized() and node is not None and bool(node.head)
+
+
+@contextlib.contextmanager
+def _local_defaults() -> Iterator[None]:
+    """LOCAL_OFF turned off in this process's environment while the block runs, unless the
+    user set them (their setting wins), and the environment as it was afterwards. Ray Train
+    reads them as fit() starts; the processes of a cluster started in the block inherit them
+    (a sweep's trials)."""
+    added = [name for name in LOCAL_OFF if name not in os.environ]
+    os.environ.update(dict.fromkeys(added, "0"))
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 CACHE_SHARE = 0.25
@@ -87,17 +109,14 @@ def connect(config: Config, address: str | None, *, ray_log: RayLog | None = Non
         quiet()
     import_trainer_modules()  # make_trainer's imports wait for them
     if not ray.is_initialized():
-        global _started_here
-        _started_here = address is None
         if address is None:
-            for name in LOCAL_OFF:  # the user's own setting wins
-                os.environ.setdefault(name, "0")
-            context = ray.init(
-                address="local",
-                num_cpus=max(os.cpu_count() or 1, W + 1),
-                include_dashboard=False,
-                log_to_driver=True,
-            )
+            with _local_defaults():
+                context = ray.init(
+                    address="local",
+                    num_cpus=max(os.cpu_count() or 1, W + 1),
+                    include_dashboard=False,
+                    log_to_driver=True,
+                )
             watchdog.start(context.address_info["session_dir"])
         else:
             ray.init(address=address)
@@ -244,7 +263,7 @@ def make_trainer(
 
     # Ray passes the setting on to the controller that fit() starts.
     os.environ.setdefault(POLL_ENV, str(POLL_S))
-    trainer = _LocalTorchTrainer() if _started_here else TorchTrainer
+    trainer = _LocalTorchTrainer() if started_here() else TorchTrainer
     return trainer(
         loop,
         train_loop_config=loop_config,
@@ -274,12 +293,12 @@ def make_trainer(
 
 @functools.cache
 def _LocalTorchTrainer():  # noqa: N802 - a class, built once Ray Train is imported
-    """TorchTrainer without Ray Train's placement-group cleaner, for a cluster that ends with
-    this process: the cleaner is an actor process that asks the dashboard's State API
-    whether the controller lives, and a local cluster has no dashboard (every poll fails),
-    while its placement groups end with it. ~2.5 s of CPU at start-up on 2 cores
-    (bench/startup.py). `_create_default_callbacks` is Ray Train's internal list: on a Ray
-    upgrade, check it first."""
+    """TorchTrainer for a cluster that ends with this process: without LOCAL_OFF while it
+    fits, and without Ray Train's placement-group cleaner. The cleaner is an actor process
+    that asks the dashboard's State API whether the controller lives, and a local cluster
+    has no dashboard (every poll fails), while its placement groups end with it. ~2.5 s of
+    CPU at start-up on 2 cores (bench/startup.py). `_create_default_callbacks` is Ray
+    Train's internal list: on a Ray upgrade, check it first."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.placement_group_callback import (
         PlacementGroupCleanerCallback,
@@ -289,6 +308,10 @@ def _LocalTorchTrainer():  # noqa: N802 - a class, built once Ray Train is impor
         def _create_default_callbacks(self):
             callbacks = super()._create_default_callbacks()
             return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+        def fit(self):
+            with _local_defaults():
+                return super().fit()
 
     return LocalTorchTrainer
 

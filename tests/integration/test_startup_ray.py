@@ -36,8 +36,10 @@ def test_a_local_run_starts_ray_without_a_dashboard(linear_data, tmp_path) -> No
     import ray._private.worker as core
 
     import raymb
+    from raymb.driver.cluster import LOCAL_OFF, started_here
 
     assert not ray.is_initialized()
+    environ = {name: os.environ.get(name) for name in LOCAL_OFF}
     config = load_config(
         None,
         [
@@ -64,6 +66,10 @@ def test_a_local_run_starts_ray_without_a_dashboard(linear_data, tmp_path) -> No
 
         started = {a["ActorClassName"] for a in state.actors().values()}
         assert "TrainController" in started and "PreemptionWatcher" not in started, started
+        assert started_here()
+        # ...which leaves the caller's environment as it was (a later joined cluster's runs
+        # keep Ray Train's defaults).
+        assert {name: os.environ.get(name) for name in LOCAL_OFF} == environ
         # Ray keeps a head process for its usage statistics; none serves the dashboard.
         for command in commands:
             if "dashboard/dashboard.py" in command:
@@ -71,3 +77,4 @@ def test_a_local_run_starts_ray_without_a_dashboard(linear_data, tmp_path) -> No
                 assert "--disable-frontend" in command, command
     finally:
         ray.shutdown()
+    assert not started_here()  # the session it started has ended

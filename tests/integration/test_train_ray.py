@@ -107,6 +107,18 @@ def test_bytes_allreduced(straight_grad, straight_param):
     assert straight_param.summary["bytes_allreduced"] == (8 + 5) * 8
 
 
+def test_a_session_this_process_started_is_a_local_cluster(straight_grad):
+    # ray.init() here, then raymb.train (as the Python API allows): the cluster ends with this
+    # process, so its runs leave out Ray Train's preemption watcher, as `raymb train`'s do.
+    from ray._private import state
+
+    from raymb.driver.cluster import started_here
+
+    assert started_here()
+    started = {a["ActorClassName"] for a in state.actors().values()}
+    assert "TrainController" in started and "PreemptionWatcher" not in started, started
+
+
 def test_killed_worker_is_replaced_and_the_run_ends_as_if_never_killed(
     linear_data, runs, straight_param
 ):
