@@ -50,7 +50,7 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
     val = val_batches(spec.val, fetch, features, label, rank, world, max(plan.microbatch, 1024))
     inputs = Inputs.from_dict(plan.inputs)
     shape = Shape(inputs, plan.out_features, spec.tokenizer)
-    worker = Worker(
+    with Worker(
         config,
         shape,
         run_dir,
@@ -59,51 +59,51 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
         session=session,
         val=val,
         epoch_steps=plan.steps_per_epoch,
-    )
-    worker.stop_file = run_dir / STOP_FILE
-    stamp("model", rank)  # and data.val, and the checkpoint a resumed run starts from
-    progress, device = worker.progress, worker.device
-    if worker.resumed and rank == 0:
-        print(f"raymb: resumed from step {progress.step} (epoch {progress.epoch})", flush=True)
-    if _finished(progress, plan):  # a finished run started again: report where it ended
-        worker.report(with_checkpoint=False)
-        return
-    source = train_source(spec.train, fetch, features, label, plan, rank, world)
-    batches = StepBatches.of(config, plan, rank, device)
-    stamp("data", rank)
-    first_step = True
+    ) as worker:  # its local files go when the loop ends (Worker.close)
+        worker.stop_file = run_dir / STOP_FILE
+        stamp("model", rank)  # and data.val, and the checkpoint a resumed run starts from
+        progress, device = worker.progress, worker.device
+        if worker.resumed and rank == 0:
+            print(f"raymb: resumed from step {progress.step} (epoch {progress.epoch})", flush=True)
+        if _finished(progress, plan):  # a finished run started again: report where it ended
+            worker.report(with_checkpoint=False)
+            return
+        source = train_source(spec.train, fetch, features, label, plan, rank, world)
+        batches = StepBatches.of(config, plan, rank, device)
+        stamp("data", rank)
+        first_step = True
 
-    while not _finished(progress, plan):
-        steps = source.steps(progress.epoch, progress.step_in_epoch)
-        while progress.step_in_epoch < plan.steps_per_epoch and not _finished(progress, plan):
-            waited = time.perf_counter()
-            s = progress.step_in_epoch
-            microbatches, keys = batches(next(steps), s, progress.epoch)
-            faults.before_step(progress.step + 1, rank, microbatches)
-            wait_s = time.perf_counter() - waited
-            rows = plan.rows_in_step(s, rank)
-            with row_keys(keys):  # dropout's masks: the step narrows them per microbatch
-                loss, taken, step_s = worker.step(microbatches, rows, uneven=not plan.even(s))
-            if first_step:
-                stamp("first step", rank)
-                first_step = False
-            progress.step_in_epoch += 1
+        while not _finished(progress, plan):
+            steps = source.steps(progress.epoch, progress.step_in_epoch)
+            while progress.step_in_epoch < plan.steps_per_epoch and not _finished(progress, plan):
+                waited = time.perf_counter()
+                s = progress.step_in_epoch
+                microbatches, keys = batches(next(steps), s, progress.epoch)
+                faults.before_step(progress.step + 1, rank, microbatches)
+                wait_s = time.perf_counter() - waited
+                rows = plan.rows_in_step(s, rank)
+                with row_keys(keys):  # dropout's masks: the step narrows them per microbatch
+                    loss, taken, step_s = worker.step(microbatches, rows, uneven=not plan.even(s))
+                if first_step:
+                    stamp("first step", rank)
+                    first_step = False
+                progress.step_in_epoch += 1
 
-            epoch_end = progress.step_in_epoch == plan.steps_per_epoch
-            if epoch_end:
-                progress.epoch += 1
-                progress.step_in_epoch = 0
-            every = config.checkpoint.every_steps
-            stopping = worker.stop_requested  # agreed by every worker at the last gather
-            due = _finished(progress, plan) or bool(every and progress.step % every == 0)
-            due = due or stopping
-            if epoch_end and not due:
-                due = worker.epoch_end_due()
-            worker.record(loss, taken, plan.step_rows(s), step_s=step_s, wait_s=wait_s, due=due)
-            if stopping:
-                return  # the checkpoint just taken holds everything; the driver says so
-            if epoch_end:
-                break
+                epoch_end = progress.step_in_epoch == plan.steps_per_epoch
+                if epoch_end:
+                    progress.epoch += 1
+                    progress.step_in_epoch = 0
+                every = config.checkpoint.every_steps
+                stopping = worker.stop_requested  # agreed by every worker at the last gather
+                due = _finished(progress, plan) or bool(every and progress.step % every == 0)
+                due = due or stopping
+                if epoch_end and not due:
+                    due = worker.epoch_end_due()
+                worker.record(loss, taken, plan.step_rows(s), step_s=step_s, wait_s=wait_s, due=due)
+                if stopping:
+                    return  # the checkpoint just taken holds everything; the driver says so
+                if epoch_end:
+                    break
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ def follow_loop(payload: dict[str, FollowSpec], session: Session | None = None) 
     val = val_batches(spec.val, session.fetch, features, label, rank, world, 4096)
     inputs = shape.inputs
     # constant or step schedules only: they need no total
-    worker = Worker(
+    with Worker(
         config,
         shape,
         spec.run_dir,
@@ -129,59 +129,63 @@ def follow_loop(payload: dict[str, FollowSpec], session: Session | None = None) 
         total_steps=1,
         session=session,
         val=val,
-    )
-    progress, device = worker.progress, worker.device
-    if worker.resumed and rank == 0:
-        print(f"raymb: resumed at step {progress.step}, {len(progress.files)} files in")
-    fs, root = open_directory(spec.directory)
-    consumed = {name for name, _ in progress.files}
-    G, m = config.train.global_batch_size, config.microbatch()
+    ) as worker:  # its local files go when the loop ends (Worker.close)
+        progress, device = worker.progress, worker.device
+        if worker.resumed and rank == 0:
+            print(f"raymb: resumed at step {progress.step}, {len(progress.files)} files in")
+        fs, root = open_directory(spec.directory)
+        consumed = {name for name, _ in progress.files}
+        G, m = config.train.global_batch_size, config.microbatch()
 
-    warned: set[str] = set()
-    idle_since = time.monotonic()
-    while True:
-        decision = None
-        if rank == 0:
-            decision = _decide(spec, fs, root, consumed, warned, idle_since)
-        decision = _broadcast(decision, world)
-        if decision["do"] == "wait":
-            if rank == 0:
-                time.sleep(spec.poll_s)
-            continue
-        if decision["do"] == "error":
-            raise DataError(decision["message"])
-        if decision["do"] == "stop":
-            return  # the last file's checkpoint holds everything
-
-        name, rows = decision["name"], decision["rows"]
-        waited = time.perf_counter()
-        table = pq.read_table(
-            f"{root}/{name}", filesystem=fs, columns=column_names(features, label)
-        )
-        x, y = table_to_tensors(table, features, label)
-        if len(y) != rows:
-            raise DataError(f"--follow: {name} changed while being read ({len(y)} != {rows} rows)")
-        x, y = inputs.collate(x.to(device), y.to(device))
-        sizes = step_sizes(rows, G)
-        start = 0
-        for i, n in enumerate(sizes):
-            part = rank_rows(start, n, world, rank)
-            xs, ys = x[part], y[part]
-            # A worker with no row in this step still takes part with an empty batch: the
-            # gradient all-reduce needs every worker's backward.
-            batches = [(xs[j : j + m], ys[j : j + m]) for j in range(0, len(ys), m)] or [(xs, ys)]
-            wait_s = time.perf_counter() - waited
-            loss, taken, step_s = worker.step(batches, len(ys), uneven=True)
-            start += n
-            last = i + 1 == len(sizes)
-            if last:  # the checkpoint after the file records it
-                worker.ledger.window = min(config.train.log_every, len(sizes))  # a file's steps
-                progress.files.append([name, rows])
-                progress.epoch = len(progress.files)
-                consumed.add(name)
-            worker.record(loss, taken, n, step_s=step_s, wait_s=wait_s, due=last)
-            waited = time.perf_counter()
+        warned: set[str] = set()
         idle_since = time.monotonic()
+        while True:
+            decision = None
+            if rank == 0:
+                decision = _decide(spec, fs, root, consumed, warned, idle_since)
+            decision = _broadcast(decision, world)
+            if decision["do"] == "wait":
+                if rank == 0:
+                    time.sleep(spec.poll_s)
+                continue
+            if decision["do"] == "error":
+                raise DataError(decision["message"])
+            if decision["do"] == "stop":
+                return  # the last file's checkpoint holds everything
+
+            name, rows = decision["name"], decision["rows"]
+            waited = time.perf_counter()
+            table = pq.read_table(
+                f"{root}/{name}", filesystem=fs, columns=column_names(features, label)
+            )
+            x, y = table_to_tensors(table, features, label)
+            if len(y) != rows:
+                raise DataError(
+                    f"--follow: {name} changed while being read ({len(y)} != {rows} rows)"
+                )
+            x, y = inputs.collate(x.to(device), y.to(device))
+            sizes = step_sizes(rows, G)
+            start = 0
+            for i, n in enumerate(sizes):
+                part = rank_rows(start, n, world, rank)
+                xs, ys = x[part], y[part]
+                # A worker with no row in this step still takes part with an empty batch: the
+                # gradient all-reduce needs every worker's backward.
+                batches = [(xs[j : j + m], ys[j : j + m]) for j in range(0, len(ys), m)] or [
+                    (xs, ys)
+                ]
+                wait_s = time.perf_counter() - waited
+                loss, taken, step_s = worker.step(batches, len(ys), uneven=True)
+                start += n
+                last = i + 1 == len(sizes)
+                if last:  # the checkpoint after the file records it
+                    worker.ledger.window = min(config.train.log_every, len(sizes))  # a file's steps
+                    progress.files.append([name, rows])
+                    progress.epoch = len(progress.files)
+                    consumed.add(name)
+                worker.record(loss, taken, n, step_s=step_s, wait_s=wait_s, due=last)
+                waited = time.perf_counter()
+            idle_since = time.monotonic()
 
 
 def _decide(spec: FollowSpec, fs, root, consumed, warned, idle_since) -> dict:

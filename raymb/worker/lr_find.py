@@ -34,42 +34,42 @@ def lr_find_loop(payload: dict[str, LrFindSpec], session: Session | None = None)
     plan = run.plan.for_world(world)
     inputs = Inputs.from_dict(plan.inputs)
     shape = Shape(inputs, plan.out_features, run.tokenizer)
-    worker = Worker(
+    with Worker(
         config, shape, run.run_dir, mode="lr-find", total_steps=len(spec.lrs), session=session
-    )
-    device = worker.device
-    features, label = config.data.features, config.data.label_column
-    source = train_source(run.train, session.fetch, features, label, plan, rank, world)
-    batches = StepBatches.of(config, plan, rank, device)
-    curve = Curve()
-    epoch, s = 0, 0
-    steps = source.steps(epoch, s)
-    for lr in spec.lrs:
-        if s == plan.steps_per_epoch:
-            epoch, s = epoch + 1, 0
-            steps = source.steps(epoch, s)
-        microbatches, keys = batches(next(steps), s, epoch)
-        for group in worker.optimizer.param_groups:
-            group["lr"] = lr  # after the scheduler's step, which set its own
-        with row_keys(keys):
-            loss, _, _ = worker.step(
-                microbatches, plan.rows_in_step(s, rank), uneven=not plan.even(s)
-            )
-        summed = all_sum(loss.detach().double().reshape(1).to(device))
-        mean = summed.item() / (plan.step_rows(s) * inputs.units_per_row)
-        s += 1
-        stop = curve.add(lr, mean)
-        done = len(curve.lrs)
-        if rank == 0 and (stop or done % max(1, len(spec.lrs) // 10) == 0):
-            print(
-                f"raymb: lr-find: step {done}/{len(spec.lrs)}, lr {lr:.3g}, "
-                f"smoothed loss {curve.smoothed[-1]:.4g}",
-                flush=True,
-            )
-        if stop:
-            break
-    if rank == 0:
-        (run.run_dir / CSV_FILE).write_text(curve_csv(curve))
+    ) as worker:  # its local files go when the loop ends (Worker.close)
+        device = worker.device
+        features, label = config.data.features, config.data.label_column
+        source = train_source(run.train, session.fetch, features, label, plan, rank, world)
+        batches = StepBatches.of(config, plan, rank, device)
+        curve = Curve()
+        epoch, s = 0, 0
+        steps = source.steps(epoch, s)
+        for lr in spec.lrs:
+            if s == plan.steps_per_epoch:
+                epoch, s = epoch + 1, 0
+                steps = source.steps(epoch, s)
+            microbatches, keys = batches(next(steps), s, epoch)
+            for group in worker.optimizer.param_groups:
+                group["lr"] = lr  # after the scheduler's step, which set its own
+            with row_keys(keys):
+                loss, _, _ = worker.step(
+                    microbatches, plan.rows_in_step(s, rank), uneven=not plan.even(s)
+                )
+            summed = all_sum(loss.detach().double().reshape(1).to(device))
+            mean = summed.item() / (plan.step_rows(s) * inputs.units_per_row)
+            s += 1
+            stop = curve.add(lr, mean)
+            done = len(curve.lrs)
+            if rank == 0 and (stop or done % max(1, len(spec.lrs) // 10) == 0):
+                print(
+                    f"raymb: lr-find: step {done}/{len(spec.lrs)}, lr {lr:.3g}, "
+                    f"smoothed loss {curve.smoothed[-1]:.4g}",
+                    flush=True,
+                )
+            if stop:
+                break
+        if rank == 0:
+            (run.run_dir / CSV_FILE).write_text(curve_csv(curve))
 
 
 def curve_csv(curve: Curve) -> str:

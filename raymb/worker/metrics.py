@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections import deque
@@ -275,6 +276,13 @@ class MetricsCsv:
             return
         self.target.write_bytes(self.path.read_bytes())
         self.uploaded = time.monotonic()
+
+    def close(self) -> None:
+        """Remove the local copy with its temporary folder (object stores only; a local
+        metrics.csv stays where it is). Nothing is uploaded here: each checkpoint's `flush`
+        has put the rows up to it in the store, and a failing run's error stays the error."""
+        if not self.target.local:
+            shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
 def _t(value: float, ledger: Ledger) -> torch.Tensor:

@@ -143,6 +143,19 @@ class Worker:
         self.measured = None
         """train.noise_scale: the last step's norms, until record() hands them on."""
 
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove what the worker keeps outside the run directory (metrics.csv's local copy
+        for an object store): a loop's `with Worker(...)` calls it when the loop ends, and
+        Ray ends the process after, running no finalizer."""
+        if self.ledger.csv is not None:
+            self.ledger.csv.close()
+
     @property
     def resumed(self) -> bool:
         return bool(self.progress.resumed_from_steps)

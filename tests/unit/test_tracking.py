@@ -157,6 +157,25 @@ def test_tensorboard_in_an_object_store(s3, tmp_path, monkeypatch):
     assert scalars(read_events(local)) == as_float32(expected(kept))
 
 
+def test_metrics_csv_in_an_object_store_leaves_no_local_copy(s3):
+    # The worker appends to a local copy (a store cannot append) and uploads it; closed when
+    # the loop ends, the copy and its folder are gone and the bucket holds every row.
+    from raymb.worker.metrics import COLUMNS, MetricsCsv
+
+    s3.bucket("metrics")
+    target = resolve("s3://metrics/run/metrics.csv")
+    rows = MetricsCsv(target)
+    rows.append([{"step": 1, "train_loss": 0.5}, {"step": 2, "train_loss": 0.25}])
+    rows.flush()
+    local = rows.path
+    assert local.exists() and local.parent.name.startswith("raymb-metrics-")
+    rows.close()
+    assert not local.parent.exists()
+    lines = target.read_text().splitlines()
+    assert lines[0] == ",".join(COLUMNS)
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "2"]
+
+
 # -- MLflow without a server ----------------------------------------------------------------
 
 
