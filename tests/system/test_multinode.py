@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -114,6 +115,19 @@ def _latest_report(run: str) -> dict | None:
     return latest["metrics"] if latest else None
 
 
+def _look_at_the_nodes_again() -> None:
+    """Ray Train sizes an elastic run from Ray Data's AutoscalingCoordinator, one detached
+    actor for the whole cluster, which looks at the nodes every 20 s: until it looks again, a
+    run started after a node joined counts one worker node. Have it look now."""
+    import ray
+
+    try:
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except ValueError:  # none yet: the next run's own sees every node
+        return
+    ray.get(coordinator.get_reserved_resources.remote("raymb-tests", recompute=True))
+
+
 def test_a_node_lost_mid_run_the_run_ends_on_the_nodes_left(cluster, linear_data):
     import raymb
 
@@ -136,6 +150,13 @@ def test_a_node_lost_mid_run_the_run_ends_on_the_nodes_left(cluster, linear_data
         time.sleep(0.2)
     # Two workers, each on a node of its own, wrote that checkpoint.
     assert (report["workers"], report["nodes"]) == (2, 2)
+    # A cluster this process joined keeps Ray Train's defaults: its preemption watcher runs.
+    from ray._private import state
+
+    from raymb.driver.cluster import started_here
+
+    assert not started_here()
+    assert "PreemptionWatcher" in {a["ActorClassName"] for a in state.actors().values()}
     assert report["step"] < epochs
     ray_cluster.remove_node(worker_nodes[1], allow_graceful=False)  # its raylet killed
 
@@ -167,7 +188,9 @@ def test_a_run_resumes_by_name_from_another_working_directory_on_more_nodes(
     ray_cluster, _ = cluster
     ray_cluster.add_node(num_cpus=2)
     ray_cluster.wait_for_nodes()
+    _look_at_the_nodes_again()
     sets = [a for s in (*COMMON, "run.name=multi", "train.epochs=220") for a in ("--set", s)]
+    copies = set(Path(tempfile.gettempdir()).glob("raymb-metrics-*"))
     done = subprocess.run(
         [sys.executable, "-m", "raymb.cli", "train", "--address", ray_cluster.address, *sets],
         cwd=tmp_path,
@@ -177,6 +200,8 @@ def test_a_run_resumes_by_name_from_another_working_directory_on_more_nodes(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.listdir(tmp_path) == []  # nothing of the run written here
+    # ...nor left in the temporary folder: rank 0's local copy of metrics.csv is gone.
+    assert set(Path(tempfile.gettempdir()).glob("raymb-metrics-*")) == copies
     summary = json.loads(resolve(f"{RUNS}/multi/summary.json").read_text())
     assert summary["steps"] == 220 and summary["resumed_from_steps"][-1] == 200
     assert (summary["workers"], summary["nodes"]) == (2, 2)
