@@ -171,9 +171,8 @@ def follow_loop(payload: dict[str, FollowSpec], session: Session | None = None) 
                 xs, ys = x[part], y[part]
                 # A worker with no row in this step still takes part with an empty batch: the
                 # gradient all-reduce needs every worker's backward.
-                batches = [(xs[j : j + m], ys[j : j + m]) for j in range(0, len(ys), m)] or [
-                    (xs, ys)
-                ]
+                batches = [(xs[j : j + m], ys[j : j + m]) for j in range(0, len(ys), m)]
+                batches = batches or [(xs, ys)]
                 wait_s = time.perf_counter() - waited
                 loss, taken, step_s = worker.step(batches, len(ys), uneven=True)
                 start += n
