@@ -9,11 +9,9 @@ import functools
 import importlib
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import numpy as np
 import ray
@@ -23,6 +21,7 @@ from raymb.data.checks import DatasetInfo, read_blocks
 from raymb.data.columns import column_names
 from raymb.driver import watchdog
 from raymb.driver.logs import RayLog, divert
+from raymb.driver.signals import StopSignals, in_thread
 from raymb.rundir.storage import Location
 from raymb.worker.spec import DataSpec
 
@@ -316,54 +315,22 @@ def _LocalTorchTrainer():  # noqa: N802 - a class, built once Ray Train is impor
     return LocalTorchTrainer
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-"""Ctrl-C, and what Kubernetes and `ray job stop` send: the first of either stops with a
-checkpoint, the next abandons."""
+def ask_stop(stop_file: Location, stops: str, say: Callable[[str], None] | None = None) -> None:
+    """Write `stop_file`, asking the workers to checkpoint and return (`stops` says when, for
+    the line that tells the user; `say` prints it, by default on stderr)."""
+    stop_file.write_bytes(b"")
+    line = f"raymb: stopping {stops}, then checkpointing (Ctrl-C again to abandon it)"
+    if say is not None:
+        say(line)  # above the progress bar, not into it
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def fit_until_stopped(
     trainer, stop_file: Location, *, stops: str, say: Callable[[str], None] | None = None
 ):
-    """fit(); the first SIGINT or SIGTERM writes `stop_file`, asking the workers to checkpoint
-    and return (`stops` says when, for the line that tells the user; `say` prints it, by
-    default on stderr).
-
-    fit() runs in a thread: on the main thread Ray Train installs its own SIGINT handler,
-    which aborts the workers at once. A second signal raises KeyboardInterrupt here at once
-    (a local Ray cluster ends with the process; the run resumes from its last checkpoint).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return trainer.fit()  # no signals here
-    outcome: dict[str, Any] = {}
-    signals = 0
-
-    def run() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as e:  # re-raised on the caller's thread
-            outcome["error"] = e
-
-    def on_signal(signum, frame) -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            raise KeyboardInterrupt
-        stop_file.write_bytes(b"")
-        line = f"raymb: stopping {stops}, then checkpointing (Ctrl-C again to abandon it)"
-        if say is not None:
-            say(line)  # above the progress bar, not into it
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    thread = threading.Thread(target=run, name="raymb-fit", daemon=True)
-    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
-    try:
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.2)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    """fit() in a thread; the first SIGINT or SIGTERM asks for the stop (ask_stop), a later one
+    raises KeyboardInterrupt here at once (a local Ray cluster ends with the process; the run
+    resumes from its last checkpoint). raymb.driver.signals says which signals count."""
+    with StopSignals(lambda: ask_stop(stop_file, stops, say)):
+        return in_thread(trainer.fit)

@@ -26,6 +26,7 @@ from raymb.config import Config
 from raymb.data.checks import describe_shape
 from raymb.driver.logs import RayLog, close_log
 from raymb.driver.preflight import check_run_dir, prepare, prepare_follow, tokenizer_spec
+from raymb.driver.signals import StopSignals, in_thread
 from raymb.errors import DataError, RaymbError, StorageError
 from raymb.rundir import plot, progress, storage
 from raymb.rundir.checkpoint import MODEL_FILE, claim_run
@@ -187,7 +188,7 @@ def _launch(
             ray_log = None if verbose else RayLog(run_dir, say=shown.say)
             stamp("checked")
             shown.phase("starting Ray")
-            from raymb.driver.cluster import connect, fit_until_stopped, make_trainer, session_dir
+            from raymb.driver.cluster import ask_stop, connect, make_trainer, session_dir
             from raymb.worker.worker import STOP_FILE
 
             # Ray from here on, not before the last refusal
@@ -204,11 +205,11 @@ def _launch(
             close_log(ray_log)
             raise
         try:
-            fit = lambda: fit_until_stopped(  # noqa: E731
-                trainer, stop_file, stops=stops, say=shown.say
-            )
             done = lambda summary, metrics: close(summary, metrics, stop_file.exists())  # noqa: E731
-            return _run(config, lock, fit, shown=shown, close=done)
+            # From the start of fit() to status.json: the first signal asks for the stop (the
+            # closing sequence finishes as it is), a later one abandons.
+            with StopSignals(lambda: ask_stop(stop_file, stops, shown.say)):
+                return _run(config, lock, lambda: in_thread(trainer.fit), shown=shown, close=done)
         finally:
             stop_file.remove()
             close_log(ray_log)

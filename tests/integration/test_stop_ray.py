@@ -10,16 +10,13 @@ which ends as the run under Ray Train does (tests/integration/test_session_ray.p
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
@@ -63,6 +60,31 @@ def _rows(run_dir: Path) -> dict[int, float]:
         return {}
 
 
+def _group_members(pgid: int) -> list[tuple[int, str]]:
+    """The processes of a process group other than its leader, with their command lines."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == pgid:
+            continue
+        try:
+            if os.getpgid(int(name)) == pgid:
+                found.append((int(name), Path(f"/proc/{name}/cmdline").read_text()[:80]))
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile
+    return found
+
+
+def _blocks_sigint(pid: int) -> bool:
+    """Whether a process blocks or ignores SIGINT (a process gone meanwhile counts as one)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    masks = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    bit = 1 << (signal.SIGINT - 1)
+    return bool((int(masks["SigBlk"], 16) | int(masks["SigIgn"], 16)) & bit)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -98,7 +120,7 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes_to_the_straight_end(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
-        start_new_session=True,  # the signal goes to the driver alone, as the test sends it
+        start_new_session=True,  # its own group, as a terminal gives a command
     )
     try:
         deadline = time.monotonic() + 300
@@ -106,7 +128,14 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes_to_the_straight_end(
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "no metrics.csv row in 300 s"
             time.sleep(0.05)
+        others = _group_members(proc.pid)
+        assert others, "a local cluster's processes share the driver's process group"
+        unblocked = [cmd for pid, cmd in others if not _blocks_sigint(pid)]
+        assert not unblocked, f"a terminal's Ctrl-C would reach {unblocked}"
+        # As a terminal's Ctrl-C reaches it, and as `timeout -s INT` sends it: to the driver,
+        # then to its whole process group, at once.
         os.kill(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=300)
     finally:
         _kill_group(proc)
@@ -149,84 +178,3 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes_to_the_straight_end(
     for step, loss in want.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), step
     assert resumed["train_loss"] == pytest.approx(want[TOTAL], rel=1e-5)
-
-
-# ------------------------------------------- the signals themselves, on a stand-in trainer
-
-
-class Trainer:
-    """fit() until the stop file appears (as the workers do), or until `release`."""
-
-    def __init__(self, stop_file) -> None:
-        self.stop_file, self.release = stop_file, threading.Event()
-
-    def fit(self) -> str:
-        while not self.release.is_set():
-            if self.stop_file.exists():
-                return "checkpointed"
-            time.sleep(0.01)
-        return "released"
-
-
-def _signal_after(signum: int, delay: float) -> threading.Thread:
-    thread = threading.Thread(target=lambda: (time.sleep(delay), os.kill(os.getpid(), signum)))
-    thread.start()
-    return thread
-
-
-def test_sigterm_asks_for_the_stop_as_the_first_ctrl_c_does(tmp_path) -> None:
-    from raymb.driver.cluster import fit_until_stopped
-    from raymb.rundir.storage import resolve
-
-    stop_file = resolve(str(tmp_path / "STOP"))
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    err = io.StringIO()
-    sender = _signal_after(signal.SIGTERM, 0.3)
-    with redirect_stderr(err):
-        result = fit_until_stopped(Trainer(stop_file), stop_file, stops="at the next step")
-    sender.join()
-    assert result == "checkpointed" and stop_file.exists()
-    assert err.getvalue() == (
-        "raymb: stopping at the next step, then checkpointing (Ctrl-C again to abandon it)\n"
-    )
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
-
-
-def test_a_second_ctrl_c_abandons_at_once_and_marks_the_run_interrupted(tmp_path) -> None:
-    from raymb.driver.cluster import fit_until_stopped
-    from raymb.driver.run import _run
-    from raymb.rundir import progress
-    from raymb.rundir.lock import lock_run
-    from raymb.rundir.storage import resolve
-
-    config = load_config(None, [f"run.storage_path={tmp_path}", "run.name=r"])
-    run_dir = resolve(str(tmp_path / "r"))
-    lock = lock_run(run_dir)
-    stop_file = run_dir / "STOP"
-
-    class Stubborn(Trainer):
-        def fit(self) -> str:  # a checkpoint that never comes
-            self.release.wait()
-            return "released"
-
-    trainer = Stubborn(stop_file)
-    senders = [_signal_after(signal.SIGINT, 0.3), _signal_after(signal.SIGINT, 0.8)]
-    started = time.monotonic()
-    try:
-        with pytest.raises(KeyboardInterrupt), redirect_stderr(io.StringIO()):
-            shown = progress.Watch(run_dir / "metrics.csv", 10, io.StringIO())
-            _run(
-                config,
-                lock,
-                lambda: fit_until_stopped(trainer, stop_file, stops="at the next step"),
-                shown=shown,
-                close=lambda summary, metrics: "finished",
-            )
-    finally:
-        trainer.release.set()
-        for sender in senders:
-            sender.join()
-        lock.release()
-    assert time.monotonic() - started < 5  # at once: not waiting for the stubborn fit
-    assert stop_file.exists()  # the first asked to stop
-    assert json.loads((tmp_path / "r" / "status.json").read_text())["status"] == "interrupted"
