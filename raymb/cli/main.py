@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from raymb.cli import data, lr_find, tools, train, tune
 from raymb.errors import RaymbError
@@ -121,8 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusals are one line like every other raymb refusal (its own
+    are the usage, then the error), naming the command's --help."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        self.exit(2, f"raymb: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="raymb",
         description="Data-parallel PyTorch training on Ray: W workers x k microbatches give "
         "the same parameters as one process on the whole batch.",
