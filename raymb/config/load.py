@@ -5,6 +5,8 @@ dataset folder's manifest gives. The driver side reads them once, here; a saved 
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 import typing
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 from raymb.config.config import Config
 from raymb.data.manifest import data_defaults, find_manifest
 from raymb.errors import ConfigError, DataError
+from raymb.files import CONFIG_LIMIT, InputError, kind_of, read_bounded, real
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,22 +65,36 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """A config file's tables; a file that is missing, unreadable, not UTF-8 or not TOML is a
-    one-line ConfigError naming it."""
+    """A config file's tables; a file that is missing, not a regular file (a folder, a FIFO,
+    a device such as /dev/zero: refused from its stat, never opened), larger than
+    raymb.files.CONFIG_LIMIT, unreadable, not UTF-8 or not TOML is a one-line ConfigError
+    naming it."""
     try:
-        text = Path(path).read_bytes().decode("utf-8")  # TOML is UTF-8, whatever the locale
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+    except (OSError, ValueError) as e:  # permission on a folder above, a NUL in the path, ...
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(f"config file {path} cannot be read: {reason}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"config file {path} is a directory, not a TOML file")
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"config file {path} is {kind_of(mode)}, not a TOML file")
+    try:
+        data = read_bounded(path, "config file", CONFIG_LIMIT)
+    except InputError as e:
+        # read_bounded raises from None; the OSError of the open, if that failed, is its context
+        cause = e.__context__
+        if isinstance(cause, OSError) and cause.strerror:
+            raise ConfigError(f"config file {path} cannot be read: {cause.strerror}") from None
+        raise ConfigError(str(e)) from None
+    try:
+        text = data.decode("utf-8")  # TOML is UTF-8, whatever the locale
     except UnicodeDecodeError as e:
         raise ConfigError(
             f"config file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x}); "
             "save it as UTF-8"
         ) from None
-    except (OSError, ValueError) as e:  # permission, a NUL in the path, ...
-        reason = getattr(e, "strerror", None) or str(e)
-        raise ConfigError(f"config file {path} cannot be read: {reason}") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -99,7 +116,7 @@ def with_manifest(raw: dict[str, Any]) -> dict[str, Any]:
     folder, manifest = found
     defaults = data_defaults(manifest)
     val = folder / "val"
-    train = Path(table["train"]).expanduser().resolve()
-    if train == (folder / "train").resolve() and val.is_dir():
+    # realpath, not Path.resolve: a link loop on the way is not a RuntimeError here
+    if real(table["train"]) == real(folder / "train") and val.is_dir():
         defaults["val"] = str(val)  # the folder's own validation split
     return {**raw, "data": {**defaults, **table}}

@@ -24,29 +24,40 @@ from pathlib import Path
 from typing import Any
 
 from raymb.errors import DataError
+from raymb.files import CONFIG_LIMIT, InputError, read_bounded
 
 MANIFEST = "raymb-data.json"
 FORMAT = "raymb-data"
 VERSION = 1
+MANIFEST_LIMIT = CONFIG_LIMIT
+"""The largest manifest read: a few kB in practice (the class names are a file of their own)."""
 
 
 def find_manifest(path: str) -> tuple[Path, dict[str, Any]] | None:
     """The manifest of a prepared folder that `path` (the folder, or its train/val split)
-    belongs to, and the folder; None for data that was not prepared (or not local)."""
+    belongs to, and the folder; None for data that was not prepared (or not local). A
+    raymb-data.json that is there but is not a regular file (a folder, a FIFO, a device, a link
+    to nothing) is a DataError naming it, never opened."""
     if "://" in path:
         return None
     here = Path(path).expanduser()
     for folder in (here, here.parent):
         candidate = folder / MANIFEST
-        if candidate.is_file():
+        if os.path.lexists(candidate):
             return folder, read_manifest(candidate)
     return None
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        # At most MANIFEST_LIMIT bytes of a regular file: a FIFO would hang the open, a device
+        # such as /dev/zero would be read until memory runs out.
+        data = read_bounded(path, "dataset manifest", MANIFEST_LIMIT)
+    except InputError as e:
+        raise DataError(str(e)) from None
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise DataError(f"{path}: not a readable {MANIFEST} ({' '.join(str(e).split())})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f'{path}: not a raymb dataset manifest (no "format": "{FORMAT}")')

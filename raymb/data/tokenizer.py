@@ -13,9 +13,12 @@ from typing import Any
 
 from raymb.data.manifest import find_manifest
 from raymb.errors import ConfigError, DataError
+from raymb.files import JSON_LIMIT, InputError, check_input, read_bounded, real
 
 BYTE_VOCAB = 256
 BPE_FILE = "tokenizer.json"
+TOKENIZER_LIMIT = JSON_LIMIT
+"""The largest tokenizer file read: a BPE of 50,000 tokens is about 2 MB."""
 
 
 class Tokenizer(ABC):
@@ -128,19 +131,46 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     spec = manifest.get("tokenizer")
     if not isinstance(spec, dict):
         raise DataError(f"{root}: its manifest names no tokenizer (task {manifest.get('task')})")
-    if spec.get("kind") == "bpe" and "file" in spec:
-        name = spec["file"]
-        path = root / str(name)
-        # The manifest may come from anyone: its file stays in its folder, links followed.
-        if not isinstance(name, str) or not path.resolve().is_relative_to(root.resolve()):
-            raise DataError(
-                f"{root}: its manifest's tokenizer file {name!r} is not in the folder (links "
-                f"followed); expected a file name in it such as {BPE_FILE!r}"
-            )
+    path = tokenizer_file(root, manifest)
+    if path is not None:
         try:
-            return BpeTokenizer.from_json(path.read_text())
-        except Exception as e:  # OSError, or the tokenizers library's own parse error
+            text = read_bounded(path, "tokenizer file", TOKENIZER_LIMIT).decode("utf-8")
+        except InputError as e:
+            raise DataError(str(e)) from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not a readable tokenizer (not UTF-8: {e.reason})") from None
+        try:
+            return BpeTokenizer.from_json(text)
+        except Exception as e:  # the tokenizers library's own parse error
             raise DataError(
                 f"{path}: not a readable tokenizer ({' '.join(str(e).split())})"
             ) from None
     return tokenizer_from_spec(spec)
+
+
+def tokenizer_file(root: Path, manifest: dict[str, Any]) -> Path | None:
+    """The BPE file a prepared folder's manifest names, checked and not opened: a name in the
+    folder (links followed), a regular file (no FIFO, device or folder) of at most
+    TOKENIZER_LIMIT bytes; None when the manifest names no file. A DataError otherwise, so the
+    driver refuses it before Ray starts (raymb.driver.preflight)."""
+    spec = manifest.get("tokenizer")
+    if not isinstance(spec, dict) or spec.get("kind") != "bpe" or "file" not in spec:
+        return None
+    name = spec["file"]
+    path = root / str(name)
+    # The manifest may come from anyone: its file stays in its folder, links followed.
+    if not isinstance(name, str) or not real(path).is_relative_to(real(root)):
+        raise DataError(
+            f"{root}: its manifest's tokenizer file {name!r} is not in the folder (links "
+            f"followed); expected a file name in it such as {BPE_FILE!r}"
+        )
+    try:
+        size = check_input(path, "tokenizer file").st_size
+    except InputError as e:
+        raise DataError(str(e)) from None
+    if size > TOKENIZER_LIMIT:
+        raise DataError(
+            f"tokenizer file {path}: is larger than {TOKENIZER_LIMIT >> 20} MiB; is it the "
+            "right file?"
+        )
+    return path

@@ -36,6 +36,11 @@ def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
     storage.configure(config.storage)  # the endpoint of s3:// data and runs
     mlflow_target(config.log.mlflow_uri)  # asked for, and installed
     data = config.data
+    if data.task == "lm":  # the tokenizer file tokenizer_spec reads later: checked, not opened
+        from raymb.data.tokenizer import tokenizer_file
+
+        if (found := find_manifest(data.train)) is not None:
+            tokenizer_file(*found)
     label = data.label_column
     # Without model.num_classes the labels size the model: one outlier must not.
     max_classes = MAX_CLASSES if config.model.num_classes is None else None
@@ -54,12 +59,14 @@ def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
                 f"{val_info.label_kind} labels; data.train has "
                 f"{describe_shape(train_info, data.features)} and {train_info.label_kind}"
             )
+    _check_folds(data, train_info)
     if config.checkpoint.metric.startswith("val_") and val_info is None and not data.folds:
         raise ConfigError(
             f"checkpoint.metric={config.checkpoint.metric!r} needs data.val; set data.val "
             "or checkpoint.metric=train_loss"
         )
     inputs = Inputs.of(data, _task(config, train_info), train_info.feature_shape)
+    check_zero_padding(data.augment, inputs.shape)
     _check_model_fits(config, inputs, train_info)
     found = find_manifest(data.train)
     num_rows = train_info.num_rows
@@ -76,6 +83,30 @@ def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
         ),
     )
     return plan, train_info, val_info
+
+
+def _check_folds(data: DataSection, train: DatasetInfo) -> None:
+    """data.folds against data.train's rows: fold f holds out the rows f, f + k, ... of the
+    permutation, so with more folds than rows some fold validates on none (val_loss null)."""
+    if data.folds and data.folds > train.num_rows:
+        raise ConfigError(
+            f"data.folds={data.folds} is more than data.train's {train.num_rows} rows: a fold "
+            f"would hold out no rows to validate on; set data.folds to at most {train.num_rows}"
+        )
+
+
+def check_zero_padding(augment, shape: tuple[int, ...]) -> None:
+    """data.augment.crop_padding with padding_mode = "zero" against the images, as reflect
+    padding is bounded (raymb.data.columns.check_augment): a padding as large as the image
+    crops windows of padding alone, and a huge one (1e9) is an allocation the workers fail on
+    after Ray has started."""
+    P = augment.crop_padding
+    if P and augment.padding_mode == "zero" and len(shape) == 3 and P >= min(shape[1:]):
+        raise ConfigError(
+            f'data.augment.crop_padding={P} with padding_mode = "zero" must be smaller than '
+            f"the images' {shape[1]}x{shape[2]} pixels (a window would hold no pixel of the "
+            "image): lower it"
+        )
 
 
 def _task(config: Config, info: DatasetInfo) -> str:
@@ -280,6 +311,7 @@ def follow_shape(config: Config, info: DatasetInfo, name: str) -> Shape:
     if not classify and config.checkpoint.metric == "val_accuracy":
         raise ConfigError("checkpoint.metric='val_accuracy' needs integer (class) labels")
     inputs = Inputs.of(config.data, "classify" if classify else "regress", info.feature_shape)
+    check_zero_padding(config.data.augment, inputs.shape)
     shape = Shape(inputs, config.model.num_classes if classify else 1)
     check_fits(info, shape, what=f"--follow: {name}")
     return shape

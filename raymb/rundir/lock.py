@@ -11,21 +11,29 @@ No Ray and no torch here: the driver's checks run before either is imported.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raymb.errors import StorageError
+from raymb.files import InputError, kind_of, read_bounded
 from raymb.rundir.storage import Location
 
 LOCK_FILE = ".lock"
 """In a run directory while a driver trains it: {"host", "pid", "started", "token"}."""
 REMOTE_LOCK_SETTLE_S = 0.5
 """How long a driver waits after writing an object-store lock before reading it back."""
+
+LOCK_LIMIT = 64 << 10
+"""The largest lock file read: a driver's record is under 200 bytes."""
+MAX_START = 2.0**36
+"""No lock starts after this (the year 4147): a larger start time is no driver's."""
 
 _held: set[str] = set()  # the lock files this process holds
 
@@ -146,22 +154,65 @@ def _create_lock(lock: Location, record: dict[str, Any]) -> bool:
 
 
 def _read_lock(lock: Location) -> dict[str, Any] | None:
-    """The lock file's record; None when there is none, {} when it does not read (yet)."""
+    """The lock file's record; None when there is none, {} when it does not read (yet): not a
+    JSON object, or larger than LOCK_LIMIT (its fields are _checked apart). A local lock that
+    is not a regular file (a folder, a FIFO, a link) is a StorageError saying what it is: it is
+    never opened (a FIFO would hang the open)."""
+    if lock.local:
+        try:
+            mode = os.lstat(lock.path).st_mode
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StorageError(lock.uri, f"cannot read the lock file ({e.strerror})") from None
+        if not stat.S_ISREG(mode):
+            raise StorageError(
+                lock.uri,
+                f"is {kind_of(mode)}, not a raymb driver's lock file: if no raymb driver trains "
+                "this run, remove it",
+            )
+        try:
+            data = read_bounded(lock.path, "lock file", LOCK_LIMIT)
+        except InputError:
+            return None if not os.path.lexists(lock.path) else {}
+    else:
+        try:
+            data = lock.read_bytes()
+        except FileNotFoundError:
+            return None
     try:
-        value = json.loads(lock.read_text())
-    except FileNotFoundError:
-        return None
-    except (UnicodeDecodeError, ValueError):
+        value = json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _checked(held: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A lock record as _read_lock read it, or {} when its fields are not what lock_run
+    writes: a host name, a pid a process can have (a C int above 0), a finite start time
+    after 1970 that time.localtime can show (not a pid of 10**21, a start of 1e300 or NaN)."""
+    if not held:
+        return held
+    pid, started = held.get("pid"), held.get("started")
+    well_formed = (
+        isinstance(held.get("host"), str)
+        and isinstance(pid, int)
+        and not isinstance(pid, bool)
+        and 0 < pid < 2**31
+        and isinstance(started, int | float)
+        and not isinstance(started, bool)
+        and math.isfinite(started)
+        and 0 <= started < MAX_START
+    )
+    return held if well_formed else {}
 
 
 def _settled_lock(lock: Location) -> dict[str, Any] | None:
     """_read_lock, waiting a moment for a lock that is being written (created, not yet full)."""
     for _ in range(10):
         held = _read_lock(lock)
-        if held != {}:
-            return held
+        if held != {}:  # a whole JSON object is no lock half written: no wait for its fields
+            return _checked(held)
         time.sleep(0.05)
     return held
 
@@ -213,7 +264,7 @@ def _take_over(run_dir: Location, stale: dict[str, Any]) -> None:
         return  # another driver moved it first
     except OSError as e:
         raise StorageError(lock.uri, f"cannot move a dead driver's lock ({e.strerror})") from None
-    moved = _read_lock(Location(lock.fs, aside, aside))
+    moved = _checked(_read_lock(Location(lock.fs, aside, aside)))
     if moved == stale:
         os.unlink(aside)
         return
@@ -244,7 +295,11 @@ def _in_use(run_dir: Location, held: dict[str, Any]) -> StorageError:
 
 
 def is_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (maybe another user's)."""
+    """Whether a process with this id runs on this machine (maybe another user's). An id no
+    process can have (0 or below, which os.kill takes for a process group, or past a C int:
+    OverflowError) is no live process."""
+    if isinstance(pid, bool) or not 0 < pid < 2**31:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
