@@ -25,6 +25,12 @@ DIVERGED = 4.0
 SKIP = 0.1
 """The share of the first points the suggestion ignores."""
 MIN_STEPS = 10
+MAX_STEPS = 100_000
+"""The most steps a range test takes: its rates are a list held on every worker, and a test of
+a few hundred steps is the usual; a hundred thousand is more than any curve needs."""
+CSV_FILE = "lr_find.csv"
+"""The curve, in the test's own directory: step, lr, loss, smoothed_loss (rank 0 writes it)."""
+CSV_COLUMNS = ("step", "lr", "loss", "smoothed_loss")
 
 
 def schedule(low: float, high: float, steps: int) -> list[float]:
@@ -88,11 +94,16 @@ def _gradient(points: list[tuple[float, float]]) -> list[float]:
 
 
 def check_range(low: float, high: float, steps: int) -> str | None:
-    """Why --min, --max and --steps do not make a range test, in one line, or None."""
-    if not (low > 0 and math.isfinite(high)):
+    """Why --min, --max and --steps do not make a range test, in one line, or None. Checked
+    before anything is built (the schedule is a list of `steps` rates)."""
+    if not (low > 0 and math.isfinite(low) and high > 0 and math.isfinite(high)):
         return f"--min {low:g} --max {high:g}: expected positive, finite rates"
     if low >= high:
         return f"--min {low:g} must be below --max {high:g}"
+    if not math.isfinite(high / low):
+        return f"--min {low:g} --max {high:g}: the range is too wide (its ratio overflows)"
     if steps < MIN_STEPS:
         return f"--steps {steps}: at least {MIN_STEPS} (the suggestion needs a curve)"
+    if steps > MAX_STEPS:
+        return f"--steps {steps}: at most {MAX_STEPS:,} (a few hundred is the usual)"
     return None

@@ -2,26 +2,71 @@
 
 Checks first, as `raymb train` does (raymb.driver.preflight: nothing of Ray or the workers
 imported before the last refusal), then the config's initial state trained for --steps steps
-while the rate grows exponentially (raymb.worker.lr_find), on its own run directory
-<run.storage_path>/<run.name>-lr-find/ (lr_find.csv, lr_find.png), made afresh each time. The
-run's own directory is never touched, so a later `raymb train` starts from scratch. The
+while the rate grows exponentially (raymb.worker.lr_find), in its own directory
+<run.storage_path>/<run.name>-lr-find/ (lr_find.json, lr_find.csv, lr_find.png, logs/ray.log).
+The run's own directory is never touched, so a later `raymb train` starts from scratch. The
 suggestion (raymb.core.lr_find.suggest) is for the config's global batch on its workers.
+
+What lr-find keeps safe (issue 34):
+
+- **Only its own folder is cleared.** lr_find.json marks a folder as an lr-find's output. A
+  folder holding anything an lr-find does not write (run.json, checkpoints, summary.json, ...),
+  or an lr_find.json that is not an lr-find's, is refused in one line before anything is
+  written; an older lr-find's folder (no lr_find.json) is recognised when it holds nothing but
+  what lr-find writes, its lr_find.csv with lr-find's header. Each known file is removed by
+  name; the folder itself never is.
+- **One lr-find a folder.** The run lock (raymb.rundir.lock) is held on it from before the
+  first removal to the end: a second lr-find of the same name is refused naming the first's
+  host and pid (checked read-only before the data checks, taken after them).
+- **A stop says so.** The first Ctrl-C or SIGTERM asks the workers to stop at the next step
+  (the STOP file, as `raymb train`); the curve so far stays in lr_find.csv, lr_find.json says
+  "interrupted", and `Interrupted` carries the line the command prints (exit 130). A second
+  signal abandons the test at once, marked the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from raymb.config import Config
-from raymb.core.lr_find import Curve, schedule, suggest
+from raymb.core.lr_find import CSV_COLUMNS, CSV_FILE, Curve, schedule, suggest
 from raymb.driver.preflight import check_run_dir, prepare, tokenizer_spec
-from raymb.errors import RaymbError
+from raymb.errors import RaymbError, StorageError
 from raymb.rundir import plot
+from raymb.rundir.lock import LOCK_FILE, lock_run
 from raymb.rundir.storage import Location
 
 SUFFIX = "-lr-find"
 PNG_FILE = "lr_find.png"
+MARKER_FILE = "lr_find.json"
+"""Names a folder as an lr-find's output: {"raymb": "lr-find", "status", "run", "min", "max",
+"steps", "host", "pid", "started", "updated"} and, once known, "steps_done", "suggested",
+"error". status: running, finished, interrupted (a partial curve: no rate suggested) or
+failed."""
+KIND = "lr-find"
+STOP_FILE = "STOP"  # raymb.worker.worker.STOP_FILE; not imported from there (torch)
+RAY_MARKER = ".validate_storage_marker"
+"""An empty file Ray Train's storage check leaves in the folder it writes to."""
+LOGS, RAY_LOG = "logs", "ray.log"  # raymb.driver.logs.RAY_LOG, split
+OWN_FILES = frozenset({MARKER_FILE, CSV_FILE, PNG_FILE, RAY_MARKER, STOP_FILE})
+"""The files an lr-find writes at the top of its folder (with logs/ray.log, and the lock)."""
+_LEFTOVER = re.compile(r"\.lr_find\.(json|csv|png)(\.[0-9a-f]{8})?\.tmp|\.lock\.[0-9a-f]{8}\.stale")
+"""What an lr-find killed mid-write leaves: an atomic write's temporary file, or a dead
+driver's lock moved aside (raymb.rundir.storage.temp_sibling, raymb.rundir.lock)."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -32,6 +77,15 @@ class LrFindResult:
     smoothed: list[float]
     suggested: float | None
     stop_reason: str | None
+
+
+class Interrupted(KeyboardInterrupt):
+    """The test was stopped by Ctrl-C or SIGTERM: the line to print (raymb.cli.lr_find exits
+    130 with it). A KeyboardInterrupt, so that whoever does not know it still stops."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = line
 
 
 def finder_config(config: Config) -> Config:
@@ -48,22 +102,69 @@ def lr_find(
     steps: int,
     address: str | None = None,
     verbose: bool = False,
+    backend: str | None = None,
 ) -> LrFindResult:
-    """Run the range test on a Ray cluster (started here, or the one at `address`); write
-    lr_find.csv and lr_find.png and return the curve and the suggestion."""
+    """Run the range test; write lr_find.csv and lr_find.png and return the curve and the
+    suggestion. On a Ray cluster (started here, or the one at `address`); with `backend`
+    ("gloo", "nccl") on scale.workers local processes of a plain torch.distributed group
+    instead, no Ray (raymb.driver.local). Interrupted when stopped by a signal."""
+    name = config.run.name
     config = finder_config(config)
-    out_dir = check_run_dir(config)
+    out_dir = check_run_dir(config)  # no other driver holds it: before the data checks
+    check_own_folder(out_dir)
     plan, train_info, _ = prepare(config)
     lrs = tuple(schedule(low, high, steps))
-    out_dir.remove()  # an earlier test's: each starts from the config's initial state
-    out_dir.mkdir()
-    from raymb.driver.cluster import connect, data_spec, make_trainer, use_cache
+    with _sigterm_interrupts():
+        record = {"run": name, "min": low, "max": high, "steps": steps}
+        return _locked(config, record, out_dir, plan, train_info, lrs, address, verbose, backend)
+
+
+def _locked(config, record, out_dir, plan, train_info, lrs, address, verbose, backend):
+    """The test in its folder, under the folder's lock from before the first removal to the
+    end; the folder's lr_find.json says how it ended (`record`: what it names the test by)."""
+    steps = len(lrs)
+    lock = lock_run(out_dir)
+    try:
+        check_own_folder(out_dir)  # again, now that it is ours: nothing came in meanwhile
+        clear_own_folder(out_dir)  # an earlier test's: each starts from the initial state
+        mark(out_dir, "running", record)
+        stop_file = out_dir / STOP_FILE
+        try:
+            if backend is None:
+                _on_ray(config, plan, train_info, lrs, out_dir, address, verbose, stop_file)
+            else:
+                _on_torch(config, lrs, backend, stop_file)
+        except BaseException as e:
+            asked = stop_file.exists()
+            if asked or isinstance(e, KeyboardInterrupt | SystemExit):
+                # After a stop was asked, whatever ended the workers (a signal that reached
+                # Ray's processes too) is the stop; SystemExit is Ray's SIGTERM handler,
+                # installed by ray.init, before the test's own handlers.
+                raise _interrupted(out_dir, steps, record) from None
+            mark(out_dir, "failed", record, error=_first_line(e), quiet=True)
+            raise
+        text = (out_dir / CSV_FILE).read_text()
+        if stop_file.exists() and not _complete(text, steps):
+            raise _interrupted(out_dir, steps, record)
+        result = finish(out_dir, text)
+        mark(out_dir, "finished", record, steps_done=len(result.lrs), suggested=result.suggested)
+        return result
+    finally:
+        _remove_quietly(out_dir / STOP_FILE)
+        lock.release()
+
+
+def _on_ray(config, plan, train_info, lrs, out_dir, address, verbose, stop_file) -> None:
+    """The test's workers under Ray Train (the start `raymb train` has: connect, RayLog,
+    data_spec, EpochsSpec, make_trainer)."""
     from raymb.driver.logs import RayLog, close_log
-    from raymb.worker.lr_find import CSV_FILE, lr_find_loop
-    from raymb.worker.spec import EpochsSpec, LrFindSpec
 
     ray_log = None if verbose else RayLog(out_dir, say=print)
     try:
+        from raymb.driver.cluster import connect, data_spec, make_trainer, use_cache
+        from raymb.worker.lr_find import lr_find_loop
+        from raymb.worker.spec import EpochsSpec, LrFindSpec
+
         cpus = connect(config, address, ray_log=ray_log)
         cached = use_cache(config, [train_info])
         run = EpochsSpec(
@@ -74,11 +175,253 @@ def lr_find(
             tokenizer=tokenizer_spec(config),
         )
         spec = LrFindSpec(run=run, lrs=lrs)
-        print(f"raymb: lr-find: {steps} steps, lr {low:g} to {high:g}, in {out_dir}", flush=True)
-        make_trainer(config, lr_find_loop, {"spec": spec}, cpus, out_dir).fit()
+        trainer = make_trainer(config, lr_find_loop, {"spec": spec}, cpus, out_dir)
+        _say_start(lrs, out_dir)
+        _until_stopped(trainer.fit, stop_file)
     finally:
         close_log(ray_log)
-    return finish(out_dir, (out_dir / CSV_FILE).read_text())
+
+
+def _on_torch(config: Config, lrs: tuple[float, ...], backend: str, stop_file: Location) -> None:
+    """The test's workers on a plain torch.distributed group of local processes (no Ray)."""
+    from raymb.driver.local import local_spec
+    from raymb.worker.session import run_torch
+    from raymb.worker.spec import LrFindSpec
+
+    spec = LrFindSpec(run=local_spec(config), lrs=lrs)
+    _say_start(lrs, spec.run.run_dir)
+    world = config.scale.max_workers
+    _until_stopped(lambda: run_torch(_torch_loop, (spec,), world, backend=backend), stop_file)
+
+
+def _torch_loop(spec, *, session_factory) -> None:
+    """One process of the torch session. Ctrl-C reaches the terminal's whole process group:
+    these processes leave it to the driver, which asks them to stop through the STOP file,
+    as Ray's workers are asked."""
+    from raymb.worker.lr_find import lr_find_loop
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    lr_find_loop({"spec": spec}, session_factory(Path(spec.run.run_dir.path)))
+
+
+def _say_start(lrs: tuple[float, ...], out_dir: Location) -> None:
+    print(
+        f"raymb: lr-find: {len(lrs)} steps, lr {lrs[0]:g} to {lrs[-1]:g}, in {out_dir}", flush=True
+    )
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM as Ctrl-C from the lock to the workers' start (importing Ray takes seconds), so
+    the folder is marked and the lock released; Ray's own handler (ray.init) and the test's
+    (_until_stopped) take over in turn."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _until_stopped(fit: Callable[[], None], stop_file: Location) -> None:
+    """fit() on a thread, the main thread taking the signals: the first SIGINT or SIGTERM
+    writes `stop_file` (the workers stop at the next step and keep the curve so far), the next
+    raises KeyboardInterrupt at once. On the main thread Ray Train would install its own SIGINT
+    handler, which aborts the workers (raymb.driver.cluster.fit_until_stopped does the same for
+    `raymb train`)."""
+    if threading.current_thread() is not threading.main_thread():
+        fit()  # no signals here
+        return
+    outcome: dict[str, BaseException] = {}
+    signals = 0
+
+    def run() -> None:
+        try:
+            fit()
+        except BaseException as e:  # re-raised on the caller's thread
+            outcome["error"] = e
+
+    def on_signal(signum, frame) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            raise KeyboardInterrupt
+        stop_file.write_bytes(b"")
+        print(
+            "raymb: lr-find: stopping at the next step (Ctrl-C again to abandon it)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    thread = threading.Thread(target=run, name="raymb-lr-find", daemon=True)
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _complete(csv_text: str, steps: int) -> bool:
+    """Whether a curve is the whole test: every step taken, or the stop rule met (a stop
+    asked for as the test ended changes nothing)."""
+    from raymb.worker.lr_find import read_curve
+
+    lrs, losses = read_curve(csv_text)
+    curve = Curve()
+    return any(curve.add(lr, loss) for lr, loss in zip(lrs, losses)) or len(lrs) >= steps
+
+
+def _interrupted(out_dir: Location, steps: int, record: dict[str, Any]) -> Interrupted:
+    """Mark the folder interrupted (the curve so far kept, no rate suggested); the line."""
+    try:
+        done = len((out_dir / CSV_FILE).read_text().splitlines()) - 1
+    except (FileNotFoundError, OSError, StorageError, UnicodeDecodeError):
+        done = 0
+    mark(out_dir, "interrupted", record, steps_done=max(done, 0), quiet=True)
+    kept = f"its curve so far is in {out_dir / CSV_FILE}" if done > 0 else "no step was measured"
+    return Interrupted(
+        f"raymb: interrupted; lr-find stopped after {max(done, 0)} of {steps} steps and "
+        f"suggests no rate ({kept}; {out_dir / MARKER_FILE} says interrupted): run it again "
+        "for a suggestion"
+    )
+
+
+# ---------------------------------------------------------------- the folder: own or not
+
+
+def check_own_folder(out_dir: Location) -> None:
+    """Refuse, in one line naming it, a folder that is not provably an lr-find's output: one
+    holding anything an lr-find does not write, or whose lr_find.json is not an lr-find's.
+    A missing or empty folder is fine. Only reads."""
+    listing = out_dir.listing()
+    if not listing:
+        return
+    foreign = [
+        name for name, info in sorted(listing.items()) if not _own_entry(out_dir, name, info)
+    ]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise _not_own(out_dir, f"it holds {shown}, which lr-find does not write")
+    if MARKER_FILE in listing:
+        if read_marker(out_dir).get("raymb") != KIND:
+            raise _not_own(out_dir, f"its {MARKER_FILE} is not an lr-find's")
+        return
+    # An lr-find from before lr_find.json: its curve, if it got that far, has lr-find's header.
+    if CSV_FILE in listing:
+        header = (out_dir / CSV_FILE).read_bytes()[:200].decode(errors="replace")
+        if header.split("\n", 1)[0].strip() != ",".join(CSV_COLUMNS):
+            raise _not_own(out_dir, f"its {CSV_FILE} is not an lr-find's curve")
+
+
+def _own_entry(out_dir: Location, name: str, info) -> bool:
+    """Whether a folder entry is one an lr-find writes: a known file, logs/ holding only
+    ray.log, the lock. A link is not (what it points at is not the folder's)."""
+    import pyarrow.fs as pafs
+
+    entry = out_dir / name
+    if out_dir.local and os.path.islink(entry.path):
+        return False
+    if name == LOGS:
+        if info.type != pafs.FileType.Directory:
+            return False
+        inside = entry.listing()
+        return all(
+            n == RAY_LOG
+            and i.type == pafs.FileType.File
+            and not (entry.local and os.path.islink((entry / n).path))
+            for n, i in inside.items()
+        )
+    if info.type != pafs.FileType.File:
+        return False
+    return name in OWN_FILES or name == LOCK_FILE or _LEFTOVER.fullmatch(name) is not None
+
+
+def _not_own(out_dir: Location, why: str) -> StorageError:
+    return StorageError(
+        out_dir.uri,
+        f"not an lr-find's output folder ({why}), so lr-find will not clear it: move it "
+        "away or choose another run.name",
+    )
+
+
+def clear_own_folder(out_dir: Location) -> None:
+    """Remove, file by file, what an earlier lr-find left (check_own_folder has passed); the
+    folder itself and the lock stay."""
+    for name in sorted(out_dir.listing()):
+        if name == LOCK_FILE:
+            continue
+        if name == LOGS:
+            (out_dir / LOGS / RAY_LOG).remove()
+            if out_dir.local:
+                os.rmdir((out_dir / LOGS).path)  # empty now; an object store has no folders
+            continue
+        (out_dir / name).remove()
+
+
+def read_marker(out_dir: Location) -> dict[str, Any]:
+    """lr_find.json's record; {} when there is none or it does not read as one."""
+    try:
+        value = json.loads((out_dir / MARKER_FILE).read_bytes()[: 1 << 16])
+    except (FileNotFoundError, UnicodeDecodeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def mark(
+    out_dir: Location,
+    status: str,
+    record: dict[str, Any],
+    *,
+    quiet: bool = False,
+    **fields: Any,
+) -> None:
+    """Write lr_find.json: the marker that names the folder an lr-find's, and its status.
+    `quiet`: a store that fails is no news beside the error or the stop at hand."""
+    now = round(time.time(), 3)
+    started = now if status == "running" else read_marker(out_dir).get("started", now)
+    value = {
+        "raymb": KIND,
+        "status": status,
+        **record,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": started,
+        "updated": now,
+        **fields,
+    }
+    try:
+        (out_dir / MARKER_FILE).write_text(json.dumps(value, indent=2) + "\n")
+    except (OSError, StorageError):
+        if not quiet:
+            raise
+
+
+def _remove_quietly(location: Location) -> None:
+    try:
+        location.remove()
+    except (OSError, StorageError):
+        pass
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+# ---------------------------------------------------------------- the curve and its reading
 
 
 def finish(out_dir: Location, csv_text: str) -> LrFindResult:

@@ -3,25 +3,30 @@ steps and sync, with the rate set before each step from the schedule (raymb.core
 
 Each step's summed loss is all-reduced, so every rank adds the same mean loss to the same
 curve and stops at the same step; nothing is validated, checkpointed or reported. Rank 0
-writes lr_find.csv (step, lr, loss, smoothed_loss) into the test's own directory.
+writes lr_find.csv (step, lr, loss, smoothed_loss) into the test's own directory at each
+progress line and at the end, so an abandoned test keeps most of its curve. The driver's stop
+request (its STOP file, on the first Ctrl-C or SIGTERM) rides on the same all-reduce: rank 0
+looks for the file, and every rank stops at the same step.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import time
 
-from raymb.core.lr_find import Curve
+import torch
+
+from raymb.core.lr_find import CSV_COLUMNS, CSV_FILE, Curve
 from raymb.core.rng import row_keys
 from raymb.data.columns import Inputs
 from raymb.worker.epochs import StepBatches
 from raymb.worker.feed import train_source
 from raymb.worker.session import RaySession, Session
 from raymb.worker.spec import LrFindSpec, Shape
-from raymb.worker.worker import Worker, all_sum
+from raymb.worker.worker import STOP_FILE, STOP_LOOK_S, Worker, all_sum
 
-CSV_FILE = "lr_find.csv"
-CSV_COLUMNS = ("step", "lr", "loss", "smoothed_loss")
+__all__ = ["CSV_COLUMNS", "CSV_FILE", "curve_csv", "lr_find_loop", "read_curve"]
 
 
 def lr_find_loop(payload: dict[str, LrFindSpec], session: Session | None = None) -> None:
@@ -42,6 +47,8 @@ def lr_find_loop(payload: dict[str, LrFindSpec], session: Session | None = None)
         source = train_source(run.train, session.fetch, features, label, plan, rank, world)
         batches = StepBatches.of(config, plan, rank, device)
         curve = Curve()
+        stop_file = run.run_dir / STOP_FILE
+        looked = -float("inf")
         epoch, s = 0, 0
         steps = source.steps(epoch, s)
         for lr in spec.lrs:
@@ -55,18 +62,28 @@ def lr_find_loop(payload: dict[str, LrFindSpec], session: Session | None = None)
                 loss, _, _ = worker.step(
                     microbatches, plan.rows_in_step(s, rank), uneven=not plan.even(s)
                 )
-            summed = all_sum(loss.detach().double().reshape(1).to(device))
-            mean = summed.item() / (plan.step_rows(s) * inputs.units_per_row)
+            # Rank 0's look for the stop file rides on the loss's all-reduce (a sum: the other
+            # ranks add 0), so every rank learns of it at the same step.
+            asked = 0.0
+            if rank == 0 and time.monotonic() - looked >= STOP_LOOK_S[stop_file.local]:
+                looked = time.monotonic()
+                asked = float(stop_file.exists())
+            flag = torch.tensor([asked], dtype=torch.float64, device=device)
+            summed = all_sum(torch.cat([loss.detach().double().reshape(1).to(device), flag]))
+            mean = summed[0].item() / (plan.step_rows(s) * inputs.units_per_row)
             s += 1
             stop = curve.add(lr, mean)
             done = len(curve.lrs)
+            stopping = summed[1].item() > 0
             if rank == 0 and (stop or done % max(1, len(spec.lrs) // 10) == 0):
                 print(
                     f"raymb: lr-find: step {done}/{len(spec.lrs)}, lr {lr:.3g}, "
                     f"smoothed loss {curve.smoothed[-1]:.4g}",
                     flush=True,
                 )
-            if stop:
+                if not stop:
+                    (run.run_dir / CSV_FILE).write_text(curve_csv(curve))  # the curve so far
+            if stop or stopping:
                 break
         if rank == 0:
             (run.run_dir / CSV_FILE).write_text(curve_csv(curve))

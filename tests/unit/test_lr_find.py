@@ -1,12 +1,14 @@
 """`raymb lr-find` (raymb.core.lr_find, raymb.worker.lr_find) on the real loop on gloo
-processes (raymb.driver.local.lr_find_torch, no Ray): on a quadratic whose best constant rate
-is known in closed form, the suggestion lies within a factor of 3 of it; W = 2 draws W = 1's
-curve at the same G; the run's own directory is untouched; a rate that diverges at once stops
-with a clear error. Bad --min/--max/--steps are refused in one line."""
+processes (raymb.driver.lr_find.lr_find with backend="gloo", no Ray): on a quadratic whose best
+constant rate is known in closed form, the suggestion lies within a factor of 3 of it; W = 2
+draws W = 1's curve at the same G (the second test clearing the first's folder); the run's own
+directory is untouched; a rate that diverges at once stops with a clear error. Bad
+--min/--max/--steps are refused in one line (tests/unit/test_trust_lr_find.py has the rest)."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -17,8 +19,7 @@ from conftest import assert_refused, tree
 
 from raymb import load_config
 from raymb.core.lr_find import DIVERGED, Curve, check_range, schedule, suggest
-from raymb.driver.local import lr_find_torch
-from raymb.driver.lr_find import conclude
+from raymb.driver.lr_find import conclude, lr_find
 from raymb.errors import RaymbError
 
 pytestmark = pytest.mark.timeout(600)
@@ -68,6 +69,11 @@ def _config(data, tmp_path, *sets):
     )
 
 
+def lr_find_torch(config, **kwargs):
+    """The command's own driver (its folder checks, lock and marker) on gloo processes."""
+    return lr_find(config, backend="gloo", **kwargs)
+
+
 def test_quadratic_suggestion_and_w2_equals_w1(quadratic, tmp_path):
     data, x = quadratic
     best = _best_constant_lr(x)
@@ -93,6 +99,8 @@ def test_quadratic_suggestion_and_w2_equals_w1(quadratic, tmp_path):
         assert math.isclose(a, b, rel_tol=1e-5) or not math.isfinite(a), (a, b)
     assert one.suggested == two.suggested
     assert (tmp_path / "quad-lr-find" / "lr_find.csv").exists()
+    marker = json.loads((tmp_path / "quad-lr-find" / "lr_find.json").read_text())
+    assert marker["status"] == "finished" and marker["suggested"] == two.suggested
     assert tree(run_dir) == before  # the run's own directory: untouched
     assert conclude(one, 25) == f"raymb: suggested optim.lr={one.suggested:.3g}"
 
