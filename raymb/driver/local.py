@@ -59,22 +59,8 @@ def _loop(spec: EpochsSpec, *, session_factory=TorchSession) -> None:
 
 def lr_find_torch(config: Config, *, low: float, high: float, steps: int, backend: str = "gloo"):
     """`raymb lr-find` on scale.workers local processes: the same loop, curve and files in
-    <run.storage_path>/<run.name>-lr-find/; returns raymb.driver.lr_find's result."""
-    from raymb.core.lr_find import schedule
-    from raymb.driver.lr_find import finder_config, finish
-    from raymb.worker.lr_find import CSV_FILE
-    from raymb.worker.spec import LrFindSpec
+    <run.storage_path>/<run.name>-lr-find/, with the same protection of that folder (its lock,
+    its marker); returns raymb.driver.lr_find's result."""
+    from raymb.driver.lr_find import lr_find
 
-    spec = local_spec(finder_config(config))
-    out = spec.run_dir
-    out.remove()
-    out.mkdir()
-    lrs = tuple(schedule(low, high, steps))
-    run_torch(_lr_find_loop, (LrFindSpec(run=spec, lrs=lrs),), config.scale.max_workers)
-    return finish(out, (out / CSV_FILE).read_text())
-
-
-def _lr_find_loop(spec, *, session_factory=TorchSession) -> None:
-    from raymb.worker.lr_find import lr_find_loop
-
-    lr_find_loop({"spec": spec}, session_factory(Path(spec.run.run_dir.path)))
+    return lr_find(config, low=low, high=high, steps=steps, backend=backend)

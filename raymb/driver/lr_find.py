@@ -44,6 +44,7 @@ from typing import Any
 from raymb.config import Config
 from raymb.core.lr_find import CSV_COLUMNS, CSV_FILE, Curve, schedule, suggest
 from raymb.driver.preflight import check_run_dir, prepare, tokenizer_spec
+from raymb.driver.signals import StopSignals, in_thread
 from raymb.errors import RaymbError, StorageError
 from raymb.rundir import plot
 from raymb.rundir.lock import LOCK_FILE, lock_run
@@ -66,7 +67,6 @@ OWN_FILES = frozenset({MARKER_FILE, CSV_FILE, PNG_FILE, RAY_MARKER, STOP_FILE})
 _LEFTOVER = re.compile(r"\.lr_find\.(json|csv|png)(\.[0-9a-f]{8})?\.tmp|\.lock\.[0-9a-f]{8}\.stale")
 """What an lr-find killed mid-write leaves: an atomic write's temporary file, or a dead
 driver's lock moved aside (raymb.rundir.storage.temp_sibling, raymb.rundir.lock)."""
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -230,28 +230,11 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def _until_stopped(fit: Callable[[], None], stop_file: Location) -> None:
-    """fit() on a thread, the main thread taking the signals: the first SIGINT or SIGTERM
-    writes `stop_file` (the workers stop at the next step and keep the curve so far), the next
-    raises KeyboardInterrupt at once. On the main thread Ray Train would install its own SIGINT
-    handler, which aborts the workers (raymb.driver.cluster.fit_until_stopped does the same for
-    `raymb train`)."""
-    if threading.current_thread() is not threading.main_thread():
-        fit()  # no signals here
-        return
-    outcome: dict[str, BaseException] = {}
-    signals = 0
+    """fit() on a thread, the main thread taking the signals (raymb.driver.signals): the first
+    SIGINT or SIGTERM writes `stop_file` (the workers stop at the next step and keep the curve
+    so far), a later one raises KeyboardInterrupt at once."""
 
-    def run() -> None:
-        try:
-            fit()
-        except BaseException as e:  # re-raised on the caller's thread
-            outcome["error"] = e
-
-    def on_signal(signum, frame) -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            raise KeyboardInterrupt
+    def ask() -> None:
         stop_file.write_bytes(b"")
         print(
             "raymb: lr-find: stopping at the next step (Ctrl-C again to abandon it)",
@@ -259,17 +242,8 @@ def _until_stopped(fit: Callable[[], None], stop_file: Location) -> None:
             flush=True,
         )
 
-    thread = threading.Thread(target=run, name="raymb-lr-find", daemon=True)
-    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
-    try:
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.2)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if "error" in outcome:
-        raise outcome["error"]
+    with StopSignals(ask):
+        in_thread(fit)
 
 
 def _complete(csv_text: str, steps: int) -> bool:
