@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from raymb.errors import RaymbError
@@ -206,41 +206,6 @@ def check_output(
     if not force:
         raise OutputError(f"{what}: {out} exists; pass --force to replace it")
     return target
-
-
-def check_tree(
-    folder: str | os.PathLike, what: str, *, skip: Callable[[str], bool] = lambda name: False
-) -> None:
-    """Every entry below an input folder (links followed, names `skip` takes left out, with
-    what is below them) is a regular file or a folder; an InputError naming the first that is
-    not (a FIFO would block its reader, a device be read without end). Nothing is opened."""
-    seen: set[tuple[int, int]] = set()
-    for root, dirs, names in os.walk(folder, followlinks=True, onerror=_unlistable(what)):
-        st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen:  # a link back up: walked already
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs[:] = [d for d in dirs if not skip(d)]
-        for name in names:
-            if skip(name):
-                continue
-            path = os.path.join(root, name)
-            try:
-                mode = os.stat(path).st_mode
-            except OSError as e:
-                raise InputError(
-                    f"{what} {folder}: {path} cannot be read ({e.strerror or e})"
-                ) from None
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise InputError(f"{what} {folder}: {path} is {kind_of(mode)}, not a regular file")
-
-
-def _unlistable(what: str) -> Callable[[OSError], None]:
-    def refuse(e: OSError) -> None:
-        raise InputError(f"{what}: cannot list {e.filename} ({e.strerror or e})")
-
-    return refuse
 
 
 def _size(n: int) -> str:

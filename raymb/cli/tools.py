@@ -21,7 +21,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from raymb.tools import checks
+
     _preflight(args)
+    checks.check_data(args.data)
     from raymb.tools.evaluate import evaluate
 
     metrics = evaluate(args.checkpoint, args.data, trust_model_code=args.trust_model_code)
@@ -43,13 +46,23 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="output parquet file (written under a temporary name, then renamed)",
     )
+    _add_force_argument(parser)
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from raymb.tools.checks import check_predict  # no torch: the checks come first
+
     _preflight(args)
+    check_predict(args.checkpoint, args.data, args.out, force=args.force)
     from raymb.tools.predict import predict
 
-    written = predict(args.checkpoint, args.data, args.out, trust_model_code=args.trust_model_code)
+    written = predict(
+        args.checkpoint,
+        args.data,
+        args.out,
+        trust_model_code=args.trust_model_code,
+        force=args.force,
+    )
     print(f"raymb: wrote {written['rows']} predictions to {written['out']}")
     return 0
 
@@ -84,6 +97,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from raymb.tools.checks import check_sample
+
+    check_sample(args.tokens, args.temperature, args.top_k, args.seed, args.prompt)
     _preflight(args)
     from raymb.tools.sample import sample
 
@@ -121,14 +137,24 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="the file format to write",
     )
     parser.add_argument("--out", required=True, metavar="FILE", help="output file")
+    _add_force_argument(parser)
     _add_trust_argument(parser)
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from raymb.tools.checks import check_export  # no torch: the checks come first
+
     _preflight(args)
+    check_export(args.checkpoint, args.format, args.out, force=args.force)
     from raymb.tools.export import export, format_size
 
-    written = export(args.checkpoint, args.format, args.out, trust_model_code=args.trust_model_code)
+    written = export(
+        args.checkpoint,
+        args.format,
+        args.out,
+        trust_model_code=args.trust_model_code,
+        force=args.force,
+    )
     print(
         f"raymb: wrote {written['out']} ({written['format']}, {format_size(written['bytes'])}; "
         f"max abs difference vs torch {written['max_abs_diff']:.2g} on {written['rows']} rows)"
@@ -190,12 +216,13 @@ def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default="runs.png", metavar="FILE", help="output PNG file (default runs.png)"
     )
+    _add_force_argument(parser)
 
 
 def run_plot(args: argparse.Namespace) -> int:
     from raymb.rundir.plot import plot_runs
 
-    out = plot_runs(args.run_dirs, args.out)
+    out = plot_runs(args.run_dirs, args.out, force=args.force)
     print(f"raymb: wrote {out}")
     return 0
 
@@ -221,6 +248,14 @@ def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_force_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it is an existing file (never an input, a folder or a device)",
+    )
+
+
 def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-model-code",
@@ -233,8 +268,9 @@ def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _preflight(args: argparse.Namespace) -> None:
-    """The checkpoint's refusals (malformed, an untrusted factory) before a tool imports
-    torch, which alone takes a second or more: a refusal comes at once."""
-    from raymb.rundir.checkpoint import preflight
+    """The checkpoint's refusals (not a regular file, too large, malformed, an untrusted
+    factory) before a tool imports torch, which alone takes a second or more: a refusal
+    comes at once."""
+    from raymb.tools.checks import check_checkpoint
 
-    preflight(args.checkpoint, trust_model_code=args.trust_model_code)
+    check_checkpoint(args.checkpoint, trust_model_code=args.trust_model_code)

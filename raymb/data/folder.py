@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,31 +21,37 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymb.errors import ConfigError, DataError
+from raymb.files import check_apart, kind_of
 from raymb.rundir.storage import temp_sibling
 
 TARGET_FILE_BYTES = 256 * 2**20  # the default --shards keeps files below about this
 
 
-def check_new_folder(out: str | Path) -> Path:
-    """`out` as an absolute path, if it is new or an empty folder: a file, a link or a folder
-    with anything in it is refused in one line, before any work, so nothing is overwritten."""
+def check_new_folder(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """`out` as an absolute path, if it is new or an empty folder, and is not, holds no and
+    lies inside none of `inputs` (the files and folders a command reads), however spelled: a
+    file, a link, a device, a folder with anything in it, or an input's place is refused in
+    one line, before any work, so nothing is overwritten and no input is written into."""
     given = Path(out).expanduser()
     path = Path(os.path.abspath(given))
+    check_apart(out, "--out", inputs)
     if given.is_symlink() or path.is_symlink():
         raise DataError(f"--out {out}: a symbolic link; name a new folder, not a link")
-    if path.exists() and not path.is_dir():
-        raise DataError(f"--out {out}: exists and is a file; choose a new folder")
+    if os.path.lexists(path) and not path.is_dir():
+        mode = os.stat(path).st_mode
+        kind = "a file" if stat.S_ISREG(mode) else kind_of(mode)  # a FIFO, a device, ...
+        raise DataError(f"--out {out}: exists and is {kind}; choose a new folder")
     if path.is_dir() and any(path.iterdir()):
         raise DataError(f"--out {out}: exists and is not an empty folder; choose a new one")
     return path
 
 
 @contextmanager
-def new_folder(out: str | Path) -> Iterator[Path]:
+def new_folder(out: str | Path, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """A temporary sibling of `out` to write into: renamed to `out` when the block ends,
     removed when it raises, so a failed run leaves nothing behind. An `out` that
-    check_new_folder refuses is refused before any work."""
-    out = check_new_folder(out)
+    check_new_folder refuses (given the command's `inputs`) is refused before any work."""
+    out = check_new_folder(out, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out, folder=True)  # the umask's mode, not mkdtemp's private 0700
     try:

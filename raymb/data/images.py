@@ -24,6 +24,7 @@ import pyarrow as pa
 from PIL import Image
 
 from raymb.data.folder import (
+    check_new_folder,
     check_split_options,
     flat_array,
     leaves,
@@ -69,9 +70,10 @@ def prepare_images(
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
+    check_new_folder(out, [root])  # before the files are listed: a refusal comes at once
     links: list[str] = []  # class folders and files that are links out of ROOT
     classes, files = _list(root, strict, links)
-    with new_folder(out) as tmp:
+    with new_folder(out, [root]) as tmp:
         skipped: list[str] = []
         headers = []  # (path, label, mode, (width, height)) of each readable file
         for path, label in files:

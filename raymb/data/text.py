@@ -8,6 +8,7 @@ block[:-1] and predicts block[1:]. Column `tokens` is a fixed-size list<int32>[T
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from raymb.data.folder import (
+    check_new_folder,
     check_split_options,
     flat_array,
     leaves,
@@ -38,6 +40,7 @@ from raymb.data.tokenizer import (
     train_bpe,
 )
 from raymb.errors import ConfigError, DataError
+from raymb.files import check_input
 
 FEATURES = "tokens"
 TOKENIZERS = ("bytes", "bpe")
@@ -71,9 +74,10 @@ def prepare_text(
     if tokenizer == "bpe":
         vocab_size = vocab_size or DEFAULT_VOCAB
         check_vocab_size(vocab_size)
+    check_new_folder(out, paths)  # before the files are listed: a refusal comes at once
     links: list[str] = []
     files = list_files(paths, glob, strict=strict, links=links)
-    with new_folder(out) as tmp:
+    with new_folder(out, paths) as tmp:
         texts = [_read_utf8(path) for path in files]
         if not any(texts):
             raise DataError(f"the {len(files)} text file(s) are all empty (e.g. {files[0]})")
@@ -176,6 +180,8 @@ def list_files(
                     files.append(p)
         elif path.is_file():
             files.append(path)
+        elif os.path.lexists(path):  # a FIFO would block the read, a device never end
+            check_input(path, "text input", folder_ok=True)
         else:
             raise DataError(f"{path}: no such file or folder")
     if not files:

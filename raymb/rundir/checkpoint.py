@@ -14,11 +14,13 @@ import io
 import json
 import os
 import pickle
+import stat
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raymb.errors import CheckpointError, ConfigError
+from raymb.files import kind_of
 from raymb.rundir import storage
 from raymb.rundir.checkpoint_checks import check_rebuild, check_tensors, peek
 from raymb.rundir.storage import Location
@@ -52,23 +54,72 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     _fsync_dir(path.parent)
 
 
+MAX_CHECKPOINT_BYTES = 64 << 30
+"""The largest checkpoint file read (64 GiB): far above a model.pt or state.pt of a model this
+trainer builds on one machine; a file larger is refused before torch reads any of it."""
+
+
 def read(path: str | Path | Location) -> dict[str, Any]:
     """Load a checkpoint file (a local path or a URI); a missing, truncated or foreign file is
-    a CheckpointError."""
+    a CheckpointError. A local path must be a regular file (a FIFO would block the read, a
+    device such as /dev/zero be read until memory runs out) of at most MAX_CHECKPOINT_BYTES,
+    checked on the open file itself, which torch then reads."""
     location = path if isinstance(path, Location) else storage.resolve(path, what="checkpoint")
+    if location.local:  # torch reads the file itself: no copy of it in memory
+        with _open_checked(location.path, path) as f:
+            return _load(f, f.read(len(_ZIP_MAGIC)), path)
     try:
-        if location.local:  # torch reads the file itself: no copy of it in memory
-            source: Any = Path(location.path)
-            with open(source, "rb") as f:
-                head = f.read(len(_ZIP_MAGIC))
-        else:
-            source = io.BytesIO(location.read_bytes())
-            head = source.getvalue()[: len(_ZIP_MAGIC)]
-    except (FileNotFoundError, IsADirectoryError):
+        size = location.info().size
+        if size is not None and size > MAX_CHECKPOINT_BYTES:
+            raise CheckpointError(_too_large(path))
+        source = io.BytesIO(location.read_bytes())
+    except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file not found") from None
+    return _load(source, source.getvalue()[: len(_ZIP_MAGIC)], path)
+
+
+def _open_checked(local: str, shown: Any) -> io.BufferedReader:
+    """The local checkpoint file, opened without blocking, if it is a regular file of at most
+    MAX_CHECKPOINT_BYTES (checked on the open file: it cannot be swapped after the check)."""
+    try:
+        fd = os.open(local, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(f"{shown}: checkpoint file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{shown}: cannot be read ({e.strerror or e})") from None
+    f = os.fdopen(fd, "rb")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(
+                f"{shown}: is {kind_of(st.st_mode)}, not a checkpoint file (a regular file)"
+            )
+        if st.st_size > MAX_CHECKPOINT_BYTES:
+            raise CheckpointError(_too_large(shown))
+        os.set_blocking(fd, True)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _too_large(path: Any) -> str:
+    return (
+        f"{path}: larger than {MAX_CHECKPOINT_BYTES >> 30} GiB, the most a checkpoint file may "
+        "hold; is it the right file?"
+    )
+
+
+def _check_head(head: bytes, path: Any) -> None:
+    """A checkpoint file starts as the zip archive torch.save writes."""
     if head != _ZIP_MAGIC:
         what = "an empty file" if not head else "not a torch checkpoint file"
         raise CheckpointError(f"{path}: {what}, not a raymb checkpoint")
+
+
+def _load(source: Any, head: bytes, path: Any) -> dict[str, Any]:
+    _check_head(head, path)
+    source.seek(0)
     import torch
 
     try:
@@ -174,16 +225,34 @@ def build_from_payload(
     return model
 
 
-def preflight(path: str | Path, *, trust_model_code: bool = False) -> None:
-    """What load_model refuses before it builds (check_rebuild), without importing torch:
-    the tools call it first, so that a refusal takes no torch import. A file it cannot
-    read this way is left to load_model."""
+def preflight(path: str | Path, *, trust_model_code: bool = False) -> Path | None:
+    """What load_model refuses before it builds, without importing torch: a local path that
+    is missing, is no regular file (a FIFO, a device: never opened), or a folder without a
+    model.pt that is one, or is larger than MAX_CHECKPOINT_BYTES; then the fields and the
+    consent (check_rebuild). The tools call it first, so that a refusal takes no torch import.
+    A file whose fields it cannot read this way is left to load_model. Returns the local
+    model.pt (None for a URI)."""
     if storage.is_uri(path):
-        return
-    path = Path(path) / MODEL_FILE if Path(path).is_dir() else Path(path)
-    payload = peek(path)
+        return None
+    given = Path(path).expanduser()
+    model = given / MODEL_FILE if given.is_dir() else given
+    shown = model if model is not given else path
+    with _open_checked(str(model), shown) as f:  # checked, then closed: peek opens it by name
+        _check_head(f.read(len(_ZIP_MAGIC)), shown)
+    payload = peek(model)
     if payload is not None:
-        check_rebuild(payload, path, trust_model_code=trust_model_code)
+        check_rebuild(payload, shown, trust_model_code=trust_model_code)
+    return model
+
+
+def checkpoint_folder(path: str | Path) -> Path | None:
+    """What an output must not be, hold or lie inside, for --checkpoint PATH: a checkpoint
+    directory (PATH itself, or the folder of a model.pt given as PATH, which holds its
+    state.pt too), or else the file given. None for a URI."""
+    if storage.is_uri(path):
+        return None
+    given = Path(path).expanduser()
+    return given.parent if given.name == MODEL_FILE and not given.is_dir() else given
 
 
 def _shapes_only() -> contextlib.ExitStack:

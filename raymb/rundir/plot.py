@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from raymb.errors import RaymbError
-from raymb.rundir.storage import Location
+from raymb.files import check_output
+from raymb.rundir.storage import Location, temp_sibling
 
 PLOT_FILE = "loss.png"
 METRICS_FILE = "metrics.csv"
@@ -96,8 +97,11 @@ def write_run_plot(run_dir: str | Path | Location) -> Path | None:
     return _draw([series], run_dir / PLOT_FILE, title=run_dir.name)
 
 
-def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
-    """Overlay the runs' loss and throughput in one figure, labelled by run directory name."""
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, force: bool = False) -> Path:
+    """Overlay the runs' loss and throughput in one figure, labelled by run directory name.
+    `out` lies in none of the run directories, is no folder or device, and replaces an
+    existing file only with `force`: checked before anything is read or drawn."""
+    check_output(out, "--out", inputs=[(d, "RUN_DIR") for d in run_dirs], force=force)
     if not have_matplotlib():
         raise RaymbError(INSTALL_HINT)
     dirs = [Path(d) for d in run_dirs]
@@ -146,7 +150,7 @@ def _draw(runs: list[Series], out: Path, *, title: str) -> Path:
     if len(runs) > 1:
         rate_ax.legend(fontsize="small")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = temp_sibling(out)  # unique: two writers of one picture do not collide
     try:
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, out)

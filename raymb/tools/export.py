@@ -16,7 +16,6 @@ model. The file is written under a temporary name and renamed: a failed export l
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import math
@@ -30,44 +29,42 @@ from torch import nn
 
 from raymb.data.columns import Inputs
 from raymb.errors import RaymbError
-from raymb.rundir.checkpoint import MODEL_FILE, build_from_payload, load_model, payload_inputs
+from raymb.rundir.checkpoint import build_from_payload, load_model, payload_inputs
+from raymb.rundir.storage import temp_sibling
+from raymb.tools.checks import check_export
 
-FORMATS = ("safetensors", "onnx", "torchscript")
 TRACE_ROWS, CHECK_ROWS = 2, 4  # different sizes: the check proves the batch axis is free
 OPSET = 17  # the first with LayerNormalization; read by every maintained ONNX runtime
 RTOL = 1e-3
 """Largest difference from torch that passes the check, relative to the outputs' largest
 magnitude (at least 1): float32 rounding gives ~1e-6; a mis-traced model gives O(1)."""
-_PACKAGES = {"safetensors": ("safetensors",), "onnx": ("onnx", "onnxruntime"), "torchscript": ()}
 _META_KEYS = ("config", "inputs", "in_features", "out_features", "classify", "tokenizer")
 
 
 def export(
-    checkpoint: str | Path, fmt: str, out: str | Path, *, trust_model_code: bool = False
+    checkpoint: str | Path,
+    fmt: str,
+    out: str | Path,
+    *,
+    trust_model_code: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write the model saved in `checkpoint` to `out` in format `fmt` and check it (a custom
-    model factory runs only with `trust_model_code`: raymb.checkpoint.load_model).
+    model factory runs only with `trust_model_code`: raymb.checkpoint.load_model). An
+    existing `out` is replaced only with `force`; never the checkpoint, a file in its folder,
+    a folder or a device (raymb.tools.checks.check_export).
 
     Returns out (path), format, bytes, max_abs_diff (the read-back file against the torch
     model) and rows (the size of the batch they were compared on).
     """
-    if fmt not in FORMATS:
-        raise RaymbError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    _require_packages(fmt)
+    check_export(checkpoint, fmt, out, force=force)
     out = Path(out)
-    if out.is_dir():
-        raise RaymbError(f"--out: {out} is a directory, expected a file name such as model.{fmt}")
-    if not out.parent.is_dir():
-        raise RaymbError(f"--out: {out}: no such directory {out.parent}")
-    source = Path(checkpoint) / MODEL_FILE if Path(checkpoint).is_dir() else Path(checkpoint)
-    if out.resolve() == source.resolve():
-        raise RaymbError(f"--out: {out} is the checkpoint itself; give another file name")
     model, payload = load_model(checkpoint, trust_model_code=trust_model_code)
     model.eval()
     inputs = payload_inputs(payload)
     metadata = _metadata(payload, inputs)
     vocab = payload["out_features"]
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = temp_sibling(out)  # unique: two exports of one --out do not collide
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # torch's notes on tracing and on its TorchScript exporters are not the user's
@@ -138,19 +135,6 @@ def format_size(n: int) -> str:
         return f"{n} B"
     exp = min(int(math.log10(n) // 3), 4)
     return f"{n / 1000**exp:.1f} {('kB', 'MB', 'GB', 'TB')[exp - 1]}"
-
-
-def _require_packages(fmt: str) -> None:
-    needed = _PACKAGES[fmt]
-    for name in needed:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            names = " and ".join(needed)
-            noun = "package" if len(needed) == 1 else "packages"
-            raise RaymbError(
-                f"raymb export --format {fmt} needs the {names} {noun}: pip install 'raymb[export]'"
-            ) from None
 
 
 def _metadata(payload: dict[str, Any], inputs: Inputs) -> dict[str, str]:

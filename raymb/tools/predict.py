@@ -8,7 +8,6 @@ The file is written under a temporary name and renamed: a reader never sees half
 
 from __future__ import annotations
 
-import glob
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,6 @@ import pyarrow.parquet as pq
 
 from raymb.config import Config
 from raymb.errors import DataError
-from raymb.rundir import storage
 from raymb.rundir.checkpoint import load_model, payload_inputs
 from raymb.rundir.storage import temp_sibling
 
@@ -36,10 +34,12 @@ def predict(
     batch_rows: int = 65536,
     *,
     trust_model_code: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write the predictions of the model in `checkpoint` for every row of `data` to `out`
-    (a custom model factory runs only with `trust_model_code`: raymb.checkpoint.load_model)."""
-    check_out(out, data, checkpoint)  # before torch is imported: a refusal is quick
+    (a custom model factory runs only with `trust_model_code`: raymb.checkpoint.load_model).
+    An existing `out` is replaced only with `force`; never an input, a folder or a device."""
+    check_out(out, data, checkpoint, force=force)  # before torch is imported: a refusal is quick
     import torch
 
     with torch.no_grad():
@@ -65,8 +65,6 @@ def _predict(
     info, labelled = _dataset(data, features, label)
     if labelled:
         check_fits(info, payload, data)
-    if out.is_dir():
-        raise DataError(f"--out: {out} is a directory, expected a file name such as preds.parquet")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out)  # unique: two predicts into one --out do not collide
     model.eval()
@@ -107,36 +105,13 @@ def _predict(
     return {"rows": rows, "out": str(out), "classify": payload["classify"]}
 
 
-def check_out(out: str | Path, data: str, checkpoint: str) -> None:
-    """Refuse an --out that is, or is inside, an input (--data, a file its glob matches, the
-    --checkpoint), through symlinks and hard links: writing it would replace the input."""
-    target = Path(out).expanduser().resolve()
-    same = _identity(target)  # None while --out does not exist
-    for flag, given in (("--checkpoint", checkpoint), ("--data", data)):
-        if storage.is_uri(given):
-            continue  # --out is a local file: never an object in a store
-        path = Path(given).expanduser()
-        named = [path] if path.exists() else [Path(p) for p in glob.glob(str(path))]
-        for source in named:
-            found = source.resolve()
-            inside = found in target.parents
-            if target != found and not inside:
-                files = source.rglob("*") if source.is_dir() else [source]
-                if same is None or all(_identity(f) != same for f in files):
-                    continue
-            where = "inside " if inside else ""
-            raise DataError(
-                f"--out: {out} is {where}the input {source} ({flag}); write the predictions "
-                "elsewhere"
-            )
+def check_out(out: str | Path, data: str, checkpoint: str, *, force: bool = False) -> None:
+    """Refuse an --out that is, holds or is inside an input (--data, a file its glob matches,
+    the --checkpoint's folder), however spelled (links, hard links); that is a folder, a
+    device, a FIFO or a socket; or that exists, unless `force` (raymb.tools.checks)."""
+    from raymb.tools.checks import check_predict
 
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
+    check_predict(checkpoint, data, out, force=force)
 
 
 def _dataset(data: str, features: str | list[str], label: str) -> tuple[DatasetInfo, bool]:

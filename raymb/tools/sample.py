@@ -15,6 +15,7 @@ import torch
 from raymb.config import Config
 from raymb.errors import CheckpointError, RaymbError
 from raymb.rundir.checkpoint import load_model, payload_inputs
+from raymb.tools.checks import check_sample
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,7 @@ def sample(
     model factory runs only with `trust_model_code`: raymb.checkpoint.load_model)."""
     from raymb.data.tokenizer import tokenizer_from_spec
 
-    if tokens < 1:
-        raise RaymbError(f"--tokens {tokens}: expected a positive number")
-    if temperature < 0:
-        raise RaymbError(f"--temperature {temperature:g}: expected 0 or more")
-    if top_k is not None and top_k < 1:
-        raise RaymbError(f"--top-k {top_k}: expected a positive number")
+    check_sample(tokens, temperature, top_k, seed, prompt)
     model, payload = load_model(checkpoint, trust_model_code=trust_model_code)
     inputs = payload_inputs(payload)
     if inputs.task != "lm":

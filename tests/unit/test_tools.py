@@ -448,7 +448,15 @@ def test_predict_regression_keeps_label_and_replaces_output(tmp_path, capsys) ->
     out.write_bytes(b"an older file")
 
     code, _, err = run_cli(
-        capsys, "predict", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)
+        capsys,
+        "predict",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--force",  # the older file is replaced only when asked
     )
     assert code == 0, err
     table = pq.read_table(out)
