@@ -70,7 +70,7 @@ def resolve_files(path: str, *, what: str = "data.train") -> tuple[list[str], pa
         if location.local:
             candidates = _glob_local(root, what, path)
         else:
-            candidates = _glob(fs, root, location.local, what, path)
+            candidates = _glob_remote(fs, root, what, path)
         if not candidates:
             raise DataError(f"{what}: no files match {path}")
     elif info.type == pafs.FileType.NotFound:
@@ -481,17 +481,12 @@ def _glob_local(pattern: str, what: str, path: str) -> list[str]:
     return sorted(_walk_local(base, what, parts[n:]))
 
 
-def _glob(fs: pafs.FileSystem, pattern: str, local: bool, what: str, path: str) -> list[str]:
-    # pyarrow filesystems have no glob, and remote ones must be matched too: list below the
-    # longest literal prefix, then match segment by segment ('*' stays inside one segment).
+def _glob_remote(fs: pafs.FileSystem, pattern: str, what: str, path: str) -> list[str]:
+    # pyarrow filesystems have no glob: list below the longest literal prefix, then match
+    # segment by segment ('*' stays inside one segment).
     parts = pattern.split("/")
     n = next(i for i, p in enumerate(parts) if _GLOB_CHARS & set(p))
     base = "/".join(parts[:n]) or "/"
-    if local and os.path.dirname(base) == base:
-        raise DataError(
-            f"{what}: {path} would list the whole filesystem; start the pattern with the "
-            "data's folder"
-        )
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         return []
     try:
