@@ -32,6 +32,10 @@ FIXED = ("run.name", "run.storage_path", "data.fold", "data.folds")
 """Keys a sweep sets itself: the trials' run directories and their cross-validation folds."""
 RANDOM_CHECKS = 8
 """Seeded draws of a random space checked before the sweep starts (besides its bounds)."""
+MAX_TRIALS = 10_000
+"""The default of tune.max_trials: the most training runs (trials x folds) a sweep may have."""
+MAX_CV_FOLDS = 1_000
+"""The most folds of tune.cv_folds (each fold is a run of its own, one after another)."""
 
 
 @section("tune")
@@ -64,7 +68,12 @@ class TuneSection:
     """k >= 2: k-fold cross-validation over data.train: each trial trains k runs, fold f
     validating on the rows whose position in a permutation of the training rows drawn from
     train.seed is f mod k (data.fold, data.folds), and its metric is the mean over the
-    folds; data.val is not used. 0: none."""
+    folds; data.val is not used. 0: none. At most 1000, and at most data.train's rows (each
+    fold validates on at least one row)."""
+    max_trials: PositiveInt = MAX_TRIALS
+    """The most training runs the sweep may have, counted before anything is built: a
+    grid's points x samples, or samples for random and optuna, times cv_folds (a fold is a
+    run). A larger sweep is refused; raise this to run it."""
     space: dict[str, Any] = field(default_factory=dict)
     """[tune.space]: a config key as written ("optim.lr") = a list of values (the grid's;
     the choices under random or optuna), or one distribution: { uniform = [low, high] },
@@ -126,6 +135,13 @@ class Sweep:
             and self.tune.samples > 1
             and "train.seed" not in [d.key for d in self.space]
         )
+
+    def trial_count(self) -> int:
+        """The sweep's trials, counted without building them: a grid's points x samples, or
+        samples for random and optuna."""
+        if self.tune.search != "grid":
+            return self.tune.samples
+        return math.prod(len(d.values) for d in self.space) * self.tune.samples
 
     def grid(self) -> list[dict[str, Any]]:
         """Every trial's values of a grid search: the product of the lists, `samples` times
@@ -191,8 +207,25 @@ def load_sweep(path: str | None, overrides: typing.Sequence[str] = ()) -> Sweep:
 
 def check_sweep(raw: dict[str, Any], config: Config, tune: TuneSection) -> Sweep:
     """The checks of [tune] against the base config, and of every trial's config."""
+    storage_path = config.run.storage_path
+    if "://" in storage_path:  # from the scheme alone: no store is contacted
+        raise ConfigError(
+            f"run.storage_path={storage_path!r}: raymb tune keeps its sweeps on a local (or "
+            "mounted) path, not in an object store: set run.storage_path to a local folder"
+        )
     if tune.cv_folds == 1:
         raise ConfigError("tune.cv_folds must be 0 (none) or at least 2 (got 1)")
+    if tune.cv_folds > MAX_CV_FOLDS:
+        raise ConfigError(
+            f"tune.cv_folds must be at most {MAX_CV_FOLDS} (got {tune.cv_folds}): each fold "
+            "is a training run of its own"
+        )
+    if tune.scheduler == "asha" and tune.grace_epochs > config.train.epochs:
+        raise ConfigError(
+            f"tune.grace_epochs={tune.grace_epochs} is more than train.epochs="
+            f"{config.train.epochs}: ASHA could never stop a trial; lower tune.grace_epochs "
+            'or use scheduler = "fifo"'
+        )
     if tune.search == "optuna":
         import importlib.util
 
@@ -232,6 +265,7 @@ def check_sweep(raw: dict[str, Any], config: Config, tune: TuneSection) -> Sweep
     if not space:
         raise ConfigError('[tune.space] is empty: give at least one key, e.g. "optim.lr" = [...]')
     sweep = Sweep(raw=raw, config=config, tune=tune, space=space, metric=metric, mode=mode)
+    _check_count(sweep)  # before any point or seed is built
     if tune.search == "grid":
         candidates = sweep.grid()
     else:  # every listed value and range end with the others' first, then seeded draws
@@ -242,6 +276,27 @@ def check_sweep(raw: dict[str, Any], config: Config, tune: TuneSection) -> Sweep
     for values in candidates:
         _check_trial(sweep, values)
     return sweep
+
+
+def _check_count(sweep: Sweep) -> None:
+    """The sweep's training runs, counted without building them, against tune.max_trials."""
+    tune = sweep.tune
+    folds = max(tune.cv_folds, 1)
+    runs = sweep.trial_count() * folds
+    if runs <= tune.max_trials:
+        return
+    if tune.search == "grid":
+        points = sweep.trial_count() // tune.samples
+        sizes = " x ".join(str(len(d.values)) for d in sweep.space)
+        how = f"{points:,} grid point{'s' * (points != 1)} ({sizes}) x samples={tune.samples}"
+    else:
+        how = f"samples={tune.samples}"
+    if folds > 1:
+        how += f" x cv_folds={folds}"
+    raise ConfigError(
+        f"this sweep would train {runs:,} runs ({how}), more than tune.max_trials="
+        f"{tune.max_trials:,}: shrink [tune.space] or samples, or raise tune.max_trials"
+    )
 
 
 def parse_dimension(key: Any, value: Any, search: str) -> Dimension:
@@ -317,12 +372,14 @@ def repeat_seeds(seed: int, samples: int) -> list[int]:
     """train.seed of each repeat of a grid: the first keeps `seed`, the others are drawn
     from it (distinct, within 0..MAX_SEED)."""
     seeds = [seed]
+    seen = {seed}  # a set: the draw stays linear in `samples`
     r = 0
     while len(seeds) < samples:
         r += 1
         digest = hashlib.sha256(f"raymb-tune:{seed}:{r}".encode()).digest()
         drawn = int.from_bytes(digest[:8], "big") % (MAX_SEED + 1)
-        if drawn not in seeds:
+        if drawn not in seen:
+            seen.add(drawn)
             seeds.append(drawn)
     return seeds
 

@@ -9,9 +9,14 @@ their mean. A trial's driver holds a hundredth of a CPU (ray-project/ray#54305: 
 can starve the next trial's workers), taken from its workers' share.
 
 Starting the same sweep again restores it (Tuner.restore): finished trials are kept, the
-others resume from their latest checkpoint. The only module besides raymb.driver.cluster
-that imports Ray on the driver: the Ray-specific part of a sweep is here, the rest in
-raymb.config.tune and raymb.rundir.sweep.
+others resume from their latest checkpoint, and a trial whose run already trained to its end
+(the sweep was killed before Tune recorded it) reports its summary without training again.
+The first Ctrl-C or SIGTERM ends the sweep as Tune's own SIGINT does (the experiment state
+saved, the running trials ended at their last checkpoint): trials.csv and tune.json say
+"interrupted", and no best.toml is written. A new sweep that fails before any trial started
+leaves no folder. The only module besides raymb.driver.cluster that imports Ray on the
+driver: the Ray-specific part of a sweep is here, the rest in raymb.config.tune and
+raymb.rundir.sweep.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,6 +40,7 @@ from raymb.config import Config
 from raymb.config.tune import Sweep
 from raymb.driver.cluster import connect
 from raymb.driver.logs import RayLog, close_log
+from raymb.driver.signals import StopSignals
 from raymb.rundir import sweep as out
 from raymb.rundir.runs import STATUS_FILE, mark
 
@@ -42,7 +49,15 @@ DRIVER_CPU = 0.01
 
 
 def run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: bool):
-    """Run (or resume) the sweep in `sweep_dir`; write its outputs; return a TuneResult."""
+    """Run (or resume) the sweep in `sweep_dir`; write its outputs; return a TuneResult.
+    A sweep that fails (or is interrupted) before any trial started leaves `sweep_dir` as it
+    found it, so that its name stays free."""
+    with out.removed_unless_started(sweep_dir):
+        out.write_record(sweep, sweep_dir)
+        return _run_sweep(sweep, sweep_dir, address=address, verbose=verbose)
+
+
+def _run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: bool):
     config = sweep.config
     sweep = _absolute(sweep)  # a trial runs in Tune's trial directory
     # Tune's own output engine prints tables and trial events on the driver's terminal:
@@ -84,15 +99,59 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: bo
                 tune_config=_tune_config(sweep, concurrent),
                 run_config=run_config,
             )
-        grid = tuner.fit()
+        with _Interruptible() as stop:
+            grid = tuner.fit()
         shown.close()
         cleanup = _Cleanup(sweep_dir / out.TRIALS_DIR)  # what the last trials left
         cleanup.ended = {_name_of(r): time.monotonic() for r in grid}
         cleanup._sweep(wait_s=10.0)
-        rows = [_row(sweep, r, sweep_dir) for r in grid]
+        live = shown.live if stop.asked else set()
+        rows = [_row(sweep, r, sweep_dir, interrupted=_name_of(r) in live) for r in grid]
     finally:
         close_log(ray_log)
-    return out.write_outputs(sweep, rows, sweep_dir)
+    return out.write_outputs(sweep, rows, sweep_dir, interrupted=stop.asked)
+
+
+class _Interruptible:
+    """The first SIGINT or SIGTERM ends the sweep as Tune's own SIGINT handler does (its loop
+    stops, the experiment state is saved, the running trials are ended); `asked` says it
+    came. A later one raises KeyboardInterrupt (raymb.driver.signals.StopSignals: one press
+    delivered twice counts once). Tune's SIGINT handler is turned off
+    (TUNE_DISABLE_SIGINT_HANDLER) so that the signal is seen here; its SIGUSR1 handler, which
+    Tune installs while its loop runs, is what the first signal calls."""
+
+    def __init__(self) -> None:
+        self.signals = StopSignals(self._first)
+        self.env: str | None = None
+
+    @property
+    def asked(self) -> bool:
+        return self.signals.asked
+
+    def __enter__(self) -> _Interruptible:
+        self.env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        self.signals.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.signals.__exit__(*exc)
+        if self.env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self.env
+
+    def _first(self) -> None:
+        tune_handler = signal.getsignal(signal.SIGUSR1)
+        if not callable(tune_handler):
+            raise KeyboardInterrupt  # Tune's loop is not running (yet): nothing to stop
+        print(
+            "raymb: tune: stopping the sweep (the running trials keep their last checkpoint); "
+            "Ctrl-C again to abandon it at once",
+            file=sys.stderr,
+            flush=True,
+        )
+        tune_handler(signal.SIGINT, None)
 
 
 def _absolute(sweep: Sweep) -> Sweep:
@@ -245,13 +304,24 @@ def _end_orphaned_cleaners(wait_s: float = 0.0) -> None:
 
 
 def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
-    """A fold run that finished before (a resumed trial): its summary, without training."""
-    if _run_status(run_dir) not in (out.FINISHED, out.STOPPED_EARLY):
-        return None
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
+    """A run (a trial's, or a fold's) that trained to its end before the sweep was stopped
+    (raymb.rundir.sweep.finished_summary): its summary, without training. A run killed
+    between its summary.json and its last mark is marked here, as its driver would have."""
+    summary = out.finished_summary(run_dir)
+    if summary is not None and _run_status(run_dir) == "running":
+        from raymb.errors import RaymbError
+        from raymb.rundir.lock import lock_run
+
+        status = out.STOPPED_EARLY if summary.get("stopped_early") else out.FINISHED
+        try:
+            lock = lock_run(_location(run_dir))  # the dead driver's lock is taken over
+        except RaymbError:
+            return summary  # another driver holds it: its status is its own
+        try:
+            mark(lock.run_dir, status)
+        finally:
+            lock.release()
+    return summary
 
 
 def _final_metrics(summary: dict[str, Any], config: Config) -> dict[str, Any]:
@@ -339,11 +409,12 @@ def _trial_name(trial) -> str:
 
 
 def _planned(sweep: Sweep) -> int:
-    return len(sweep.grid()) if sweep.tune.search == "grid" else sweep.tune.samples
+    return sweep.trial_count()
 
 
-def _row(sweep: Sweep, result, sweep_dir: Path) -> dict[str, Any]:
-    """A trial's row of trials.csv, from Tune's result and its run directory's status."""
+def _row(sweep: Sweep, result, sweep_dir: Path, *, interrupted: bool = False) -> dict[str, Any]:
+    """A trial's row of trials.csv, from Tune's result and its run directory's status.
+    `interrupted`: the trial was running or waiting when the sweep was interrupted."""
     config = result.config or {}
     metrics = result.metrics or {}
     name = _name_of(result)
@@ -353,7 +424,12 @@ def _row(sweep: Sweep, result, sweep_dir: Path) -> dict[str, Any]:
     if sweep.tune.cv_folds:
         row[f"{sweep.metric}_std"] = metrics.get(f"{sweep.metric}_std")
         done = metrics.get("fold") == sweep.tune.cv_folds
-        row["status"] = out.FINISHED if done else _failed(result) or out.STOPPED_EARLY
+        stopped = _stopped(run_dir) if interrupted else out.STOPPED_EARLY
+        row["status"] = out.FINISHED if done else _failed(result) or stopped
+    elif interrupted and not _failed(result) and out.finished_summary(run_dir) is None:
+        row["status"] = _stopped(run_dir)
+        if _run_status(run_dir) == "running":  # its actor was ended: say so to raymb runs
+            mark(_location(run_dir), "interrupted")
     else:
         status = _run_status(run_dir)
         error = _failed(result)
@@ -373,6 +449,11 @@ def _row(sweep: Sweep, result, sweep_dir: Path) -> dict[str, Any]:
     row["steps"] = metrics.get("step")
     row["run_dir"] = str(run_dir)
     return row
+
+
+def _stopped(run_dir: Path) -> str:
+    """An interrupted sweep's status for a trial it did not let finish."""
+    return out.INTERRUPTED if run_dir.exists() else out.NOT_STARTED
 
 
 def _name_of(result) -> str:
@@ -408,10 +489,20 @@ class _Progress(tune.Callback):
         self.tty = sys.stderr.isatty()
         self.last = ""
         self.started = time.monotonic()
+        self.live: set[str] = set()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self.live.discard(_trial_name(trial))
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.live.discard(_trial_name(trial))
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
         running = [t for t in trials if t.status == "RUNNING"]
+        # Not ended by Tune: what an interruption would stop (Tune's clean-up at the end of
+        # an interrupted run marks them TERMINATED, and calls no callback).
+        self.live = {_trial_name(t) for t in trials if t.status not in ("TERMINATED", "ERROR")}
         left = max(self.planned - len(done) - len(running), 0)
         best = None
         for t in trials:

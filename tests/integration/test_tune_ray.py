@@ -80,7 +80,12 @@ def test_a_grid_of_three_equals_three_plain_runs(ray_session, linear_data, tmp_p
     best_config = load_config(sweep_dir / "best.toml")
     assert best_config.optim.lr == float(best["optim.lr"])
     assert best_config.run.name == "grid-best" and result.best_trial == best["trial"]
-    assert json.loads((sweep_dir / "tune.json").read_text())["best_trial"] == best["trial"]
+    summary = json.loads((sweep_dir / "tune.json").read_text())
+    assert summary["best_trial"] == best["trial"] and summary["status"] == "finished"
+    assert result.status == "finished"
+    # sweep.json: what a resume is compared with (issue 34)
+    started = json.loads((sweep_dir / "sweep.json").read_text())
+    assert started["space"] == {"optim.lr": lrs} and started["config"]["train"]["epochs"] == 2
     assert (sweep_dir / "tune.png").stat().st_size > 0
     analysis = ray.tune.ExperimentAnalysis(str(sweep_dir))
     assert len(analysis.trials) == 3

@@ -1,7 +1,11 @@
 """Issue 24: a sweep SIGKILLed after its first trial finished resumes when started again.
 Every trial finishes once, the first trial's files are untouched, and no process of the
 killed sweep's local Ray cluster outlives it by more than 60 s. `python -m raymb.cli tune` runs
-as its own process, with its own local Ray cluster (about 2 minutes on 2 cores)."""
+as its own process, with its own local Ray cluster (about 2 minutes on 2 cores).
+
+Issue 34: a trial killed between its summary.json and its last mark is not trained again;
+a sweep interrupted by SIGINT says so, exits 130 and leaves tune.json "interrupted" and no
+best.toml (about 40 s)."""
 
 from __future__ import annotations
 
@@ -117,7 +121,16 @@ max_concurrent = 1
                     p.kill()
             except psutil.Error:
                 pass
+    # As if the kill came between the trial's summary.json and its last mark (issue 34): its
+    # status says running, marked before the summary was written. Tune may or may not have
+    # recorded the trial; either way it is not trained again.
+    status = json.loads((first / "status.json").read_text())
+    written = (first / "summary.json").stat().st_mtime
+    (first / "status.json").write_text(
+        json.dumps({**status, "status": "running", "updated": written - 1})
+    )
     before = _files(first)
+    before.pop("status.json")
     again = subprocess.run(
         command,
         cwd=tmp_path,
@@ -129,7 +142,9 @@ max_concurrent = 1
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming the sweep" in again.stdout
-    assert _files(first) == before  # the finished trial was not trained again
+    after = _files(first)
+    after.pop("status.json")
+    assert after == before  # the finished trial was not trained again
     with open(sweep / "trials.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["trial"] for r in rows) == ["trial-000", "trial-001", "trial-002"]
@@ -141,3 +156,64 @@ max_concurrent = 1
         assert steps == sorted(set(steps)) and steps[-1] == 12, (r["trial"], steps)
         assert int(r["steps"]) == 12
         assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+
+
+def test_an_interrupted_sweep_says_so_and_leaves_no_best_toml(linear_data, tmp_path):
+    pytest.importorskip("ray")
+
+    (tmp_path / "sweep.toml").write_text(
+        f"""
+[run]
+name = "stop"
+[data]
+train = "{linear_data / "train"}"
+val = "{linear_data / "val"}"
+[train]
+global_batch_size = 256
+epochs = 50
+[checkpoint]
+min_interval_s = 0
+[scale]
+workers = 1
+[tune]
+max_concurrent = 1
+[tune.space]
+"optim.lr" = [0.05, 0.1]
+"""
+    )
+    command = [sys.executable, "-m", "raymb.cli", "tune", "--config", "sweep.toml"]
+    err = tmp_path / "err.txt"
+    with open(err, "w") as stderr:
+        driver = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=_env(),
+            stdout=stderr,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+        )
+    sweep = tmp_path / "runs" / "stop"
+    first = sweep / "trials" / "trial-000"
+    try:
+        deadline = time.monotonic() + 300
+        while (
+            not (first / "metrics.csv").exists()
+            or len((first / "metrics.csv").read_text().splitlines()) < 3
+        ):
+            assert driver.poll() is None, err.read_text()[-3000:]
+            assert time.monotonic() < deadline, err.read_text()[-3000:]
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=120) == 130, err.read_text()[-3000:]
+    finally:
+        driver.kill()
+    text = err.read_text()
+    assert "interrupted" in text and "run the same command again to resume" in text, text
+    assert not (sweep / "best.toml").exists()
+    summary = json.loads((sweep / "tune.json").read_text())
+    assert summary["status"] == "interrupted" and summary["best_trial"] is None, summary
+    with open(sweep / "trials.csv", newline="") as f:
+        rows = {r["trial"]: r for r in csv.DictReader(f)}
+    assert rows["trial-000"]["status"] == "interrupted", rows
+    assert all(r["status"] in ("interrupted", "not started") for r in rows.values()), rows
+    assert json.loads((first / "status.json").read_text())["status"] == "interrupted"
