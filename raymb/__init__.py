@@ -41,6 +41,6 @@ def tune(
     """Run (or resume) a sweep on Ray Tune: a sweep config file's path (an ordinary config
     with [tune] and [tune.space]), or raymb.config.tune.load_sweep's Sweep. Returns the
     trials, the best trial's values, metric and config (docs/tune.md)."""
-    from raymb.cli.tune import tune as _tune
+    from raymb.driver.tune_preflight import tune as _tune
 
     return _tune(config, address=address, verbose=verbose)

@@ -190,7 +190,7 @@ def test_the_same_sweep_matches_its_record_and_tracking_may_change(folder, monke
 
 
 def test_a_folder_with_only_a_sweep_record_is_a_sweep(folder, monkeypatch):
-    from raymb.cli.tune import check_sweep_dir
+    from raymb.driver.tune_preflight import check_sweep_dir
 
     sweep_dir = _started(folder, monkeypatch, '[tune.space]\n"optim.lr" = [0.1]')
     (sweep_dir / "tuner.pkl").unlink()  # killed before Tune wrote its own
@@ -231,8 +231,7 @@ def test_a_sweep_that_cannot_run_is_refused_before_ray(folder, tune, words):
 
 
 def test_the_data_checks_run_once_per_distinct_point(folder, monkeypatch):
-    from raymb.cli import tune as cli
-    from raymb.driver import preflight
+    from raymb.driver import preflight, tune_preflight
 
     monkeypatch.chdir(folder)
     calls = []
@@ -243,7 +242,7 @@ def test_the_data_checks_run_once_per_distinct_point(folder, monkeypatch):
         '[tune.space]\n"optim.lr" = {v}\n"train.epochs" = [1, 2]'.replace("{v}", _values(100)),
     )
     sweep = load_sweep(path)
-    cli.check_data(sweep, folder / "runs" / "sweep")
+    tune_preflight.check_data(sweep, folder / "runs" / "sweep")
     assert len(calls) == 2  # 200 points, 2 distinct but for optim.*
 
 
@@ -363,7 +362,7 @@ def test_a_sweep_that_fails_before_any_trial_leaves_no_folder(folder, monkeypatc
 
 def test_the_cli_says_an_interrupted_sweep_resumes_and_exits_130(folder, monkeypatch, capsys):
     from raymb.cli import main
-    from raymb.cli import tune as cli
+    from raymb.driver import tune_preflight
 
     monkeypatch.chdir(folder)
     _write(folder, '[tune.space]\n"optim.lr" = [0.1, 0.2]')
@@ -381,7 +380,7 @@ def test_the_cli_says_an_interrupted_sweep_resumes_and_exits_130(folder, monkeyp
         mode="min",
         status="interrupted",
     )
-    monkeypatch.setattr(cli, "tune", lambda sweep, **kw: result)
+    monkeypatch.setattr(tune_preflight, "tune", lambda sweep, **kw: result)
     assert main(["tune", "--config", "sweep.toml"]) == 130
     err = capsys.readouterr().err
     assert "interrupted with 1 of 2 trials finished" in err and "same command" in err
