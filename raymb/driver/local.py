@@ -13,10 +13,11 @@ from pathlib import Path
 from raymb.config import Config
 from raymb.data.checks import DatasetInfo, read_blocks
 from raymb.data.columns import column_names
+from raymb.driver.launch import run_torch
 from raymb.driver.preflight import prepare, run_location, tokenizer_spec
 from raymb.rundir.checkpoint import MODEL_FILE
 from raymb.worker.epochs import train_loop
-from raymb.worker.session import TorchSession, run_torch
+from raymb.worker.session import TorchSession
 from raymb.worker.spec import DataSpec, EpochsSpec, validation
 
 

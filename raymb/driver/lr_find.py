@@ -43,7 +43,7 @@ from typing import Any
 
 from raymb.config import Config
 from raymb.core.lr_find import CSV_COLUMNS, CSV_FILE, Curve, schedule, suggest
-from raymb.driver.preflight import check_run_dir, prepare, tokenizer_spec
+from raymb.driver.preflight import check_run_dir, prepare
 from raymb.driver.signals import StopSignals, in_thread
 from raymb.errors import RaymbError, StorageError
 from raymb.rundir import plot
@@ -155,37 +155,28 @@ def _locked(config, record, out_dir, plan, train_info, lrs, address, verbose, ba
 
 
 def _on_ray(config, plan, train_info, lrs, out_dir, address, verbose, stop_file) -> None:
-    """The test's workers under Ray Train (the start `raymb train` has: connect, RayLog,
-    data_spec, EpochsSpec, make_trainer)."""
-    from raymb.driver.logs import RayLog, close_log
+    """The test's workers under Ray Train, started as `raymb train` starts its own
+    (raymb.driver.run: Ray's log, Ray, the epoch loop's spec)."""
+    from raymb.driver.run import epochs_spec, ray_log_of, start_ray
 
-    ray_log = None if verbose else RayLog(out_dir, say=print)
-    try:
-        from raymb.driver.cluster import connect, data_spec, make_trainer, use_cache
+    with ray_log_of(out_dir, verbose, print) as ray_log:
+        cpus = start_ray(config, address, ray_log)
+        from raymb.driver.cluster import make_trainer, use_cache
         from raymb.worker.lr_find import lr_find_loop
-        from raymb.worker.spec import EpochsSpec, LrFindSpec
+        from raymb.worker.spec import LrFindSpec
 
-        cpus = connect(config, address, ray_log=ray_log)
         cached = use_cache(config, [train_info])
-        run = EpochsSpec(
-            config=config,
-            plan=plan,
-            run_dir=out_dir,
-            train=data_spec(train_info, config, cached),
-            tokenizer=tokenizer_spec(config),
-        )
+        run = epochs_spec(config, plan, out_dir, train_info, None, cached)
         spec = LrFindSpec(run=run, lrs=lrs)
         trainer = make_trainer(config, lr_find_loop, {"spec": spec}, cpus, out_dir)
         _say_start(lrs, out_dir)
         _until_stopped(trainer.fit, stop_file)
-    finally:
-        close_log(ray_log)
 
 
 def _on_torch(config: Config, lrs: tuple[float, ...], backend: str, stop_file: Location) -> None:
     """The test's workers on a plain torch.distributed group of local processes (no Ray)."""
+    from raymb.driver.launch import run_torch
     from raymb.driver.local import local_spec
-    from raymb.worker.session import run_torch
     from raymb.worker.spec import LrFindSpec
 
     spec = LrFindSpec(run=local_spec(config), lrs=lrs)

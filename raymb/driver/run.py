@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from raymb.config import Config
-from raymb.data.checks import describe_shape
+from raymb.data.checks import DatasetInfo, describe_shape
 from raymb.driver.logs import RayLog, close_log
 from raymb.driver.preflight import check_run_dir, prepare, prepare_follow, tokenizer_spec
 from raymb.driver.signals import StopSignals, in_thread
@@ -36,6 +37,10 @@ from raymb.rundir.storage import Location
 from raymb.rundir.timeline import enabled as timeline_enabled
 from raymb.rundir.timeline import stamp
 from raymb.rundir.tracking import Tracker
+
+if TYPE_CHECKING:
+    from raymb.core.plan import Plan
+    from raymb.worker.spec import EpochsSpec
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,7 @@ def train(
     shown = progress.Watch(run_dir / "metrics.csv", plan.total_steps, stream)
 
     def start(stop_file: Location) -> tuple[Callable, Any]:
-        from raymb.driver.cluster import data_spec, use_cache
-        from raymb.worker.spec import EpochsSpec, validation
+        from raymb.driver.cluster import use_cache
 
         # A fold of cross-validation is an index into the cached rows.
         cached = use_cache(config, [train_info, val_info]) or bool(config.data.folds)
@@ -83,16 +87,7 @@ def train(
         )
         if cached:
             shown.phase("reading data")  # submitting the read tasks; the workers wait on them
-        train_spec = data_spec(train_info, config, cached)
-        val = data_spec(val_info, config, cached, "data.val") if val_info else None
-        spec = EpochsSpec(
-            config=config,
-            plan=plan,
-            run_dir=run_dir,
-            train=train_spec,
-            val=validation(config, train_spec, val),
-            tokenizer=tokenizer_spec(config),
-        )
+        spec = epochs_spec(config, plan, run_dir, train_info, val_info, cached)
         from raymb.worker.epochs import train_loop  # imported while Ray started and read
 
         return train_loop, spec
@@ -180,20 +175,20 @@ def _launch(
     it); the lock is released at the end, on failure and Ctrl-C too. `close` gets whether a
     stop was asked for (the first Ctrl-C or SIGTERM) and returns the status to mark."""
     lock = lock_run(run_dir)
-    try:
-        ray_log = None
+    with ExitStack() as held:  # closed last to first: the log, then the lock
+        held.callback(lock.release)  # on failure and Ctrl-C too
         try:
             claim_run(run_dir, config)  # a resumed run must fit its checkpoints
             # The log starts once the run is ours: a refused resume leaves its directory as is.
-            ray_log = None if verbose else RayLog(run_dir, say=shown.say)
+            # It closes after a failure's discard: a run discarded uploads no log.
+            ray_log = held.enter_context(ray_log_of(run_dir, verbose, shown.say))
             stamp("checked")
             shown.phase("starting Ray")
-            from raymb.driver.cluster import ask_stop, connect, make_trainer, session_dir
+            from raymb.driver.cluster import ask_stop, make_trainer
             from raymb.worker.worker import STOP_FILE
 
             # Ray from here on, not before the last refusal
-            cpus = connect(config, address, ray_log=ray_log)
-            stamp("ray", session_dir=session_dir() if timeline_enabled() else None)
+            cpus = start_ray(config, address, ray_log)
             stop_file = run_dir / STOP_FILE
             stop_file.remove()  # left by an earlier run
             loop, spec = start(stop_file)
@@ -202,7 +197,6 @@ def _launch(
         except BaseException:
             shown.close()
             lock.discard()  # a new run that never started leaves nothing; an older one is kept
-            close_log(ray_log)
             raise
         try:
             done = lambda summary, metrics: close(summary, metrics, stop_file.exists())  # noqa: E731
@@ -212,9 +206,56 @@ def _launch(
                 return _run(config, lock, lambda: in_thread(trainer.fit), shown=shown, close=done)
         finally:
             stop_file.remove()
-            close_log(ray_log)
+
+
+@contextmanager
+def ray_log_of(
+    run_dir: Location, verbose: bool, say: Callable[[str], None]
+) -> Iterator[RayLog | None]:
+    """The run's logs/ray.log for Ray's lines (raymb.driver.logs), `say` showing those a user
+    must see; closed (a bucket run's uploaded) as the block ends. None with `verbose`: Ray
+    prints its lines itself."""
+    ray_log = None if verbose else RayLog(run_dir, say=say)
+    try:
+        yield ray_log
     finally:
-        lock.release()  # on failure and Ctrl-C too
+        close_log(ray_log)
+
+
+def start_ray(config: Config, address: str | None, ray_log: RayLog | None) -> float:
+    """Start Ray here or join the one at `address` (raymb.driver.cluster.connect), its lines to
+    `ray_log`, and stamp the start-up's timeline; the CPUs to give each worker."""
+    from raymb.driver.cluster import connect, session_dir
+
+    cpus = connect(config, address, ray_log=ray_log)
+    stamp("ray", session_dir=session_dir() if timeline_enabled() else None)
+    return cpus
+
+
+def epochs_spec(
+    config: Config,
+    plan: Plan,
+    run_dir: Location,
+    train_info: DatasetInfo,
+    val_info: DatasetInfo | None,
+    cached: bool,
+) -> EpochsSpec:
+    """What the epoch loop's workers get under Ray (`raymb train`'s, and `raymb lr-find`'s in
+    its LrFindSpec): data.train and data.val as Ray reads them, `cached` or streamed
+    (raymb.driver.cluster.data_spec), and with data.folds the fold's held-out rows to validate."""
+    from raymb.driver.cluster import data_spec
+    from raymb.worker.spec import EpochsSpec, validation
+
+    train = data_spec(train_info, config, cached)
+    val = data_spec(val_info, config, cached, "data.val") if val_info else None
+    return EpochsSpec(
+        config=config,
+        plan=plan,
+        run_dir=run_dir,
+        train=train,
+        val=validation(config, train, val),
+        tokenizer=tokenizer_spec(config),
+    )
 
 
 def _run(

@@ -7,10 +7,11 @@ each report. Two sessions implement it:
 - `RaySession`: inside a Ray Train worker (what `raymb train` runs). Reports and checkpoints
   go through `ray.train.report`; Ray Train keeps, scores and uploads the checkpoints.
 - `TorchSession`: on a plain `torch.distributed` process group (gloo or NCCL), started by
-  `torch.multiprocessing` (`run_torch` below) or torchrun, with no Ray installed. Each report
-  with a checkpoint becomes `<run_dir>/checkpoint_<step>/`, written by every rank into the
-  same directory and marked complete by rank 0 after a barrier. It serves the numerics tests
-  and the GPU checks: they drive the real loop, not a copy of it.
+  `torch.multiprocessing` (the driver's `run_torch`, raymb.driver.launch) or torchrun, with
+  no Ray installed. Each report with a checkpoint becomes `<run_dir>/checkpoint_<step>/`,
+  written by every rank into the same directory and marked complete by rank 0 after a
+  barrier. It serves the numerics tests and the GPU checks: they drive the real loop, not a
+  copy of it.
 
 Only this module and raymb.worker.feed (Ray Data) import Ray on the worker side, and only
 when a RaySession is made or a stream read.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,45 +152,3 @@ def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def run_torch(
-    loop: Callable[..., Any], args: tuple, world: int, *, backend: str = "gloo", port: int = 0
-) -> None:
-    """`loop(*args, session)` on `world` processes of a fresh gloo (or NCCL) group on this
-    machine, as torch.multiprocessing starts them; raises if any process failed."""
-    import torch.multiprocessing as mp
-
-    if port == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    mp.start_processes(
-        _torch_process,
-        args=(loop, args, world, backend, port),
-        nprocs=world,
-        join=True,
-        start_method="spawn",
-    )
-
-
-def _torch_process(
-    rank: int, loop: Callable[..., Any], args: tuple, world: int, backend: str, port: int
-) -> None:
-    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Each process its share of the cores, as Ray gives a worker its CPUs and torchrun
-        # one thread: `world` processes of all-core thread pools fight over the cores (7x
-        # slower steps for the digits mlp on 2 workers and 2 cores).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        loop(*args, session_factory=TorchSession)
-        # No rank leaves while another still talks to the group (rank 0 also serves its
-        # store): a peer gone mid-teardown aborts gloo ("terminate called without an active
-        # exception"). A rank that raised is not waited for: the others are terminated.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from raymb import load_config
+from raymb.driver.launch import run_torch
 from raymb.driver.local import local_spec
 from raymb.driver.preflight import run_location
 from raymb.driver.run import _summary
 from raymb.worker.epochs import train_loop
-from raymb.worker.session import run_torch
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from raymb.worker.session import run_torch
+from raymb.driver.launch import run_torch
 
 
 def _threads(out: Path, *, session_factory) -> None:
