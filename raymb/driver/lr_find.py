@@ -165,7 +165,8 @@ def _on_ray(config, plan, train_info, lrs, out_dir, address, verbose, stop_file)
         from raymb.worker.lr_find import lr_find_loop
         from raymb.worker.spec import LrFindSpec
 
-        cached = use_cache(config, [train_info])
+        # A fold of cross-validation is an index into the cached rows, as in raymb train.
+        cached = use_cache(config, [train_info]) or bool(config.data.folds)
         run = epochs_spec(config, plan, out_dir, train_info, None, cached)
         spec = LrFindSpec(run=run, lrs=lrs)
         trainer = make_trainer(config, lr_find_loop, {"spec": spec}, cpus, out_dir)

@@ -1,4 +1,4 @@
-"""raymb.worker.session.run_torch: the plain torch.distributed group the numerics tests, the
+"""raymb.driver.launch.run_torch: the plain torch.distributed group the numerics tests, the
 sweeps' references and `bench` run raymb's loops on."""
 
 from __future__ import annotations
