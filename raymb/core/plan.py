@@ -6,6 +6,9 @@ batch; the last step may be short); worker r of W takes the r-th of W near-equal
 each step (raymb.core.order). Which rows a step takes never depends on W, so a run resumed with
 another number of workers continues exactly. Every worker works out every step's sizes
 without communicating.
+
+Arithmetic only: the microbatch size comes in as a number (train.microbatch_size, or the one
+raymb.driver.sizing measures for "auto"), and nothing here builds a model.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 from raymb.config import Config
 from raymb.core.order import rank_rows
-from raymb.data.columns import Inputs
+from raymb.core.shape import InputShape
 from raymb.errors import DataError
 
 
@@ -30,21 +33,24 @@ class Plan:
     """m: rows per forward/backward."""
     epochs: int
     max_steps: int | None
-    in_features: int
     out_features: int
     """Classes, the vocabulary (lm), or 1 (regression)."""
-    classify: bool
     inputs: dict
-    """raymb.columns.Inputs, as a dict: the task, the rows' shape, the collate's scaling."""
+    """raymb.core.shape.InputShape in its stored form (to_dict): the task, the rows' shape,
+    the collate's scaling."""
 
     @classmethod
-    def build(cls, config: Config, *, num_rows: int, inputs: Inputs, out_features: int) -> Plan:
-        if ":" in config.model.name:
-            # Import the user's model factory now: a typo costs one line, not a Ray start.
-            # (Imported here: the plan itself needs no torch.)
-            from raymb.models import load_factory
-
-            load_factory(config.model.name)
+    def build(
+        cls,
+        config: Config,
+        *,
+        num_rows: int,
+        inputs: InputShape,
+        out_features: int,
+        microbatch: int,
+    ) -> Plan:
+        """The plan of `num_rows` rows in microbatches of `microbatch` rows (m, as
+        raymb.driver.sizing.microbatch_size resolved it); a refusal is one line."""
         W = config.scale.max_workers  # elastic: the loop takes the size Ray Train gave it
         G = config.train.global_batch_size
         rows = num_rows // W
@@ -52,9 +58,7 @@ class Plan:
             raise DataError(
                 f"data.train has {num_rows} rows, fewer than scale.workers={W}: lower scale.workers"
             )
-        m = config.microbatch()
-        if m is None:  # train.microbatch_size = "auto"
-            m = auto_microbatch(config, rows, inputs, out_features)
+        m = microbatch
         if m > rows:
             raise DataError(
                 f"train.microbatch_size={m} is larger than a worker's shard of data.train "
@@ -74,11 +78,13 @@ class Plan:
             microbatch=m,
             epochs=config.train.epochs,
             max_steps=config.train.max_steps,
-            in_features=inputs.in_features,
             out_features=out_features,
-            classify=inputs.task != "regress",
             inputs=inputs.to_dict(),
         )
+
+    @property
+    def input_shape(self) -> InputShape:
+        return InputShape.from_dict(self.inputs)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -109,42 +115,3 @@ class Plan:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def activation_bytes_per_sample(config: Config, inputs: Inputs, out_features: int) -> int:
-    """Estimated training memory one sample costs: every module's output kept for the
-    backward pass, and its gradient, in float32 (measured on a 2-row probe forward)."""
-    import torch
-
-    from raymb.models import build_model
-
-    shape = inputs.model_shape
-    model = build_model(config.model, shape, out_features)
-    elements = [math.prod(shape)]
-
-    def count(module, inputs, output) -> None:
-        if torch.is_tensor(output):
-            elements.append(output[0].numel())
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
-    probe = torch.zeros(2, *shape, dtype=torch.long if inputs.task == "lm" else torch.float32)
-    with torch.no_grad():
-        model(probe)
-    for hook in hooks:
-        hook.remove()
-    return 2 * 4 * sum(elements)
-
-
-def auto_microbatch(config: Config, rows: int, inputs: Inputs, out_features: int) -> int:
-    """train.microbatch_size = "auto" on a CPU: the largest m whose activations fit
-    train.memory_budget and that keeps the step exact (k = G / (W·m) whole)."""
-    fits = max(
-        1,
-        config.train.memory_budget_bytes()
-        // activation_bytes_per_sample(config, inputs, out_features),
-    )
-    G = config.train.global_batch_size
-    if G == "all":
-        return min(rows, fits)
-    per_worker = G // config.scale.max_workers
-    return max(d for d in range(1, per_worker + 1) if per_worker % d == 0 and d <= fits)

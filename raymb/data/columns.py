@@ -3,22 +3,22 @@
 A feature column holds a number per row (several scalar columns), a list of numbers, or a
 fixed-shape tensor: the Arrow fixed-shape tensor extension type, Ray Data's tensor types
 (read with or without Ray imported), or nested fixed-size lists. Values keep their stored
-type (uint8 images stay uint8 in a cache, four times smaller than float32); `Inputs.collate`
-makes floats of them (data.scale, data.mean, data.std) or, for language modelling, splits a
-token block into input and target, on the worker's device.
+type (uint8 images stay uint8 in a cache, four times smaller than float32); the collate
+(raymb.core.shape.InputShape, made here by `input_shape`) makes floats of them (data.scale,
+data.mean, data.std) or, for language modelling, splits a token block into input and target,
+on the worker's device.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
+from raymb.core.shape import InputShape
 from raymb.errors import ConfigError
 
 _RAY_TENSOR = b"ray.data.arrow_tensor"  # ray.data.arrow_tensor and ..._v2 (fixed shapes)
@@ -28,8 +28,7 @@ _EXT_NAME, _EXT_META = b"ARROW:extension:name", b"ARROW:extension:metadata"
 if TYPE_CHECKING:  # torch is imported where tensors are made: the checks before a
     import torch  # run (raymb.data.checks) read only Arrow
 
-    from raymb.core.rng import RowKeys
-    from raymb.data.augment import Augment
+    from raymb.config import DataSection
 
 
 class ShapeError(ValueError):
@@ -123,92 +122,22 @@ def table_to_tensors(
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
 
 
-@dataclass(frozen=True)
-class Inputs:
-    """What the model takes, and how a batch of stored values becomes it."""
+# The old name, until raymb.worker.epochs and .lr_find, bench/rng.py and
+# tests/unit/test_exact_randomness.py import raymb.core.shape.InputShape.
+Inputs = InputShape
 
-    task: str
-    """classify, regress or lm."""
-    shape: tuple[int, ...]
-    """One row's stored feature shape ((d,), (C, H, W), (T + 1,) for token blocks)."""
-    scale: float | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
 
-    @property
-    def model_shape(self) -> tuple[int, ...]:
-        """One row's shape as the model sees it: a block of T + 1 tokens feeds T."""
-        return (self.shape[0] - 1,) if self.task == "lm" else self.shape
-
-    @property
-    def units_per_row(self) -> int:
-        """What the loss is a mean over, per row: its T tokens for lm, else the row."""
-        return self.shape[0] - 1 if self.task == "lm" else 1
-
-    @property
-    def in_features(self) -> int:
-        return math.prod(self.shape)
-
-    def collate(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        augment: Augment | None = None,
-        keys: RowKeys | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stored values (already on the device) to the model's input and target; training
-        rows with data.augment's transforms, drawn from their `keys` (raymb.data.augment)."""
-        import torch
-
-        if self.task == "lm":
-            tokens = x.long()
-            return tokens[:, :-1], tokens[:, 1:]
-        if x.dtype != torch.float32:
-            x = x.float()
-        if self.scale is not None:
-            x = x * self.scale
-        if augment is not None:
-            x = augment.images(x, keys)  # before mean/std: zero padding is black
-        if self.mean is not None:
-            view = (1, -1) + (1,) * (x.dim() - 2)  # per channel: dim 1, channels first
-            mean = torch.tensor(self.mean, device=x.device).view(view)
-            std = torch.tensor(self.std, device=x.device).view(view)
-            x = (x - mean) / std
-        if augment is not None:
-            x = augment.noise(x, keys)
-        return x, y
-
-    @classmethod
-    def of(cls, data, task: str, shape: tuple[int, ...]) -> Inputs:
-        """A run's inputs: its resolved task, the rows' shape, data.scale/mean/std; a
-        data.augment the rows cannot take is a ConfigError."""
-        check_augment(data.augment, task, shape)
-        return cls(
-            task=task,
-            shape=shape,
-            scale=data.scale,
-            mean=None if data.mean is None else tuple(data.mean),
-            std=None if data.std is None else tuple(data.std),
-        )
-
-    def to_dict(self) -> dict:
-        return {
-            "task": self.task,
-            "shape": list(self.shape),
-            "scale": self.scale,
-            "mean": None if self.mean is None else list(self.mean),
-            "std": None if self.std is None else list(self.std),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Inputs:
-        return cls(
-            task=d["task"],
-            shape=tuple(d["shape"]),
-            scale=d.get("scale"),
-            mean=None if d.get("mean") is None else tuple(d["mean"]),
-            std=None if d.get("std") is None else tuple(d["std"]),
-        )
+def input_shape(data: DataSection, task: str, shape: tuple[int, ...]) -> InputShape:
+    """A run's inputs: its resolved task, the rows' shape, data.scale/mean/std; a
+    data.augment the rows cannot take is a ConfigError."""
+    check_augment(data.augment, task, shape)
+    return InputShape(
+        task=task,
+        shape=shape,
+        scale=data.scale,
+        mean=None if data.mean is None else tuple(data.mean),
+        std=None if data.std is None else tuple(data.std),
+    )
 
 
 def check_augment(augment, task: str, shape: tuple[int, ...]) -> None:

@@ -24,14 +24,14 @@ from raymb.rundir.tracking import mlflow_target
 
 if TYPE_CHECKING:
     from raymb.core.plan import Plan
-    from raymb.data.columns import Inputs
+    from raymb.core.shape import InputShape
     from raymb.worker.spec import Shape
 
 
 def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
     """Check the data against the config; nothing is started or written."""
-    from raymb.core.plan import Plan
-    from raymb.data.columns import Inputs
+    from raymb.data.columns import input_shape
+    from raymb.driver.sizing import build_plan
 
     storage.configure(config.storage)  # the endpoint of s3:// data and runs
     mlflow_target(config.log.mlflow_uri)  # asked for, and installed
@@ -65,7 +65,7 @@ def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
             f"checkpoint.metric={config.checkpoint.metric!r} needs data.val; set data.val "
             "or checkpoint.metric=train_loss"
         )
-    inputs = Inputs.of(data, _task(config, train_info), train_info.feature_shape)
+    inputs = input_shape(data, _task(config, train_info), train_info.feature_shape)
     check_zero_padding(data.augment, inputs.shape)
     _check_model_fits(config, inputs, train_info)
     found = find_manifest(data.train)
@@ -74,7 +74,7 @@ def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
         from raymb.core.order import held_out_count
 
         num_rows -= held_out_count(num_rows, data.folds, data.fold)
-    plan = Plan.build(
+    plan = build_plan(
         config,
         num_rows=num_rows,
         inputs=inputs,
@@ -149,7 +149,7 @@ def _out_features(
     return classes
 
 
-def _check_model_fits(config: Config, inputs: Inputs, info: DatasetInfo) -> None:
+def _check_model_fits(config: Config, inputs: InputShape, info: DatasetInfo) -> None:
     """The built-in models against the data's shape and task, in one line before Ray starts."""
     name, shape, rows = config.model.name, inputs.shape, describe_shape(info, config.data.features)
     if inputs.task == "lm" and (len(shape) != 1 or shape[0] < 2):
@@ -222,7 +222,7 @@ def prepare_follow(
     """Check a --follow run before Ray starts; wait for DIR's first complete file, which fixes
     the model's widths. Returns (the config as --follow runs it, the model's shape, data.val's
     info, DIR as the workers open it)."""
-    from raymb.worker.follow import check_fits, open_directory
+    from raymb.data.arrivals import check_fits, open_directory
 
     config = without_demo_val(config)
     check_follow_config(config, idle_timeout)
@@ -278,7 +278,7 @@ def check_follow_config(config: Config, idle_timeout: float) -> None:
 
 def wait_for_first_file(fs, root: str, idle_timeout: float, shown: str) -> str:
     """Any complete file (consumed or not): it fixes the model's input and output widths."""
-    from raymb.worker.follow import next_file
+    from raymb.data.arrivals import next_file
 
     deadline = time.monotonic() + idle_timeout
     warned: set[str] = set()
@@ -296,8 +296,8 @@ def wait_for_first_file(fs, root: str, idle_timeout: float, shown: str) -> str:
 
 def follow_shape(config: Config, info: DatasetInfo, name: str) -> Shape:
     """What the first file in DIR fixes of the model: its input and output widths."""
-    from raymb.data.columns import Inputs
-    from raymb.worker.follow import check_fits
+    from raymb.data.arrivals import check_fits
+    from raymb.data.columns import input_shape
     from raymb.worker.spec import Shape
 
     if config.data.task == "lm":
@@ -310,7 +310,7 @@ def follow_shape(config: Config, info: DatasetInfo, name: str) -> Shape:
         )
     if not classify and config.checkpoint.metric == "val_accuracy":
         raise ConfigError("checkpoint.metric='val_accuracy' needs integer (class) labels")
-    inputs = Inputs.of(config.data, "classify" if classify else "regress", info.feature_shape)
+    inputs = input_shape(config.data, "classify" if classify else "regress", info.feature_shape)
     check_zero_padding(config.data.augment, inputs.shape)
     shape = Shape(inputs, config.model.num_classes if classify else 1)
     check_fits(info, shape, what=f"--follow: {name}")

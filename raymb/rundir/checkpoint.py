@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raymb.core.shape import InputShape
 from raymb.errors import CheckpointError, ConfigError
 from raymb.files import kind_of
 from raymb.rundir import storage
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     import torch
 
     from raymb.config import Config
-    from raymb.data.columns import Inputs
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
@@ -161,14 +161,13 @@ def model_payload(
     }
 
 
-def payload_inputs(payload: dict[str, Any]) -> Inputs:
-    """The model's raymb.columns.Inputs (a checkpoint from before tensor columns: flat)."""
-    from raymb.data.columns import Inputs
-
+def payload_inputs(payload: dict[str, Any]) -> InputShape:
+    """The model's inputs, stored as InputShape.to_dict (a checkpoint from before tensor
+    columns has none: flat rows of in_features)."""
     if payload.get("inputs"):
-        return Inputs.from_dict(payload["inputs"])
+        return InputShape.from_dict(payload["inputs"])
     task = "classify" if payload["classify"] else "regress"
-    return Inputs(task=task, shape=(payload["in_features"],))
+    return InputShape(task=task, shape=(payload["in_features"],))
 
 
 def load_model(

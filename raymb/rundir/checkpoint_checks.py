@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raymb.core.shape import TASKS
 from raymb.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -118,7 +119,6 @@ MAX_ROW_VALUES = 2**30
 MAX_OUTPUTS = 2**24
 """Outputs of a model: classes, or the vocabulary of a language model."""
 MAX_ROW_DIMS = 4
-TASKS = ("classify", "regress", "lm")
 
 
 def _check_inputs(payload: dict[str, Any], path: str | Path) -> None:

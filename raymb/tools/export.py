@@ -6,7 +6,7 @@ in_features, out_features, classify and the tokenizer, each as JSON under `raymb
 the safetensors header's metadata (with rebuild() turning it back into a model), the ONNX
 model's metadata_props, and the TorchScript archive's extra files.
 
-The ONNX and TorchScript models take what `Inputs.collate` makes: float rows [B, d] or
+The ONNX and TorchScript models take what `InputShape.collate` makes: float rows [B, d] or
 images [B, C, H, W], or int64 token ids [B, T] for a language model; the batch axis (and
 the token axis, up to the model's block size) is free. Both are traced in eval mode (a
 BatchNorm uses its running statistics). After writing, the file is read back by its own
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raymb.data.columns import Inputs
+from raymb.core.shape import InputShape
 from raymb.errors import RaymbError
 from raymb.rundir.checkpoint import build_from_payload, load_model, payload_inputs
 from raymb.rundir.storage import temp_sibling
@@ -95,7 +95,7 @@ def export(
     return {"out": str(out), "format": fmt, "bytes": size, "max_abs_diff": diff, "rows": CHECK_ROWS}
 
 
-def example_input(inputs: Inputs, vocab: int, rows: int, *, seed: int) -> torch.Tensor:
+def example_input(inputs: InputShape, vocab: int, rows: int, *, seed: int) -> torch.Tensor:
     """A seeded batch of what the model takes: token ids [rows, T] (int64, below `vocab`)
     for a language model, else float32 rows [rows, *shape] drawn from N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
@@ -137,7 +137,7 @@ def format_size(n: int) -> str:
     return f"{n / 1000**exp:.1f} {('kB', 'MB', 'GB', 'TB')[exp - 1]}"
 
 
-def _metadata(payload: dict[str, Any], inputs: Inputs) -> dict[str, str]:
+def _metadata(payload: dict[str, Any], inputs: InputShape) -> dict[str, str]:
     """`raymb.<key>`: JSON of each payload entry a reader needs (the inputs resolved, for a
     checkpoint from before tensor columns)."""
     values = {k: payload.get(k) for k in _META_KEYS}

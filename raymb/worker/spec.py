@@ -12,16 +12,18 @@ from typing import Any
 
 from raymb.config import Config
 from raymb.core.plan import Plan
+from raymb.core.shape import InputShape
 from raymb.data.checks import DatasetInfo
-from raymb.data.columns import Inputs, column_names
+from raymb.data.columns import column_names
 from raymb.rundir.storage import Location
 
 
 @dataclass(frozen=True)
 class Shape:
-    """What the model is built for and what a checkpoint records of it."""
+    """What the model is built for and what a checkpoint records of it: its inputs, and its
+    outputs (classes, the vocabulary, or 1)."""
 
-    inputs: Inputs
+    inputs: InputShape
     out_features: int
     tokenizer: dict | None = None
     """lm: the tokenizer's spec (raymb.data.tokenizer), kept with the model for sampling."""
@@ -32,7 +34,7 @@ class Shape:
 
     @property
     def classify(self) -> bool:
-        return self.inputs.task != "regress"
+        return self.inputs.classify
 
 
 @dataclass(frozen=True, kw_only=True)

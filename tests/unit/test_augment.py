@@ -10,8 +10,8 @@ import torch
 
 from raymb.config.sections import AugmentSection
 from raymb.core import rng
+from raymb.core.shape import InputShape
 from raymb.data import augment as aug
-from raymb.data.columns import Inputs
 
 B, C, H, W = 16, 2, 5, 7  # a non-square image: a rotation must stay rigid
 
@@ -123,7 +123,7 @@ def test_a_row_is_transformed_the_same_in_any_batch():
 
 
 def test_the_collate_crops_before_normalising_and_adds_noise_after():
-    inputs = Inputs("classify", (1, 3, 3), scale=0.5, mean=(10.0,), std=(2.0,))
+    inputs = InputShape("classify", (1, 3, 3), scale=0.5, mean=(10.0,), std=(2.0,))
     stored = torch.full((1, 1, 3, 3), 4, dtype=torch.uint8)
     keys = rng.RowKeys(0, 0, torch.tensor([0]))
     zero = _augment(crop_padding=2, padding_mode="zero")

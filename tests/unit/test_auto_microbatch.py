@@ -7,13 +7,13 @@ import torch
 
 from raymb.config import load_config
 from raymb.core.optim import build_optimizer
-from raymb.core.plan import Plan
+from raymb.core.shape import InputShape
 from raymb.core.step import train_step
 from raymb.core.sync import GradSync
-from raymb.data.columns import Inputs
+from raymb.driver.sizing import build_plan
 from raymb.models import build_model
 
-FLAT4 = Inputs(task="regress", shape=(4,))
+FLAT4 = InputShape(task="regress", shape=(4,))
 
 
 def _config(*overrides: str):
@@ -26,14 +26,14 @@ def test_auto_picks_the_largest_divisor_that_fits_by_hand():
     # ReLU 64, Linear 1 = 261 floats, and as many gradients: 261 * 2 * 4 bytes = 2088.
     # 20 KiB = 20480 bytes holds 9 samples; the largest divisor of G/W = 64 up to 9 is 8.
     config = _config("train.microbatch_size=auto", "train.memory_budget=20KiB")
-    plan = Plan.build(config, num_rows=1024, inputs=FLAT4, out_features=1)
+    plan = build_plan(config, num_rows=1024, inputs=FLAT4, out_features=1)
     assert plan.microbatch == 8 and plan.step_total == 64
     roomy = _config("train.microbatch_size=auto", "train.memory_budget=1GiB")
-    assert Plan.build(roomy, num_rows=1024, inputs=FLAT4, out_features=1).microbatch == 64
+    assert build_plan(roomy, num_rows=1024, inputs=FLAT4, out_features=1).microbatch == 64
     full = _config(
         "train.global_batch_size=all", "train.microbatch_size=auto", "train.memory_budget=20KiB"
     )
-    assert Plan.build(full, num_rows=100, inputs=FLAT4, out_features=1).microbatch == 9
+    assert build_plan(full, num_rows=100, inputs=FLAT4, out_features=1).microbatch == 9
 
 
 def test_auto_and_a_fixed_microbatch_give_the_same_parameters():
@@ -42,7 +42,7 @@ def test_auto_and_a_fixed_microbatch_give_the_same_parameters():
     results = []
     for m in ("auto", "64"):
         config = _config(f"train.microbatch_size={m}", "train.memory_budget=20KiB")
-        plan = Plan.build(config, num_rows=256, inputs=FLAT4, out_features=1)
+        plan = build_plan(config, num_rows=256, inputs=FLAT4, out_features=1)
         torch.manual_seed(0)
         model = build_model(config.model, 4, 1)
         opt = build_optimizer(config.optim, model.parameters())

@@ -23,7 +23,7 @@ from torch import nn
 
 from raymb.cli import main
 from raymb.config import load_config
-from raymb.data.columns import Inputs
+from raymb.core.shape import InputShape
 from raymb.models import build_model
 from raymb.rundir.checkpoint import MODEL_FILE, atomic_save, model_payload
 from raymb.tools.export import CHECK_ROWS, export, rebuild
@@ -33,28 +33,28 @@ T, VOCAB = 8, 256  # gpt: tokens per row, vocabulary (the byte tokenizer's)
 
 # name -> (config overrides, inputs, out_features, tokenizer)
 MODELS = {
-    "linear": (["model.name=linear"], Inputs(task="regress", shape=(5,)), 1, None),
+    "linear": (["model.name=linear"], InputShape(task="regress", shape=(5,)), 1, None),
     "mlp": (
         ["model.name=mlp", "model.hidden=[8,8]"],
-        Inputs(task="classify", shape=(5,)),
+        InputShape(task="classify", shape=(5,)),
         3,
         None,
     ),
     "cnn-batch": (
         ["model.name=cnn", "model.widths=[8,16]", "model.norm='batch'"],
-        Inputs(task="classify", shape=(3, 8, 8), scale=1 / 255),
+        InputShape(task="classify", shape=(3, 8, 8), scale=1 / 255),
         4,
         None,
     ),
     "cnn-group": (
         ["model.name=cnn", "model.widths=[8,16]", "model.norm='group'"],
-        Inputs(task="classify", shape=(3, 8, 8), mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2)),
+        InputShape(task="classify", shape=(3, 8, 8), mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2)),
         4,
         None,
     ),
     "gpt": (
         ["model.name=gpt", "model.depth=2", "model.width=32", "model.heads=4"],
-        Inputs(task="lm", shape=(T + 1,)),
+        InputShape(task="lm", shape=(T + 1,)),
         VOCAB,
         {"kind": "bytes"},
     ),

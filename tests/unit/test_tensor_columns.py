@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from raymb.cli import main as cli
+from raymb.core.shape import InputShape
 from raymb.data.checks import check_dataset, describe_shape
-from raymb.data.columns import Inputs, table_to_tensors
+from raymb.data.columns import table_to_tensors
 from raymb.errors import DataError
 
 IMAGES = np.arange(5 * 3 * 4 * 4, dtype=np.uint8).reshape(5, 3, 4, 4)
@@ -65,7 +66,7 @@ def test_tensor_columns_read_as_their_shape(tmp_path, kind) -> None:
 
 def test_collate_scales_and_normalises_per_channel() -> None:
     x = torch.from_numpy(IMAGES[:2])
-    inputs = Inputs(
+    inputs = InputShape(
         task="classify", shape=(3, 4, 4), scale=0.5, mean=(1.0, 2.0, 3.0), std=(2.0,) * 3
     )
     out, _ = inputs.collate(x, torch.zeros(2))
@@ -76,7 +77,7 @@ def test_collate_scales_and_normalises_per_channel() -> None:
 
 def test_lm_collate_splits_a_block_into_input_and_target() -> None:
     blocks = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]], dtype=torch.int32)
-    inputs = Inputs(task="lm", shape=(4,))
+    inputs = InputShape(task="lm", shape=(4,))
     x, y = inputs.collate(blocks, torch.zeros(2, 0))
     assert x.tolist() == [[5, 6, 7], [1, 2, 3]] and y.tolist() == [[6, 7, 8], [2, 3, 4]]
     assert x.dtype == torch.long and inputs.units_per_row == 3 and inputs.model_shape == (3,)
