@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from raymb.config import Config, load_config
 from raymb.errors import CheckpointError, ConfigError, DataError, RaymbError
+from raymb.version import version
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -24,7 +25,9 @@ __all__ = [
     "DataError",
     "CheckpointError",
 ]
-__version__ = "0.1.0"
+
+
+__version__ = version()
 
 
 def train(config: Config, *, address: str | None = None, verbose: bool = False) -> Result:

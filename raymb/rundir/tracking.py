@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raymb import __version__
 from raymb.errors import ConfigError
 from raymb.rundir.storage import Location
+from raymb.version import version
 
 UPLOAD_S = 30.0
 """At most how often event files are uploaded to a run directory in an object store."""
@@ -252,7 +252,7 @@ class MLflow:
             run = self.client.create_run(
                 experiment_id,
                 run_name=run_name,
-                tags={"raymb.run_dir": str(run_dir), "raymb.version": __version__},
+                tags={"raymb.run_dir": str(run_dir), "raymb.version": version()},
             )
             saved = {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run.info.run_id}
             (run_dir / "mlflow.json").write_text(json.dumps(saved, indent=2) + "\n")
