@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from raymb.config import Config, load_config
+from raymb.config import Config
 from raymb.errors import CheckpointError, ConfigError, DataError, RaymbError
+from raymb.load import load_config
 from raymb.version import version
 
 if TYPE_CHECKING:

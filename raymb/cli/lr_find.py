@@ -7,9 +7,9 @@ import math
 import sys
 
 from raymb.cli.train import add_config_arguments, add_verbose_argument
-from raymb.config import load_config
 from raymb.core.lr_find import MAX_STEPS, check_range
 from raymb.errors import RaymbError
+from raymb.load import load_config
 
 LOW, HIGH, STEPS = 1e-7, 10.0, 100
 INTERRUPTED = 130

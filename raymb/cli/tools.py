@@ -8,7 +8,7 @@ import json
 import sys
 
 from raymb.cli.train import add_config_arguments
-from raymb.config import load_config
+from raymb.load import load_config
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

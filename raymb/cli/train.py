@@ -7,8 +7,9 @@ import argparse
 import json
 from pathlib import Path
 
-from raymb.config import DataSection, load_config, to_toml
+from raymb.config import DataSection, to_toml
 from raymb.errors import RaymbError
+from raymb.load import load_config
 from raymb.rundir.progress import format_summary
 
 DEFAULT_DATA = Path(DataSection().train).parent  # data/linear, made on first use

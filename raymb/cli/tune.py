@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from raymb.config.tune import load_sweep, sweep_toml
+from raymb.config.tune import sweep_toml
+from raymb.load import load_sweep
 
 
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:

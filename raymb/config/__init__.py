@@ -3,18 +3,18 @@
 pydantic checks types and bounds as a config is built (and writes the JSON Schema editors
 check a config file against); every user mistake in a config file or a `--set` override
 surfaces here as a one-line `ConfigError` naming the key and the value it got, before Ray
-starts. Building a config reads nothing: `load_config` reads the TOML file and a prepared
-folder's manifest, once, on the driver.
+starts. Building a config reads nothing; load.py reads the TOML file and the --set
+overrides, and raymb.load (above config and data) adds a prepared folder's manifest.
 
 - build.py: the pydantic plumbing (`section`, `build`) and the one-line errors
 - sections.py: the sections but [model]; model.py: [model], one class per family
-- config.py: `Config`, the sections together; load.py: `load_config`, --set, the manifest
+- config.py: `Config`, the sections together; load.py: the TOML file and --set
 - toml.py: `to_toml` (--print-config); schema.py: `json_schema`, and `markdown` (docs/config.md)
 """
 
 from raymb.config.build import MAX_EPOCHS, MAX_SEED, MAX_STEPS
 from raymb.config.config import Config
-from raymb.config.load import load_config, parse_override, read_toml, with_manifest
+from raymb.config.load import parse_override, read_toml
 from raymb.config.model import (
     BUILTIN_MODELS,
     CnnModel,
@@ -70,12 +70,10 @@ __all__ = [
     "StorageSection",
     "TrainSection",
     "json_schema",
-    "load_config",
     "markdown",
     "parse_bytes",
     "parse_override",
     "plain_name",
     "read_toml",
     "to_toml",
-    "with_manifest",
 ]

@@ -101,7 +101,7 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Config:
         """Build and check a Config from nested dicts (TOML tables), as given: nothing is read
-        (raymb.config.load.load_config merges a prepared folder's manifest first)."""
+        (raymb.load.load_config merges a prepared folder's manifest first)."""
         data = raw.get("data")
         if isinstance(data, dict) and "train" in data and "val" not in data:
             # Never validate a user's model on the demo set.

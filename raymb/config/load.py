@@ -1,5 +1,5 @@
-"""Reading a config: the TOML file, the --set overrides over it, and the keys a prepared
-dataset folder's manifest gives. The driver side reads them once, here; a saved config
+"""Reading a config's TOML: the file, and the --set overrides over it. Nothing else is read
+here; raymb.load adds the keys a prepared dataset folder's manifest gives. A saved config
 (run.json, a checkpoint) is already merged and is built with Config.from_saved, reading nothing.
 """
 
@@ -12,27 +12,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from raymb.config.config import Config
-from raymb.data.manifest import data_defaults, find_manifest
-from raymb.errors import ConfigError, DataError
-from raymb.files import CONFIG_LIMIT, InputError, kind_of, read_bounded, real
+from raymb.errors import ConfigError
+from raymb.files import CONFIG_LIMIT, InputError, kind_of, read_bounded
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a TOML config (or the defaults when path is None), apply --set overrides, and
-    fill in the [data] keys of a prepared folder's manifest that neither sets."""
-    raw = read_tables(path, overrides)
-    if "tune" in raw:  # a sweep's config: raymb.config.tune reads it
-        raise ConfigError(
-            "[tune] is a sweep's section: run it with raymb tune --config FILE (or remove "
-            "[tune] to train one run)"
-        )
-    return Config.from_dict(with_manifest(raw))
 
 
 def read_tables(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> dict[str, Any]:
@@ -99,24 +85,3 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-
-
-def with_manifest(raw: dict[str, Any]) -> dict[str, Any]:
-    """The config's tables with the [data] keys a prepared folder's manifest gives (data.train
-    names the folder or its train split) under the ones the config sets."""
-    table = raw.get("data")
-    if not isinstance(table, dict) or not isinstance(table.get("train"), str):
-        return raw
-    try:
-        found = find_manifest(table["train"])
-    except DataError as e:
-        raise ConfigError(f"data.train: {e}") from None
-    if found is None:
-        return raw
-    folder, manifest = found
-    defaults = data_defaults(manifest)
-    val = folder / "val"
-    # realpath, not Path.resolve: a link loop on the way is not a RuntimeError here
-    if real(table["train"]) == real(folder / "train") and val.is_dir():
-        defaults["val"] = str(val)  # the folder's own validation split
-    return {**raw, "data": {**defaults, **table}}

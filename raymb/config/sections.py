@@ -320,6 +320,11 @@ class ScaleSection:
     """Worker-group restarts from the last checkpoint before the run fails."""
     cpus_per_worker: PositiveFloat | None = None
     """Logical CPUs per worker; unset: chosen so Ray Data keeps a CPU to read with."""
+    launcher: Literal["ray", "local"] = "ray"
+    """What starts the workers: "ray" (Ray Train, on a local cluster raymb starts or the one
+    joined); "local" (`raymb train --local`): scale.workers processes of a gloo (NCCL on GPUs)
+    group on this machine, no Ray, the data read into memory, the same numbers and run
+    directory (a run resumes under either); no failure restarts, elastic workers or --follow."""
 
     def __post_init__(self) -> None:
         w = self.workers
@@ -327,6 +332,8 @@ class ScaleSection:
             what = "a number > 0 or [min, max] with 0 < min <= max"
             require(len(w) == 2 and 0 < w[0] <= w[1], "scale.workers", what, w)
         require(self.max_workers > 0, "scale.workers", "> 0", w)
+        local = 'one number with scale.launcher = "local" (elastic workers need Ray)'
+        require(self.launcher == "ray" or not self.elastic, "scale.workers", local, w)
 
     @property
     def elastic(self) -> bool:

@@ -6,7 +6,7 @@ point; the bounds and a few seeded draws of a random space), so that a sweep tha
 in its third trial is refused before anything starts. `trials` expands a grid into the trials'
 values, in the order Ray Tune runs them.
 
-`raymb train` refuses a config that has [tune] (raymb.config.load): it names `raymb tune`.
+`raymb train` refuses a config that has [tune] (raymb.load): it names `raymb tune`.
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ import hashlib
 import itertools
 import math
 import random
-import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from annotated_types import Ge
 from pydantic.types import NonNegativeInt, PositiveInt
 
-from raymb.config.build import MAX_SEED, build, section
+from raymb.config.build import MAX_SEED, section
 from raymb.config.config import Config
-from raymb.config.load import read_tables, with_manifest
 from raymb.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
@@ -190,19 +188,6 @@ class Sweep:
             set_key(raw, "checkpoint.min_interval_s", 0.0)  # as the trial validated
         set_key(raw, "run.name", f"{self.config.run.name}-best")
         return raw
-
-
-def load_sweep(path: str | None, overrides: typing.Sequence[str] = ()) -> Sweep:
-    """Read a sweep's config file and --set overrides (`tune.KEY=VALUE` sets [tune]); check
-    [tune], the space and every trial's config. A one-line ConfigError names what to fix."""
-    raw = read_tables(path, overrides)
-    tune_table = raw.pop("tune", None)
-    if tune_table is None:
-        raise ConfigError("raymb tune needs a [tune] section with [tune.space] (docs/tune.md)")
-    tune = build(TuneSection, tune_table, "tune")
-    raw = with_manifest(raw)
-    config = Config.from_dict(raw)
-    return check_sweep(raw, config, tune)
 
 
 def check_sweep(raw: dict[str, Any], config: Config, tune: TuneSection) -> Sweep:

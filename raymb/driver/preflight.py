@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 from raymb.config import CheckpointSection, Config, DataSection
 from raymb.data.checks import MAX_CLASSES, DatasetInfo, check_dataset, describe_shape
-from raymb.data.manifest import find_manifest
 from raymb.errors import ConfigError, DataError, StorageError
+from raymb.load import manifest
 from raymb.rundir import storage
 from raymb.rundir.lock import check_unlocked
 from raymb.rundir.storage import Location
@@ -39,7 +39,7 @@ def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
     if data.task == "lm":  # the tokenizer file tokenizer_spec reads later: checked, not opened
         from raymb.data.tokenizer import tokenizer_file
 
-        if (found := find_manifest(data.train)) is not None:
+        if (found := manifest(data.train)) is not None:
             tokenizer_file(*found)
     label = data.label_column
     # Without model.num_classes the labels size the model: one outlier must not.
@@ -68,7 +68,7 @@ def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
     inputs = input_shape(data, _task(config, train_info), train_info.feature_shape)
     check_zero_padding(data.augment, inputs.shape)
     _check_model_fits(config, inputs, train_info)
-    found = find_manifest(data.train)
+    found = manifest(data.train)
     num_rows = train_info.num_rows
     if data.folds:  # a fold trains on the rows it does not hold out (raymb.core.order)
         from raymb.core.order import held_out_count
@@ -205,7 +205,7 @@ def run_location(config: Config) -> Location:
 
 def tokenizer_spec(config: Config) -> dict | None:
     """The tokenizer of a prepared text folder, to keep with the model (raymb sample)."""
-    found = find_manifest(config.data.train) if config.data.task == "lm" else None
+    found = manifest(config.data.train) if config.data.task == "lm" else None
     if found is None or not found[1].get("tokenizer"):
         return None
     from raymb.data.tokenizer import load_tokenizer

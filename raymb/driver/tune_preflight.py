@@ -9,8 +9,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from raymb.config.tune import Sweep, load_sweep
+from raymb.config.tune import Sweep
 from raymb.errors import ConfigError, DataError
+from raymb.load import load_sweep
 
 
 def tune(sweep: Sweep | str | Path, *, address: str | None = None, verbose: bool = False) -> Any:

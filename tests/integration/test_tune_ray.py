@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from raymb.config import Config, load_config
-from raymb.config.tune import load_sweep
+from raymb.config import Config
 from raymb.driver.local import train_torch
+from raymb.load import load_config, load_sweep
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 

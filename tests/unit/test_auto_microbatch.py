@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from raymb.config import load_config
 from raymb.core.optim import build_optimizer
 from raymb.core.shape import InputShape
 from raymb.core.step import train_step
 from raymb.core.sync import GradSync
 from raymb.driver.sizing import build_plan
+from raymb.load import load_config
 from raymb.models import build_model
 
 FLAT4 = InputShape(task="regress", shape=(4,))

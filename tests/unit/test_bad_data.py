@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raymb.config import load_config
+from raymb.load import load_config
 from raymb.rundir.checkpoint import claim_run
 
 ROOT = Path(__file__).resolve().parents[2]

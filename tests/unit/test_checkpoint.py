@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from raymb.config import load_config
 from raymb.errors import CheckpointError
+from raymb.load import load_config
 from raymb.rundir import checkpoint as ckpt
 from raymb.rundir.checkpoint import atomic_save, check_compatible, claim_run, load_model, read
 

@@ -13,8 +13,8 @@ import pytest
 
 from raymb import Config, ConfigError, load_config
 from raymb.cli import main
-from raymb.config import with_manifest
 from raymb.data.manifest import write_manifest
+from raymb.load import with_manifest
 
 
 @pytest.fixture

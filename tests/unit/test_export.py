@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from raymb.cli import main
-from raymb.config import load_config
 from raymb.core.shape import InputShape
+from raymb.load import load_config
 from raymb.models import build_model
 from raymb.rundir.checkpoint import MODEL_FILE, atomic_save, model_payload
 from raymb.tools.export import CHECK_ROWS, export, rebuild

@@ -16,7 +16,8 @@ import pytest
 from conftest import assert_refused
 
 from raymb import ConfigError
-from raymb.config.tune import MAX_TRIALS, load_sweep, repeat_seeds
+from raymb.config.tune import MAX_TRIALS, repeat_seeds
+from raymb.load import load_sweep
 from raymb.rundir import sweep as out
 
 BASE = """

@@ -15,8 +15,9 @@ from conftest import assert_refused
 
 from raymb import ConfigError
 from raymb.config import Config
-from raymb.config.tune import load_sweep, repeat_seeds
+from raymb.config.tune import repeat_seeds
 from raymb.core.order import fold_rows, fold_seed
+from raymb.load import load_sweep
 
 BASE = """
 [run]
