@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -19,9 +20,10 @@ import ray
 from raymb.config import Config
 from raymb.data.checks import DatasetInfo, read_blocks
 from raymb.data.columns import column_names
-from raymb.driver import watchdog
+from raymb.driver import ray_compat, watchdog
 from raymb.driver.logs import RayLog, divert
 from raymb.driver.signals import StopSignals, in_thread
+from raymb.errors import DataError
 from raymb.rundir.storage import Location
 from raymb.worker.spec import DataSpec
 
@@ -36,6 +38,36 @@ def __getattr__(name: str):
 
         return ray.train.TrainingFailedError
     raise AttributeError(name)
+
+
+def worker_failures(error: BaseException) -> list[BaseException]:
+    """What each failed worker raised, by rank (Ray Train's public WorkerGroupError carries
+    them as raised, the worker's own class); none for another failure."""
+    import ray.train
+
+    if not isinstance(error, ray.train.WorkerGroupError):
+        return []
+    return [error.worker_failures[rank] for rank in sorted(error.worker_failures)]
+
+
+def data_error(error: BaseException) -> str | None:
+    """The message of a DataError a worker raised (the last rank's), if one did."""
+    found = [str(e).strip() for e in worker_failures(error) if isinstance(e, DataError)]
+    return found[-1] if found else None
+
+
+def failure_line(error: BaseException) -> str:
+    """One line for a failed fit: what the training code of the last failed rank raised, as
+    its traceback's last line reads; Ray's own words for an error of Ray's (a worker that
+    died, the controller)."""
+    failures = worker_failures(error)
+    last = failures[-1] if failures else error
+    if failures and not type(last).__module__.startswith("ray."):
+        text = "".join(traceback.format_exception_only(last))
+    else:
+        text = str(last)
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(last).__name__
 
 
 def import_trainer_modules() -> threading.Thread:
@@ -61,29 +93,40 @@ that polls for spot-node notices) and its Prometheus metrics (no dashboard reads
 
 
 def started_here() -> bool:
-    """The Ray cluster this process is connected to is one it started itself (its head node
-    runs in this process's session: `ray.init()` with no address, as connect() and a test's
-    session do), not one it joined. Such a cluster ends with the process, so make_trainer
-    leaves out what it has no use for. A Ray worker (a Tune trial's driver) is never one."""
-    import ray._private.worker as core
-
-    node = core._global_node
-    return ray.is_initialized() and node is not None and bool(node.head)
+    """The Ray cluster this process is connected to is one it started itself (`ray.init()`
+    with no address, as connect() and a test's session do), not one it joined. Such a cluster
+    ends with the process, so make_trainer leaves out what it has no use for. A Ray worker (a
+    Tune trial's driver) is never one."""
+    return ray_compat.local_head()
 
 
 @contextlib.contextmanager
-def _local_defaults() -> Iterator[None]:
-    """LOCAL_OFF turned off in this process's environment while the block runs, unless the
-    user set them (their setting wins), and the environment as it was afterwards. Ray Train
-    reads them as fit() starts; the processes of a cluster started in the block inherit them
-    (a sweep's trials)."""
-    added = [name for name in LOCAL_OFF if name not in os.environ]
-    os.environ.update(dict.fromkeys(added, "0"))
+def _env_defaults(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in this process's environment while the block runs, each unless the user
+    set it (their setting wins), and the environment as it was afterwards. Ray Train reads
+    them as fit() starts; the processes of a cluster started in the block inherit them (a
+    sweep's trials)."""
+    added = {name: value for name, value in values.items() if name not in os.environ}
+    os.environ.update(added)
     try:
         yield
     finally:
         for name in added:
             os.environ.pop(name, None)
+
+
+def _ray_env(*, local: bool, fit: bool = False) -> dict[str, str]:
+    """What raymb sets for Ray while it starts a cluster or fits: LOCAL_OFF off on a local
+    cluster, Ray Train's print patch off in quiet mode (PRINT_PATCH_ENV), and with `fit` the
+    controller's poll (POLL_ENV)."""
+    env = dict.fromkeys(LOCAL_OFF, "0") if local else {}
+    if RayLog.current is not None:
+        env[PRINT_PATCH_ENV] = "0"
+    if fit:
+        from raymb.worker.worker import POLL_ENV, POLL_S
+
+        env[POLL_ENV] = str(POLL_S)  # Ray passes it on to the controller that fit() starts
+    return env
 
 
 CACHE_SHARE = 0.25
@@ -109,7 +152,7 @@ def connect(config: Config, address: str | None, *, ray_log: RayLog | None = Non
     import_trainer_modules()  # make_trainer's imports wait for them
     if not ray.is_initialized():
         if address is None:
-            with _local_defaults():
+            with _env_defaults(_ray_env(local=True)):
                 context = ray.init(
                     address="local",
                     num_cpus=max(os.cpu_count() or 1, W + 1),
@@ -127,12 +170,7 @@ def connect(config: Config, address: str | None, *, ray_log: RayLog | None = Non
     return min(1.0, max(total - 1, total / 2) / W) if total else 1.0
 
 
-def session_dir() -> str:
-    """The Ray session's directory on this node (its logs: bench/startup.py reads them)."""
-    import ray._private.worker as core
-
-    return core._global_node.get_session_dir_path()
-
+session_dir = ray_compat.session_dir
 
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 """Ray Train turns a worker's print into a log record on stderr; off, the user's print stays
@@ -142,54 +180,24 @@ on stdout, where raymb tells it from Ray's lines. Ray Train passes it on to the 
 def quiet() -> None:
     """Send Ray's lines to RayLog.current from now on: what Ray forwards from its processes (the
     controller, the workers, Ray Data's tasks), the errors it publishes to the driver, and
-    the console output of the driver's `ray` loggers.
-
-    Ray has no public hook for the lines it forwards: its printer
-    (ray._private.worker.print_to_stdstream) is replaced by one that hands them to the
-    RayLog in use and, when none is, to Ray's own.
-    """
-    import ray._private.worker as core
+    the console output of the driver's `ray` loggers; and Ray Train's print patch off while
+    Ray starts and fits (PRINT_PATCH_ENV)."""
     import ray.data
 
-    if not isinstance(core.print_to_stdstream, _Forward):
-        core.print_to_stdstream = _Forward(core.print_to_stdstream)  # ray.init binds this
-    # A session started earlier (log_to_driver=True) has bound Ray's printer already.
-    dispatcher = core.global_worker_stdstream_dispatcher
-    for name, handler in list(dispatcher.handlers):
-        if name == "ray_print_logs" and not isinstance(getattr(handler, "func", None), _Forward):
-            dispatcher.remove_handler(name)
-            keywords = getattr(handler, "keywords", {})
-            dispatcher.add_handler(name, functools.partial(core.print_to_stdstream, **keywords))
-    _divert_ray_loggers()
-    os.environ.setdefault(PRINT_PATCH_ENV, "0")
+    ray_compat.forward_lines(_to_ray_log)
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (name == "ray" or name.startswith("ray.")) and isinstance(logger, logging.Logger):
+            divert(logger)
     if sys.stdout.isatty():  # Ray Data would draw its own bars; elsewhere it logs them
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-class _Forward:
-    """Ray's printer of forwarded lines, sending them to the RayLog in use instead."""
-
-    def __init__(self, ray_print) -> None:
-        self.ray_print = ray_print
-
-    def __call__(self, data: dict, ignore_prefix: bool = False) -> None:
-        sink = RayLog.current
-        if sink is None:
-            self.ray_print(data, ignore_prefix)
-            return
-        if data.get("pid") == "autoscaler":  # its whole log comes: Ray shows only its events
-            import ray._private.worker as core
-
-            data = {**data, "lines": list(core.filter_autoscaler_events(data.get("lines", [])))}
+def _to_ray_log(data: dict) -> bool:
+    """A batch of Ray's forwarded lines to the RayLog in use; False when none is."""
+    sink = RayLog.current
+    if sink is not None:
         sink.forwarded(data)
-
-
-def _divert_ray_loggers() -> None:
-    """Ray's loggers on the driver ("ray", "ray.data", ...): their console output to the
-    RayLog in use."""
-    for name, logger in list(logging.root.manager.loggerDict.items()):
-        if (name == "ray" or name.startswith("ray.")) and isinstance(logger, logging.Logger):
-            divert(logger)
+    return sink is not None
 
 
 def use_cache(config: Config, infos: list[DatasetInfo | None]) -> bool:
@@ -256,14 +264,8 @@ def make_trainer(
     writes its checkpoint files straight to run_dir's filesystem (Ray Train's upload).
     `callbacks`: Ray Train callbacks of the run (a sweep's trial reports to Ray Tune)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from raymb.worker.worker import POLL_ENV, POLL_S
-
-    # Ray passes the setting on to the controller that fit() starts.
-    os.environ.setdefault(POLL_ENV, str(POLL_S))
-    trainer = _LocalTorchTrainer() if started_here() else TorchTrainer
-    return trainer(
+    return _trainer(started_here())(
         loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -291,28 +293,17 @@ def make_trainer(
 
 
 @functools.cache
-def _LocalTorchTrainer():  # noqa: N802 - a class, built once Ray Train is imported
-    """TorchTrainer for a cluster that ends with this process: without LOCAL_OFF while it
-    fits, and without Ray Train's placement-group cleaner. The cleaner is an actor process
-    that asks the dashboard's State API whether the controller lives, and a local cluster
-    has no dashboard (every poll fails), while its placement groups end with it. ~2.5 s of
-    CPU at start-up on 2 cores (bench/startup.py). `_create_default_callbacks` is Ray
-    Train's internal list: on a Ray upgrade, check it first."""
+def _trainer(local: bool) -> type:
+    """TorchTrainer with _ray_env set while it fits; for a cluster that ends with this process
+    (`local`) also without Ray Train's placement-group cleaner (ray_compat.without_cleaner)."""
     from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.placement_group_callback import (
-        PlacementGroupCleanerCallback,
-    )
 
-    class LocalTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
-
+    class Trainer(ray_compat.without_cleaner(TorchTrainer) if local else TorchTrainer):
         def fit(self):
-            with _local_defaults():
+            with _env_defaults(_ray_env(local=local, fit=True)):
                 return super().fit()
 
-    return LocalTorchTrainer
+    return Trainer
 
 
 def ask_stop(stop_file: Location, stops: str, say: Callable[[str], None] | None = None) -> None:

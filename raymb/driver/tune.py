@@ -14,9 +14,9 @@ others resume from their latest checkpoint, and a trial whose run already traine
 The first Ctrl-C or SIGTERM ends the sweep as Tune's own SIGINT does (the experiment state
 saved, the running trials ended at their last checkpoint): trials.csv and tune.json say
 "interrupted", and no best.toml is written. A new sweep that fails before any trial started
-leaves no folder. The only module besides raymb.driver.cluster that imports Ray on the
-driver: the Ray-specific part of a sweep is here, the rest in raymb.config.tune and
-raymb.rundir.sweep.
+leaves no folder. Besides raymb.driver.cluster and raymb.driver.ray_compat the only driver
+module that imports Ray: the Ray-specific part of a sweep is here, the rest in
+raymb.config.tune and raymb.rundir.sweep.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from raymb.config import Config
 from raymb.config.tune import Sweep
+from raymb.driver import ray_compat
 from raymb.driver.cluster import connect
 from raymb.driver.logs import RayLog, close_log
 from raymb.driver.signals import StopSignals
@@ -102,9 +102,7 @@ def _run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: b
         with _Interruptible() as stop:
             grid = tuner.fit()
         shown.close()
-        cleanup = _Cleanup(sweep_dir / out.TRIALS_DIR)  # what the last trials left
-        cleanup.ended = {_name_of(r): time.monotonic() for r in grid}
-        cleanup._sweep(wait_s=10.0)
+        _Cleanup(sweep_dir / out.TRIALS_DIR).remove_left([_name_of(r) for r in grid], wait_s=10.0)
         live = shown.live if stop.asked else set()
         rows = [_row(sweep, r, sweep_dir, interrupted=_name_of(r) in live) for r in grid]
     finally:
@@ -178,7 +176,7 @@ def _trial(values: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpus: float
         if done is not None:  # trained before the sweep was stopped: its files stay as they are
             tune.report(_final_metrics(done, config))
             return
-        groups = _NotePlacementGroup(_groups_file(trials_dir, name))
+        groups = ray_compat.placement_group_recorder(_groups_file(trials_dir, name))
         train(
             _with_cpus(config, cpus),
             verbose=True,
@@ -192,7 +190,7 @@ def _trial(values: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpus: float
         run_dir = Path(fold.run.storage_path) / fold.run.name
         summary = _finished_summary(run_dir)
         if summary is None:
-            groups = _NotePlacementGroup(_groups_file(trials_dir, name))
+            groups = ray_compat.placement_group_recorder(_groups_file(trials_dir, name))
             summary = train(
                 _with_cpus(fold, cpus), verbose=True, callbacks=[groups], stream=quiet
             ).summary
@@ -205,31 +203,19 @@ def _trial(values: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpus: float
 
 
 def _groups_file(trials_dir: str, name: str) -> Path:
-    """Beside the trial's run directory: the placement groups of its Train runs."""
+    """Beside the trial's run directory: the placement groups of its Train runs
+    (ray_compat.placement_group_recorder writes them down)."""
     return Path(trials_dir) / f".{name}.placement_groups"
-
-
-class _NotePlacementGroup(WorkerGroupCallback):
-    """Writes down the placement group of each worker group the trial's Train run starts.
-
-    When the scheduler stops a trial, Tune ends its actor and Ray Train's controller with it;
-    Train's own PlacementGroupCleaner asks the dashboard's State API whether the controller
-    lives, which a cluster without a dashboard (raymb's local one) does not have, so the
-    workers' CPUs would stay held and the next trials wait forever. The sweep's driver
-    removes what a stopped trial left (_Cleanup)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def after_worker_group_start(self, worker_group) -> None:
-        handle = worker_group.get_worker_group_state().placement_group_handle
-        with open(self.path, "a") as f:
-            f.write(handle.placement_group.id.hex() + "\n")
 
 
 class _Cleanup(tune.Callback):
     """Removes the placement groups that a trial's Train runs left once the trial has ended
-    (each checked for a while after: a dying controller may still be starting one)."""
+    (each checked for a while after: a dying controller may still be starting one).
+
+    When the scheduler stops a trial, Tune ends its actor and Ray Train's controller with it;
+    Train's own PlacementGroupCleaner asks the dashboard's State API whether the controller
+    lives, which a cluster without a dashboard (raymb's local one) does not have, so the
+    workers' CPUs would stay held and the next trials wait forever."""
 
     WATCH_S = 60.0
 
@@ -238,18 +224,18 @@ class _Cleanup(tune.Callback):
         self.ended: dict[str, float] = {}
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self.ended[_trial_name(trial)] = time.monotonic()
-        self._sweep()
+        self.remove_left([_trial_name(trial)])
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self.on_trial_complete(iteration, trials, trial)
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         if self.ended:
-            self._sweep()
+            self.remove_left()
 
-    def _sweep(self, wait_s: float = 0.0) -> None:
-        from ray._raylet import PlacementGroupID
+    def remove_left(self, ended: list[str] = (), wait_s: float = 0.0) -> None:
+        """Note the trials `ended` now; remove what the ended trials left (waiting up to
+        `wait_s` for Ray Train's orphaned cleaners to end: ray_compat.end_orphaned_cleaners)."""
         from ray.util.placement_group import (
             PlacementGroup,
             placement_group_table,
@@ -257,50 +243,19 @@ class _Cleanup(tune.Callback):
         )
 
         now = time.monotonic()
-        for name, ended in list(self.ended.items()):
+        self.ended.update(dict.fromkeys(ended, now))
+        for name, ended_at in list(self.ended.items()):
             try:
                 ids = _groups_file(str(self.trials_dir), name).read_text().split()
             except OSError:
                 ids = []
             for hex_id in ids:
-                group = PlacementGroup(PlacementGroupID(bytes.fromhex(hex_id)))
+                group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(hex_id)))
                 if placement_group_table(group).get("state") not in (None, "REMOVED"):
                     remove_placement_group(group)
-            if now - ended > self.WATCH_S:
+            if now - ended_at > self.WATCH_S:
                 del self.ended[name]
-        _end_orphaned_cleaners(wait_s)
-
-
-def _end_orphaned_cleaners(wait_s: float = 0.0) -> None:
-    """End the PlacementGroupCleaner actors of dead Train controllers: detached, they would
-    poll the missing State API for as long as the cluster lives, a process each. A controller
-    starts its cleaner after itself, so a cleaner older than every controller not yet dead
-    is an orphan (read from the GCS's actor table; a living controller's cleaner is only a
-    safety net, which _Cleanup provides in a sweep). Internal APIs: on any error, nothing."""
-    try:
-        from ray._private import state
-        from ray._private.worker import global_worker
-
-        actors = list(state.actors().values())
-        living = [
-            a["StartTime"]
-            for a in actors
-            # One not started yet (StartTime 0) has no cleaner yet, and may never start.
-            if a["ActorClassName"] == "TrainController" and a["State"] != "DEAD" and a["StartTime"]
-        ]
-        oldest = min(living, default=math.inf)
-        ended = []
-        for a in actors:
-            cleaner = a["ActorClassName"] == "PlacementGroupCleaner" and a["State"] == "ALIVE"
-            if cleaner and a["StartTime"] < oldest:
-                global_worker.core_worker.kill_actor(ray.ActorID.from_hex(a["ActorID"]), True)
-                ended.append(a["ActorID"])
-        deadline = time.monotonic() + wait_s  # a kill is asynchronous
-        while ended and time.monotonic() < deadline:
-            time.sleep(0.2)
-            ended = [i for i in ended if state.actors(actor_id=i).get("State") != "DEAD"]
-    except Exception:  # noqa: BLE001 - a cleanup of Ray's internals: never the sweep's failure
-        pass
+        ray_compat.end_orphaned_cleaners(wait_s)
 
 
 def _finished_summary(run_dir: Path) -> dict[str, Any] | None:

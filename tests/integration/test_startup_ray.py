@@ -36,10 +36,12 @@ def test_a_local_run_starts_ray_without_a_dashboard(linear_data, tmp_path) -> No
     import ray._private.worker as core
 
     import raymb
-    from raymb.driver.cluster import LOCAL_OFF, started_here
+    from raymb.driver.cluster import LOCAL_OFF, PRINT_PATCH_ENV, started_here
+    from raymb.worker.worker import POLL_ENV
 
     assert not ray.is_initialized()
-    environ = {name: os.environ.get(name) for name in LOCAL_OFF}
+    set_for_ray = (*LOCAL_OFF, PRINT_PATCH_ENV, POLL_ENV)
+    environ = {name: os.environ.get(name) for name in set_for_ray}
     config = load_config(
         None,
         [
@@ -68,8 +70,8 @@ def test_a_local_run_starts_ray_without_a_dashboard(linear_data, tmp_path) -> No
         assert "TrainController" in started and "PreemptionWatcher" not in started, started
         assert started_here()
         # ...which leaves the caller's environment as it was (a later joined cluster's runs
-        # keep Ray Train's defaults).
-        assert {name: os.environ.get(name) for name in LOCAL_OFF} == environ
+        # keep Ray Train's defaults, a later --verbose run Ray Train's print patch).
+        assert {name: os.environ.get(name) for name in set_for_ray} == environ
         # Ray keeps a head process for its usage statistics; none serves the dashboard.
         for command in commands:
             if "dashboard/dashboard.py" in command:
