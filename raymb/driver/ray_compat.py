@@ -1,6 +1,6 @@
 """Every private Ray name raymb uses, each with why Ray's public API does not do, and what to
 check on a Ray upgrade. Everything else in raymb calls the small functions here
-(tests/unit/test_ray_compat.py keeps the private names in this file).
+(tests/unit/driver/test_ray_compat.py keeps the private names in this file).
 
 raymb is checked against one Ray release, PINNED (pyproject.toml's pin); imported with another
 one installed, this module says in one line which of WORKAROUNDS may no longer fit.

@@ -1,7 +1,7 @@
 """Experiment tracking (raymb.rundir.tracking) to MLflow: a real `mlflow server` on 127.0.0.1
 (one for the module, sqlite and its own artifact store), read back through MlflowClient. Every
 expected value is taken from the rows fed in, never from the tracker. The rest of tracking,
-without a server: tests/unit/test_tracking.py.
+without a server: tests/unit/driver/test_tracking.py.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_mlflow_resume_continues_the_run(mlflow_server, tmp_path):
     run_id = saved_run_id(tmp_path)
 
     # Started again, through MLFLOW_TRACKING_URI this time: steps repeated as in the
-    # TensorBoard resume test of tests/unit/test_tracking.py (the checkpoint at step 4) are
+    # TensorBoard resume test of tests/unit/driver/test_tracking.py (the checkpoint at step 4) are
     # logged once.
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
     second = start(run_dir, resumed=True)

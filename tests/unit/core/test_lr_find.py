@@ -3,7 +3,8 @@ processes (raymb.driver.lr_find.lr_find with backend="gloo", no Ray): on a quadr
 constant rate is known in closed form, the suggestion lies within a factor of 3 of it; W = 2
 draws W = 1's curve at the same G (the second test clearing the first's folder); the run's own
 directory is untouched; a rate that diverges at once stops with a clear error. Bad
---min/--max/--steps are refused in one line (tests/unit/test_trust_lr_find.py has the rest)."""
+--min/--max/--steps are refused in one line (tests/unit/driver/test_lr_find_refusals.py has
+the rest)."""
 
 from __future__ import annotations
 

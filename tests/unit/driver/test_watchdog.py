@@ -61,7 +61,7 @@ def test_a_killed_drivers_session_processes_end_and_nothing_else(tmp_path):
     session = tmp_path / "session_2026-12-01_00-00-00_000000_1"
     (session / "logs").mkdir(parents=True)
     (session / "sockets").mkdir()
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     env = {**os.environ, "PYTHONPATH": str(root)}
     driver = subprocess.Popen(
         [sys.executable, "-c", DRIVER, str(session), SLEEP],
@@ -100,7 +100,7 @@ def test_a_killed_drivers_session_processes_end_and_nothing_else(tmp_path):
 def test_the_watchdog_stays_while_its_driver_lives_and_ends_after_it(tmp_path):
     session = tmp_path / "session_x"
     (session / "logs").mkdir(parents=True)
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     env = {**os.environ, "PYTHONPATH": str(root)}
     script = (
         "import sys, time; from raymb.driver import watchdog; "

@@ -25,7 +25,7 @@ import pytest
 from raymb.load import load_config
 from raymb.rundir.checkpoint import claim_run
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 ROWS = 8  # rows of every generated dataset: 4 per worker with the default 2 workers
 NAN, INF = float("nan"), float("inf")
 

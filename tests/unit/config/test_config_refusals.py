@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pyproject.toml installs tomli there
     import tomli as tomllib
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:

@@ -36,7 +36,7 @@ from raymb.cli import main
 from raymb.errors import RaymbError
 from raymb.rundir.checkpoint import MODEL_FILE, STATE_FILE, atomic_save, model_payload
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 METRICS = "step,train_loss,val_loss,samples_per_s\n1,1.0,,10\n2,0.5,0.6,10\n"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from raymb.config import Config, markdown
 from raymb.config.model import FAMILIES
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DOC = REPO / "docs" / "config.md"
 
 

@@ -21,7 +21,7 @@ import pytest
 from raymb import load_config
 from raymb.driver.signals import REPEAT_S, StopSignals, in_thread
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 class Fit:

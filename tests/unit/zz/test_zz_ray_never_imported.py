@@ -1,6 +1,6 @@
 """The unit tier runs without Ray: after the tier's last test, `ray` is not even imported.
 
-Its name sorts last in tests/unit, so pytest imports this module after every other unit
+Its folder (zz/) sorts last in tests/unit, so pytest imports this module after every other unit
 module and runs its test after theirs. Imported before any other tier's module (testpaths
 lists the tiers in order), it notes what the unit modules' own imports pulled in; its test
 then checks what the unit tests imported as they ran. That second check needs the unit tier
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-UNIT = Path(__file__).resolve().parent
+UNIT = Path(__file__).resolve().parents[1]
 
 
 def _in_unit(path: str | Path | None) -> bool:

@@ -22,7 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pyproject.toml installs tomli there
     import tomli as tomllib
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 JOB_CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.toml"))
 SCHEMA = json_schema()
 VALIDATOR = jsonschema.validators.validator_for(SCHEMA)(SCHEMA)

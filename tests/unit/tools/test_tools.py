@@ -185,7 +185,7 @@ def test_plain_lines_at_most_every_interval_and_a_final_line(tmp_path) -> None:
     assert "val_acc 0.5200" in final
     assert "1,040 samples/s" in final
     # The rows there at the start and one read of new ones time no rate yet: no ETA (the ETA
-    # on a fake clock: tests/unit/test_progress.py).
+    # on a fake clock: tests/unit/driver/test_progress.py).
     assert "ETA" not in final
 
 

@@ -199,7 +199,7 @@ def test_a_refusal_imports_no_torch(work):
     # Importing torch takes a second or more: the checks before a model is built run first.
     write_data(work / "data.parquet")
     args = _commands(work)["eval"]
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     code = (
         "import sys; from raymb.cli import main; print(main(sys.argv[1:]), 'torch' in sys.modules)"
     )

@@ -33,7 +33,7 @@ from raymb.driver.lr_find import MARKER_FILE, lr_find
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 HEADER = ",".join(CSV_COLUMNS) + "\n1,1e-07,0.5,0.5\n"
 
 
