@@ -14,6 +14,35 @@ from dataclasses import dataclass
 import pytest
 
 
+SPAWNS = (
+    "assert_refused(",
+    "run_raymb(",
+    "spawn_gloo(",
+    "run_torch(",
+    "train_torch(",
+    "lr_find_torch(",
+    "subprocess.",
+    "mp.spawn(",
+)
+"""What, in a unit module's text, starts another process: a CLI run, a gloo group, a script."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark `procs` the unit tests of modules that start processes (CLI subprocesses, gloo
+    groups): `-m "not procs"` runs the in-process ones alone, in seconds. The other tiers all
+    start processes, and are marked by their folder."""
+    text: dict[str, bool] = {}
+    for item in items:
+        path = str(item.path)
+        if f"{os.sep}tests{os.sep}unit{os.sep}" not in path:
+            continue
+        if path not in text:
+            source = item.path.read_text()
+            text[path] = any(s in source for s in SPAWNS)
+        if text[path]:
+            item.add_marker(pytest.mark.procs)
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     """One local Ray session for a module that asks for it (4 logical CPUs: two workers and
