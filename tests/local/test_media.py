@@ -1,6 +1,7 @@
-"""Images and text on real Ray: `raymb prepare`, the cnn and the gpt, sampling.
+"""Images and text on the torch session: `raymb prepare`, the cnn and the gpt, sampling.
 
-One local Ray session for the module. The references are independent of raymb's loop: the
+The runs are raymb's epoch loop on a gloo group of local processes (`train_local`,
+raymb.driver.local.train_torch; no Ray). The references are independent of raymb's loop: the
 gpt's parameters on one worker against two (the equivalence contract), the digits' labels
 for the cnn's accuracy, and a plain single-process torch loop for the gpt's validation loss.
 """
@@ -17,12 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from local_run import train_local
 
 from raymb import load_config
 from raymb.cli import main as cli
 from raymb.rundir.checkpoint import load_model
-
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +30,13 @@ def runs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-def _train(runs: Path, *sets: str):
-    import raymb
+@pytest.fixture
+def train(runs):
+    """`train(*sets)`: a run on the torch session under `runs`."""
+    return lambda *sets: train_local(load_config(None, [f"run.storage_path={runs}", *sets]))
 
-    return raymb.train(load_config(None, [f"run.storage_path={runs}", *sets]))
 
-
-def test_gpt_on_two_workers_equals_one(ray_session, runs, tmp_path):
+def test_gpt_on_two_workers_equals_one(train, tmp_path):
     """W=2 x k=2 microbatches of 8 blocks and W=1 x k=2 of 16 take the same steps."""
     g = np.random.default_rng(0)
     blocks = g.integers(0, 32, size=(256, 17), dtype=np.int32)  # T = 16 tokens of input
@@ -62,8 +62,8 @@ def test_gpt_on_two_workers_equals_one(ray_session, runs, tmp_path):
         "train.epochs=1",
         "checkpoint.metric=train_loss",
     )
-    two = _train(runs, *common, "run.name=gpt-w2", "scale.workers=2", "train.microbatch_size=8")
-    one = _train(runs, *common, "run.name=gpt-w1", "scale.workers=1", "train.microbatch_size=16")
+    two = train(*common, "run.name=gpt-w2", "scale.workers=2", "train.microbatch_size=8")
+    one = train(*common, "run.name=gpt-w1", "scale.workers=1", "train.microbatch_size=16")
     assert two.summary["steps"] == one.summary["steps"] == 8
     a, b = load_model(two.checkpoint)[0], load_model(one.checkpoint)[0]
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
@@ -91,7 +91,7 @@ def _digit_folders(root: Path) -> np.ndarray:
     return digits.target
 
 
-def test_digits_cnn_on_two_workers(ray_session, runs, tmp_path):
+def test_digits_cnn_on_two_workers(train, tmp_path):
     labels = _digit_folders(tmp_path / "digits")
     out = tmp_path / "prepared"
     assert cli(["prepare", "images", str(tmp_path / "digits"), "--out", str(out)]) == 0
@@ -99,8 +99,7 @@ def test_digits_cnn_on_two_workers(ray_session, runs, tmp_path):
     assert classes == [str(c) for c in range(10)]
     val_rows = pq.read_table(out / "val").num_rows
     assert pq.read_table(out / "train").num_rows + val_rows == len(labels)
-    result = _train(
-        runs,
+    result = train(
         "run.name=digits",
         f"data.train={out / 'train'}",
         f"data.val={out / 'val'}",
@@ -168,7 +167,7 @@ def _plain_gpt_loss(config, train: np.ndarray, val: np.ndarray, steps: int, batc
         ).item()
 
 
-def test_text_gpt_learns_like_a_plain_loop_and_samples(ray_session, runs, tmp_path, capsys):
+def test_text_gpt_learns_like_a_plain_loop_and_samples(train, tmp_path, capsys):
     out = tmp_path / "text"
     argv = [
         "prepare",
@@ -198,7 +197,7 @@ def test_text_gpt_learns_like_a_plain_loop_and_samples(ray_session, runs, tmp_pa
         f"train.max_steps={steps}",
         "scale.workers=2",
     )
-    result = _train(runs, *sets)
+    result = train(*sets)
     summary = result.summary
     config = load_config(None, list(sets))
     blocks = np.stack(pq.read_table(out / "train")["tokens"].to_numpy(zero_copy_only=False))
