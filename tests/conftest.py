@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import pytest
 
-
 SPAWNS = (
     "assert_refused(",
     "run_raymb(",

@@ -1,21 +1,21 @@
 """The per-worker training loop: what each worker runs, top to bottom.
 
 next step's rows (raymb.worker.feed) -> the collate (data.augment) -> train_step, under the
-rows' keys (raymb.core.rng: what dropout and augmentation draw from) -> a metrics entry; when a
-checkpoint is due (checkpoint.every_steps, an epoch's end at least checkpoint.min_interval_s
-after the last, the end): validate, then report with the checkpoint. Every rank checkpoints
-and gathers metrics at the same steps: the session's report and the gathers are collectives.
-When the driver asks to stop (Ctrl-C, SIGTERM: <run dir>/STOP), the workers learn it at a
-gather and make the next step a checkpoint, then return.
+rows' keys (raymb.core.rng: what dropout and augmentation draw from) -> ask the checkpointer
+whether a checkpoint is due (checkpoint.every_steps, an epoch's end at least
+checkpoint.min_interval_s after the last, the end, a stop: raymb.worker.checkpointer) -> if
+so, validate -> a metrics entry -> if so, report with the checkpoint (early stopping counts
+it), else gather the metrics when due. Every rank checkpoints and gathers metrics at the same
+steps: the session's report and the gathers are collectives. When the driver asks to stop
+(Ctrl-C, SIGTERM: <run dir>/STOP), the workers learn it at a gather (raymb.worker.stopping)
+and make the next step a checkpoint, then return. fault.* drills (raymb.worker.drills) wrap
+the step batches, not the loop.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -25,12 +25,14 @@ from raymb.core.plan import Plan
 from raymb.core.rng import RowKeys, row_keys
 from raymb.data.augment import Augment
 from raymb.data.columns import Inputs
-from raymb.rundir.storage import Location
 from raymb.rundir.timeline import process_started, stamp
+from raymb.worker.checkpointer import Progress
+from raymb.worker.drills import with_drills
 from raymb.worker.feed import train_source, val_batches
 from raymb.worker.session import RaySession, Session
 from raymb.worker.spec import EpochsSpec, Shape
-from raymb.worker.worker import STOP_FILE, Progress, Worker, fault_wait_s
+from raymb.worker.stopping import STOP_FILE, EarlyStopper
+from raymb.worker.worker import Worker
 
 
 def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -> None:
@@ -39,7 +41,6 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
     spec = payload["spec"]
     session = session or RaySession()
     config, run_dir = spec.config, spec.run_dir
-    faults = Faults(config, run_dir)
     rank, world = session.rank, session.world
     stamp("worker process", rank, t=process_started())
     stamp("loop", rank)  # Ray Train has set up the process group
@@ -59,17 +60,19 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
         session=session,
         val=val,
         epoch_steps=plan.steps_per_epoch,
+        stop_file=run_dir / STOP_FILE,
     ) as worker:  # its local files go when the loop ends (Worker.close)
-        worker.stop_file = run_dir / STOP_FILE
         stamp("model", rank)  # and data.val, and the checkpoint a resumed run starts from
         progress, device = worker.progress, worker.device
+        checkpointer, stop, early = worker.checkpointer, worker.stop, EarlyStopper.of(config)
         if worker.resumed and rank == 0:
             print(f"raymb: resumed from step {progress.step} (epoch {progress.epoch})", flush=True)
         if _finished(progress, plan):  # a finished run started again: report where it ended
-            worker.report(with_checkpoint=False)
+            checkpointer.report(worker.report_metrics(), None)
             return
         source = train_source(spec.train, fetch, features, label, plan, rank, world)
         batches = StepBatches.of(config, plan, rank, device)
+        batches = with_drills(batches, config.fault, run_dir, rank, progress)  # fault.*, if set
         stamp("data", rank)
         first_step = True
 
@@ -79,7 +82,6 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
                 waited = time.perf_counter()
                 s = progress.step_in_epoch
                 microbatches, keys = batches(next(steps), s, progress.epoch)
-                faults.before_step(progress.step + 1, rank, microbatches)
                 wait_s = time.perf_counter() - waited
                 rows = plan.rows_in_step(s, rank)
                 with row_keys(keys):  # dropout's masks: the step narrows them per microbatch
@@ -93,13 +95,21 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
                 if epoch_end:
                     progress.epoch += 1
                     progress.step_in_epoch = 0
-                every = config.checkpoint.every_steps
-                stopping = worker.stop_requested  # agreed by every worker at the last gather
-                due = _finished(progress, plan) or bool(every and progress.step % every == 0)
-                due = due or stopping
-                if epoch_end and not due:
-                    due = worker.epoch_end_due()
-                worker.record(loss, taken, plan.step_rows(s), step_s=step_s, wait_s=wait_s, due=due)
+                stopping = stop.requested  # agreed by every worker at the last gather
+                end = _finished(progress, plan)
+                due = checkpointer.due(progress.step, end=end, stop=stopping, epoch_end=epoch_end)
+                if due:
+                    worker.consolidate()
+                    worker.validate()
+                worker.record(
+                    loss, taken, plan.step_rows(s), step_s=step_s, wait_s=wait_s, logged=due
+                )
+                if due:
+                    metrics = worker.report_metrics()
+                    early.update(progress, metrics)  # may end the run: _finished
+                    checkpointer.report(metrics, worker)
+                elif worker.ledger.due:
+                    worker.gather()
                 if stopping:
                     return  # the checkpoint just taken holds everything; the driver says so
                 if epoch_end:
@@ -136,42 +146,6 @@ class StepBatches:
         # gradient all-reduce needs every worker's backward.
         m = self.plan.microbatch
         return [(x[i : i + m], y[i : i + m]) for i in range(0, len(y), m)] or [(x, y)], keys
-
-
-class Faults:
-    """fault.* for tests and drills: each fault fires once per run directory (a marker file
-    records it), so the replacement worker trains on. A real kill can also lose the newest
-    checkpoint if Ray Train's controller had not taken its report yet; the run then resumes,
-    just as exactly, from the one before."""
-
-    def __init__(self, config: Config, run_dir: Location) -> None:
-        self.config, self.run_dir = config.fault, run_dir
-
-    def before_step(self, step: int, rank: int, microbatches: list) -> None:
-        if rank != self.config.rank:
-            return
-        if step == self.config.kill_worker_at_step and self._first(f"kill-at-step-{step}"):
-            # A report waits in a queue until Ray Train's controller polls the workers; give
-            # it time to take the latest checkpoint, so the drill resumes from a known step.
-            time.sleep(fault_wait_s())
-            print(f"raymb: fault.kill_worker_at_step={step}: killing rank {rank}", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
-        if step == self.config.nan_at_step and self._first(f"nan-at-step-{step}"):
-            x, y = microbatches[0]
-            microbatches[0] = (x * float("nan"), y)
-
-    def _first(self, name: str) -> bool:
-        marker = self.run_dir / f".fault-{name}"
-        if not marker.local:  # one rank fires a fault: no race to lose
-            if marker.exists():
-                return False
-            marker.write_bytes(b"")
-            return True
-        try:
-            Path(marker).touch(exist_ok=False)
-            return True
-        except FileExistsError:
-            return False
 
 
 def row_ids(plan: Plan, step_in_epoch: int, rank: int, device) -> torch.Tensor:

@@ -24,80 +24,30 @@ The arriving files are small and come one at a time, so each worker reads the fi
 pyarrow (the whole file, then its rows); data.val is read once by Ray Data, as for `raymb
 train`. Rank 0 lists DIR and broadcasts what to do next, so every worker agrees. Nothing
 waits in a collective for long: rank 0 sends a "wait" every half second or so while idle.
-Steps, metrics, validation and checkpoints are raymb.worker.worker's, as for `raymb train`: any
-train.sync (under param/diloco a checkpoint after each file averages the workers; a worker
-with no row in a step steps on zero gradients, which momentum still moves).
+Steps, metrics, validation and checkpoints are raymb.worker.worker's and
+raymb.worker.checkpointer's, as for `raymb train`: any train.sync (under param/diloco a
+checkpoint after each file averages the workers; a worker with no row in a step steps on zero
+gradients, which momentum still moves). Listing DIR and reading its files is
+raymb.data.arrivals's (the driver lists it too, before Ray starts).
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch.distributed as dist
 
 from raymb.config import Config
 from raymb.core.order import rank_rows
-from raymb.data.checks import PARQUET_SUFFIX, DatasetInfo, check_dataset
+from raymb.data.arrivals import check_fits, next_file, open_directory, read_arrival
+from raymb.data.checks import check_dataset
 from raymb.data.columns import column_names, table_to_tensors
-from raymb.errors import DataError, RaymbError, StorageError
-from raymb.rundir import storage
+from raymb.errors import DataError, RaymbError
 from raymb.worker.feed import val_batches
 from raymb.worker.session import RaySession, Session
 from raymb.worker.spec import FollowSpec, Shape
+from raymb.worker.stopping import EarlyStopper
 from raymb.worker.worker import Worker
-
-# Files: plain pyarrow, used by the driver and by rank 0.
-
-
-def open_directory(directory: str | Path) -> tuple[pafs.FileSystem, str]:
-    """DIR as (filesystem, path on it): a local path or any URI raymb.rundir.storage resolves."""
-    text = str(directory)
-    try:
-        location = storage.resolve(text, what="--follow")
-        is_dir = location.is_dir()
-    except StorageError as e:
-        raise DataError(str(e)) from None
-    if not is_dir:
-        raise DataError(f"--follow {text}: not a directory")
-    return location.fs, location.path
-
-
-def next_file(
-    fs: pafs.FileSystem, root: str, consumed: set[str], warned: set[str] | None = None
-) -> tuple[str, int] | None:
-    """(name, rows) of the first complete file in DIR not yet consumed, by name; or None."""
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    names = sorted(
-        i.base_name
-        for i in infos
-        if i.type == pafs.FileType.File
-        and is_data_name(i.base_name)
-        and i.base_name not in consumed
-    )
-    for name in names:
-        try:
-            rows = pq.ParquetFile(f"{root}/{name}", filesystem=fs).metadata.num_rows
-        except Exception:  # half-written or corrupt: its footer does not read (yet)
-            if warned is not None and name not in warned:
-                warned.add(name)
-                print(
-                    f"raymb: skipping {name} for now: its parquet footer does not read "
-                    "(a producer should write a .tmp name and rename it)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            continue
-        return name, rows
-    return None
-
-
-def is_data_name(name: str) -> bool:
-    """Names a producer renames into place; hidden, `_` and `.tmp` names are work in progress."""
-    return name.endswith(PARQUET_SUFFIX) and not name.startswith((".", "_"))
 
 
 def step_sizes(rows: int, global_batch: int | str) -> list[int]:
@@ -131,6 +81,7 @@ def follow_loop(payload: dict[str, FollowSpec], session: Session | None = None) 
         val=val,
     ) as worker:  # its local files go when the loop ends (Worker.close)
         progress, device = worker.progress, worker.device
+        checkpointer, early = worker.checkpointer, EarlyStopper.of(config)
         if worker.resumed and rank == 0:
             print(f"raymb: resumed at step {progress.step}, {len(progress.files)} files in")
         fs, root = open_directory(spec.directory)
@@ -155,9 +106,7 @@ def follow_loop(payload: dict[str, FollowSpec], session: Session | None = None) 
 
             name, rows = decision["name"], decision["rows"]
             waited = time.perf_counter()
-            table = pq.read_table(
-                f"{root}/{name}", filesystem=fs, columns=column_names(features, label)
-            )
+            table = read_arrival(fs, root, name, column_names(features, label))
             x, y = table_to_tensors(table, features, label)
             if len(y) != rows:
                 raise DataError(
@@ -182,7 +131,17 @@ def follow_loop(payload: dict[str, FollowSpec], session: Session | None = None) 
                     progress.files.append([name, rows])
                     progress.epoch = len(progress.files)
                     consumed.add(name)
-                worker.record(loss, taken, n, step_s=step_s, wait_s=wait_s, due=last)
+                due = checkpointer.due(progress.step, end=last)  # after each file only
+                if due:
+                    worker.consolidate()
+                    worker.validate()
+                worker.record(loss, taken, n, step_s=step_s, wait_s=wait_s, logged=due)
+                if due:
+                    metrics = worker.report_metrics()
+                    early.update(progress, metrics)
+                    checkpointer.report(metrics, worker)
+                elif worker.ledger.due:
+                    worker.gather()
                 waited = time.perf_counter()
             idle_since = time.monotonic()
 
@@ -214,21 +173,6 @@ def _check_file(directory: str, name: str, rows: int, shape: Shape, config: Conf
     except RaymbError as e:
         return f"{e} (the run stopped before this file; fix or move it, then start again)"
     return None
-
-
-def check_fits(info: DatasetInfo, shape: Shape, *, what: str) -> None:
-    """A set (a file in DIR, data.val) against the model the first file fixed."""
-    kind = "int" if shape.classify else "float"
-    if (info.num_features, info.label_kind) != (shape.in_features, kind):
-        raise DataError(
-            f"{what} has {info.num_features} features and {info.label_kind} labels; the run "
-            f"has {shape.in_features} and {kind}"
-        )
-    if shape.classify and info.num_classes > shape.out_features:
-        raise DataError(
-            f"{what} has labels up to {info.num_classes - 1}, but model.num_classes="
-            f"{shape.out_features}"
-        )
 
 
 def _broadcast(decision: dict | None, world: int) -> dict:

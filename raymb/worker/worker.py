@@ -1,21 +1,19 @@
-"""What every worker of raymb holds, whichever loop drives it (epochs or --follow).
+"""What every worker of raymb holds, whichever loop drives it (epochs, --follow, lr-find).
 
-`Worker` builds the model, optimizer, scheduler and sync strategy, restores them from the
-run's latest checkpoint, takes steps, keeps their metrics (raymb.worker.metrics) and, when the
-loop says a checkpoint is due, validates and reports one. The loops (raymb.worker.epochs for epochs,
-raymb.worker.follow for arriving files) decide only which rows each step trains on and when.
-What it needs of the runtime (rank, device, the latest checkpoint, reports) it asks of its
-session (raymb.worker.session): Ray Train, or a plain torch.distributed group.
+`Worker` builds the model, optimizer, scheduler and sync strategy, resumes them from the run's
+latest checkpoint, takes steps, keeps their metrics (raymb.worker.metrics), validates, and
+puts together a report's metrics. The loops (raymb.worker.epochs for epochs,
+raymb.worker.follow for arriving files) decide which rows each step trains on, and ask the
+checkpointer (raymb.worker.checkpointer) when to validate and checkpoint and the stop objects
+(raymb.worker.stopping) when to stop. What it needs of the runtime (rank, device, the latest
+checkpoint, reports) it asks of its session (raymb.worker.session): Ray Train, or a plain
+torch.distributed group.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,56 +25,25 @@ from raymb.core.noise import NoiseScale
 from raymb.core.optim import build_optimizer, build_scheduler
 from raymb.core.step import train_step
 from raymb.core.sync import build_sync
-from raymb.errors import CheckpointError
 from raymb.models import build_model
-from raymb.rundir import checkpoint as ckpt
 from raymb.rundir.storage import Location
+from raymb.worker.checkpointer import Checkpointer, Progress, restore
 from raymb.worker.feed import Batch
 from raymb.worker.metrics import Entry, Ledger
 from raymb.worker.session import Session
 from raymb.worker.spec import Shape
+from raymb.worker.stopping import STOP_FILE, STOP_LOOK_S, StopRequest
+
+__all__ = ["POLL_ENV", "POLL_S", "STOP_FILE", "STOP_LOOK_S", "Progress", "Worker", "all_sum"]
 
 POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 0.2
 """How often Ray Train's controller polls the workers: a report waits for the next poll (every
 2 s by default, the whole cost of a checkpoint of a small model). The driver sets it."""
-STOP_FILE = "STOP"
-"""In the run directory: the driver writes it on the first Ctrl-C or SIGTERM (anyone may touch
-it); the workers then checkpoint at the next step (epochs) or after the file in hand
-(--follow) and return."""
-STOP_LOOK_S = {True: 0.5, False: 5.0}
-"""How often rank 0 looks for the stop file, locally and in an object store (a request)."""
-
-
-@dataclass
-class Progress:
-    """Counters that a checkpoint carries, so a resumed run continues where it stopped."""
-
-    step: int = 0
-    epoch: int = 0
-    """Epochs done; with --follow, files consumed."""
-    step_in_epoch: int = 0
-    samples: int = 0
-    train_seconds: float = 0.0
-    bytes_allreduced: int = 0
-    resumed_from_steps: list[int] = field(default_factory=list)
-    skipped_steps: int = 0
-    """Steps dropped on every worker for a non-finite loss (train.on_nan = "skip")."""
-    val_loss: float | None = None
-    val_accuracy: float | None = None
-    best: float | None = None
-    """Best checkpoint.metric so far, and validations since it improved (early stopping)."""
-    since_best: int = 0
-    stopped_early: bool = False
-    files: list[list] = field(default_factory=list)
-    """--follow: [name, rows] of every file trained on, in order."""
-    recent_losses: list[list] = field(default_factory=list)
-    """[step, loss summed over all workers, units] of the last train.log_every steps: the
-    metrics rows and train_loss of a resumed run reach back past the resume."""
-    noise: list[float] = field(default_factory=list)
-    """train.noise_scale: the moving averages (raymb.core.noise.NoiseScale.state)."""
 
 
 class Worker:
+    """One worker's model, optimizer, scheduler and sync strategy, its steps and metrics."""
+
     def __init__(
         self,
         config: Config,
@@ -88,9 +55,11 @@ class Worker:
         session: Session,
         val: Any = None,
         epoch_steps: int | None = None,
+        stop_file: Location | None = None,
     ) -> None:
         """`epoch_steps`: an epoch's steps, when fewer than train.log_every the window of the
-        reports' train_loss (raymb.worker.metrics)."""
+        reports' train_loss (raymb.worker.metrics); `stop_file`: where rank 0 looks for the
+        driver's stop request at each gather (raymb.worker.stopping.StopRequest)."""
         self.config, self.shape, self.mode, self.val = config, shape, mode, val
         self.session = session
         self.rank, self.world = session.rank, session.world
@@ -112,34 +81,18 @@ class Worker:
         saved_sync = None
         with session.restored() as directory:
             if directory is not None:
-                saved_sync = self._restore(directory)
+                saved_sync = restore(self, directory, mode)
                 self.progress.resumed_from_steps.append(self.progress.step)
         self.net = self.sync.wrap(self.model)
         if saved_sync is not None:
             self.sync.load_state_dict(saved_sync)
         self.sync.comm.bytes = self.progress.bytes_allreduced
-        csv_path = run_dir / "metrics.csv" if self.rank == 0 else None
-        noise = NoiseScale.from_state(self.progress.noise) if config.train.noise_scale else None
-        self.ledger = Ledger(
-            csv_path,
-            self.world,
-            device,
-            log_every=config.train.log_every,
-            window=epoch_steps,
-            recent=self.progress.recent_losses,
-            noise=noise,
-        )
-        if self.ledger.csv is not None:
-            self.ledger.csv.truncate_after(self.progress.step)  # rows a resume writes again
+        self.ledger = _ledger(config, self.progress, run_dir, session, epoch_steps)
         # Skipping a step needs every worker's verdict each step; aborting is decided from the
-        # losses when they are gathered, before any checkpoint.
+        # losses when they are gathered (StopRequest.heard), before any checkpoint.
         self.check_each_step = config.train.on_nan == "skip"
-        self.last_checkpoint = time.monotonic()
-        self.stop_file: Location | None = None
-        """Where rank 0 looks for the driver's stop request (the loop sets it)."""
-        self.stop_requested = False
-        """The driver asked to stop: every worker learns it at the same gather."""
-        self._looked = -float("inf")
+        self.checkpointer = Checkpointer(config, session, mode=mode)
+        self.stop = StopRequest(stop_file, self.rank)
         self.measured = None
         """train.noise_scale: the last step's norms, until record() hands them on."""
 
@@ -179,33 +132,21 @@ class Worker:
             l1=self.config.optim.l1,
         )
         self.scheduler.step()
-        self.measured = self._take_noise()
+        self.measured = _take_noise(self.sync, self.shape.inputs.units_per_row)
         self.progress.skipped_steps += not taken
         self.progress.step += 1
         return loss, taken, time.perf_counter() - started
 
-    def _take_noise(self):
-        """train.noise_scale: the step's norms (raymb.core.sync.NoiseProbe.take), with 1/B in
-        rows rather than tokens for lm: the estimate is a number of rows."""
-        measured = getattr(self.sync, "measured", None)
-        if measured is None:
-            return None
-        self.sync.measured = None
-        squares, (parts, inverse, inverse_big) = measured
-        units = self.shape.inputs.units_per_row
-        return squares, (parts, inverse * units, inverse_big * units)
+    def consolidate(self) -> None:
+        """One model to validate and save: under param and diloco, the mean of the workers'."""
+        self.sync.consolidate(self.net, self.optimizer)
 
-    def record(self, loss, taken: bool, rows: int, *, step_s: float, wait_s: float, due: bool):
-        """Keep the step's metrics (`rows`: the step's rows on all workers); when `due`,
-        validate and checkpoint (a collective: every worker passes the same `due`)."""
+    def record(self, loss, taken: bool, rows: int, *, step_s: float, wait_s: float, logged: bool):
+        """Keep the step's metrics (`rows`: the step's rows on all workers); `logged`: the step
+        has a row in metrics.csv (besides the train.log_every grid: a checkpoint's)."""
         progress = self.progress
         progress.samples += rows
         progress.train_seconds += step_s + wait_s
-        if due:
-            self.sync.consolidate(self.net, self.optimizer)  # one model to validate and save
-            if self.val is not None:
-                # "Best by val_loss" needs a val_loss at every checkpoint.
-                progress.val_loss, progress.val_accuracy = self.validate()
         self.ledger.add(
             Entry(
                 row=self._row(),
@@ -215,44 +156,20 @@ class Worker:
                 step_s=step_s,
                 wait_s=wait_s,
                 ended=time.perf_counter(),
-                logged=due or progress.step % self.config.train.log_every == 0,
+                logged=logged or progress.step % self.config.train.log_every == 0,
                 noise=self.measured if taken else None,
             )
         )
         self.measured = None
-        if due:
-            self.report(with_checkpoint=True)
-        elif self.ledger.due:
-            self.gather()
-
-    def epoch_end_due(self) -> bool:
-        """Whether an epoch's end checkpoints: at least checkpoint.min_interval_s after the
-        last one under grad sync (where a checkpoint changes no number), always otherwise."""
-        floor = self.config.checkpoint.min_interval_s if self.config.train.sync == "grad" else 0
-        return self._agree(time.monotonic() - self.last_checkpoint >= floor)
 
     def gather(self) -> None:
-        # Rank 0's look for the stop file rides on the gather's all-reduce: no collective of
-        # its own, and every worker sees the request at the same step.
-        bad, stop = self.ledger.gather(self._stop_file_seen())
-        self.stop_requested = self.stop_requested or stop
-        if bad is not None:
-            raise FloatingPointError(
-                f"raymb: non-finite loss or gradient at step {bad}; the last checkpoint is "
-                "intact. Set train.on_nan=skip to drop such steps"
-            )
+        """The entries' rows into metrics.csv (a collective); the stop request and a
+        non-finite loss ride along (StopRequest.heard raises on the latter)."""
+        self.stop.heard(*self.ledger.gather(self.stop.look()))
 
-    def _stop_file_seen(self) -> bool:
-        """Rank 0: whether the stop file is there, looked for at most every STOP_LOOK_S."""
-        if self.stop_file is None or self.rank != 0:
-            return False
-        now = time.monotonic()
-        if now - self._looked < STOP_LOOK_S[self.stop_file.local]:
-            return False
-        self._looked = now
-        return self.stop_file.exists()
-
-    def report(self, *, with_checkpoint: bool) -> None:
+    def report_metrics(self) -> dict[str, Any]:
+        """After a gather, what a report (Checkpointer.report) holds; metrics.csv's rows up to
+        here are in storage, and the losses a checkpoint carries in progress."""
         self.gather()
         progress = self.progress
         progress.bytes_allreduced = self.sync.comm.bytes
@@ -267,22 +184,17 @@ class Worker:
         if self.ledger.noise is not None:
             metrics["grad_noise_scale"] = self.ledger.noise.value
             progress.noise = self.ledger.noise.state()
-        if with_checkpoint and self.config.train.early_stopping.patience is not None:
-            self._early_stopping(metrics)
-            metrics["stopped_early"] = progress.stopped_early
         if self.ledger.csv is not None:
             self.ledger.csv.flush()  # the rows up to this checkpoint, in storage before it
         progress.recent_losses = self.ledger.recent_state()
-        with tempfile.TemporaryDirectory() as tmp:
-            if with_checkpoint:
-                self._save(Path(tmp))
-            self.session.report(metrics, Path(tmp) if with_checkpoint else None)
-        self.last_checkpoint = time.monotonic()
+        return metrics
 
     @torch.no_grad()
-    def validate(self) -> tuple[float | None, float | None]:
-        """Mean loss (and accuracy for classifiers) over the validation set, all workers: per
-        token for lm."""
+    def validate(self) -> None:
+        """data.val's mean loss (and accuracy for classifiers; per token for lm), all workers,
+        into progress: "best by val_loss" needs a val_loss at every checkpoint."""
+        if self.val is None:
+            return
         model, device, classify = self.model, self.device, self.shape.classify
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -292,8 +204,10 @@ class Worker:
         model.train()
         loss, hits, rows = all_sum(sums).tolist()
         if rows == 0:
-            return None, None
-        return loss / rows, (hits / rows if classify else None)
+            self.progress.val_loss, self.progress.val_accuracy = None, None
+            return
+        self.progress.val_loss = loss / rows
+        self.progress.val_accuracy = hits / rows if classify else None
 
     def _row(self) -> dict:
         """The counters of a metrics row, as they stand after a step."""
@@ -311,101 +225,42 @@ class Worker:
             "workers": self.world,
         }
 
-    def _agree(self, flag: bool) -> bool:
-        """Rank 0's verdict, on every worker (a decision by the clock must not differ)."""
-        if self.world == 1:
-            return flag
-        box = torch.tensor([float(flag)], device=self.device)
-        dist.broadcast(box, src=0)
-        return bool(box.item())
-
-    def _early_stopping(self, metrics: dict) -> None:
-        """Count checkpoints without improvement of checkpoint.metric; every worker sees the
-        same all-reduced numbers, so all stop together."""
-        value = metrics.get(self.config.checkpoint.metric)
-        if value is None:
-            return
-        progress, rule = self.progress, self.config.train.early_stopping
-        sign = 1.0 if self.config.checkpoint.mode == "min" else -1.0
-        if progress.best is None or sign * (progress.best - value) > rule.min_delta:
-            progress.best, progress.since_best = value, 0
-        else:
-            progress.since_best += 1
-            progress.stopped_early = progress.since_best >= rule.patience
-
-    def _save(self, directory: Path) -> None:
-        """This worker's part of a checkpoint; Ray merges the workers' files into one directory.
-
-        model.pt and state.pt come from rank 0; worker-<rank>.pt from every worker: its random
-        generators and, where workers' optimizer states differ (param, diloco), its own.
-        """
-        shape, sync, optimizer = self.shape, self.sync, self.optimizer
-        if self.rank == 0:
-            model_payload = ckpt.model_payload(
-                self.model,
-                self.config.to_dict(),
-                shape.in_features,
-                shape.out_features,
-                shape.classify,
-                inputs=shape.inputs.to_dict(),
-                tokenizer=shape.tokenizer,
-            )
-            ckpt.atomic_save(model_payload, directory / ckpt.MODEL_FILE)
-            state = {
-                "format": "raymb",
-                "mode": self.mode,
-                "workers": self.world,
-                "optimizer": None if sync.per_worker_optimizer else optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "sync": sync.state_dict(),
-                "progress": asdict(self.progress),
-            }
-            ckpt.atomic_save(state, directory / ckpt.STATE_FILE)
-        worker = {
-            "format": "raymb",
-            "optimizer": optimizer.state_dict() if sync.per_worker_optimizer else None,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "python_rng": random.getstate(),
-        }
-        ckpt.atomic_save(worker, directory / _worker_file(self.rank))
-
-    def _restore(self, directory: Path) -> dict:
-        """Load a checkpoint into this worker; return the sync strategy's saved state."""
-        payload = ckpt.read(directory / ckpt.MODEL_FILE)
-        name = payload["config"]["model"]["name"]
-        ckpt.load_state(self.model, payload["state_dict"], directory / ckpt.MODEL_FILE, name)
-        state = ckpt.read(directory / ckpt.STATE_FILE)
-        if state.get("mode", "epochs") != self.mode:
-            how = "with --follow" if state.get("mode") == "follow" else "without --follow"
-            raise CheckpointError(f"{directory}: this run was started {how}; use another run.name")
-        written_by = state["workers"]
-        if written_by != self.world and self.rank == 0:
-            print(
-                f"raymb: resuming on {self.world} worker(s) a run checkpointed by {written_by}",
-                flush=True,
-            )
-        # A resize: under grad sync the optimizer state is one for all and the steps' rows do
-        # not depend on W, so nothing changes. Per-worker state (param, diloco) of a new
-        # worker r comes from worker r mod W_old; a new worker's random generators keep the
-        # seed of its rank.
-        worker = ckpt.read(directory / _worker_file(self.rank % written_by))
-        self.optimizer.load_state_dict(state["optimizer"] or worker["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for key, value in state["progress"].items():
-            setattr(self.progress, key, value)
-        if self.rank < written_by:
-            torch.set_rng_state(worker["torch_rng"])
-            if worker["cuda_rng"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state(worker["cuda_rng"])
-            random.setstate(worker["python_rng"])
-        return state["sync"]
-
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+def _ledger(
+    config: Config, progress: Progress, run_dir: Location, session: Session, epoch_steps: int | None
+) -> Ledger:
+    """metrics.csv's rows to come (rank 0 writes them), carrying on from a resumed run's."""
+    csv_path = run_dir / "metrics.csv" if session.rank == 0 else None
+    noise = NoiseScale.from_state(progress.noise) if config.train.noise_scale else None
+    ledger = Ledger(
+        csv_path,
+        session.world,
+        session.device,
+        log_every=config.train.log_every,
+        window=epoch_steps,
+        recent=progress.recent_losses,
+        noise=noise,
+    )
+    if ledger.csv is not None:
+        ledger.csv.truncate_after(progress.step)  # rows a resume writes again
+    return ledger
+
+
+def _take_noise(sync: Any, units: int):
+    """train.noise_scale: the step's norms (raymb.core.sync.NoiseProbe.take), with 1/B in
+    rows rather than tokens for lm: the estimate is a number of rows."""
+    measured = getattr(sync, "measured", None)
+    if measured is None:
+        return None
+    sync.measured = None
+    squares, (parts, inverse, inverse_big) = measured
+    return squares, (parts, inverse * units, inverse_big * units)
 
 
 def _count_nodes(session: Session) -> int:
@@ -416,12 +271,3 @@ def _count_nodes(session: Session) -> int:
     ids: list = [None] * session.world
     dist.all_gather_object(ids, node)
     return len(set(ids))
-
-
-def fault_wait_s() -> float:
-    """Long enough for Ray Train's controller to take the latest report."""
-    return 5 * float(os.environ.get(POLL_ENV, 2.0))
-
-
-def _worker_file(rank: int) -> str:
-    return f"worker-{rank}.pt"

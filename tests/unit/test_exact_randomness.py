@@ -29,11 +29,12 @@ from raymb.core import rng
 from raymb.core.order import epoch_order
 from raymb.data.augment import Augment
 from raymb.data.columns import Inputs, table_to_tensors
+from raymb.driver.launch import run_torch
 from raymb.driver.local import local_spec
 from raymb.models import build_model
 from raymb.rundir.checkpoint import STATE_FILE, read
 from raymb.worker.epochs import train_loop
-from raymb.worker.session import TorchSession, run_torch
+from raymb.worker.session import TorchSession
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -7,6 +7,7 @@ tests/integration/test_online_ray.py.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -15,8 +16,9 @@ from online_files import G, follow_config, write_file
 
 from raymb import ConfigError, DataError
 from raymb.core.order import rank_rows
+from raymb.data.arrivals import NotRegular, next_file, open_arrival, open_directory
 from raymb.driver.run import follow
-from raymb.worker.follow import next_file, open_directory, step_sizes
+from raymb.worker.follow import step_sizes
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -41,6 +43,24 @@ def test_only_complete_files_are_taken(tmp_path):
     assert next_file(fs, root, {"b.parquet"}) is None
     write_file(tmp_path, "a.parquet", 3, seed=1)  # rewritten whole: now it is taken, by name first
     assert next_file(fs, root, set()) == ("a.parquet", 3)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_or_a_device_in_dir_is_skipped_unopened(tmp_path, capsys):
+    fs, root = open_directory(tmp_path)
+    os.mkfifo(tmp_path / "a.parquet")  # opened for reading, it would block the run
+    (tmp_path / "b.parquet").symlink_to("/dev/zero")  # read, it would never end
+    write_file(tmp_path, "c.parquet", 4, seed=0)
+    warned: set[str] = set()
+    assert next_file(fs, root, set(), warned) == ("c.parquet", 4)
+    assert next_file(fs, root, {"c.parquet"}, warned) is None
+    err = capsys.readouterr().err
+    assert "skipping a.parquet for now: it is a FIFO, not a regular file" in err
+    assert "skipping b.parquet for now: it is a character device, not a regular file" in err
+    assert err.count("skipping a.parquet") == 1  # once per name
+    # A name swapped for a FIFO after the listing: refused once open, nothing read.
+    with pytest.raises(NotRegular, match="a FIFO"), open_arrival(fs, root, "a.parquet"):
+        pass
 
 
 @pytest.mark.parametrize("rows,world", [(37, 2), (1, 2), (64, 2), (23, 3), (5, 4)])
