@@ -123,7 +123,7 @@ def table_to_tensors(
 
 
 # The old name, until raymb.worker.epochs and .lr_find, bench/rng.py and
-# tests/unit/test_exact_randomness.py import raymb.core.shape.InputShape.
+# tests/unit/worker/test_exact_randomness.py import raymb.core.shape.InputShape.
 Inputs = InputShape
 
 
