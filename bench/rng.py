@@ -154,16 +154,16 @@ def _augment(quick: bool) -> dict:
     from raymb.config import ModelSection
     from raymb.config.sections import AugmentSection
     from raymb.core import rng
+    from raymb.core.shape import InputShape
     from raymb.core.step import train_step
     from raymb.core.sync import build_sync
     from raymb.data.augment import Augment
-    from raymb.data.columns import Inputs
     from raymb.models import build_model
 
     widths, image, batch = ([8, 16], (3, 16, 16), 8) if quick else ([32, 64, 128], (3, 32, 32), 64)
     stored = torch.randint(0, 256, (batch, *image), dtype=torch.uint8)
     y = torch.randint(0, 10, (batch,))
-    inputs = Inputs("classify", image, scale=1 / 255, mean=(0.5,) * 3, std=(0.25,) * 3)
+    inputs = InputShape("classify", image, scale=1 / 255, mean=(0.5,) * 3, std=(0.25,) * 3)
     augment = Augment.of(AugmentSection(hflip=0.5, crop_padding=4, rotate_degrees=10.0))
     keys = rng.RowKeys(0, 0, torch.arange(batch))
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """[data.augment]: random flips, crops, rotations and noise whose draws belong to the row.
 
-Applied by `Inputs.collate` on the worker to the training rows only, with the row keys of the
+Applied by `InputShape.collate` on the worker to the training rows only, with the row keys of the
 step (raymb.core.rng: train.seed, the epoch, each row's place in the epoch's order), so a row
 is transformed the same whichever worker takes it, in whichever microbatch, and after a
 resume. Each transform has its own stream; every draw is a function of the row alone, and

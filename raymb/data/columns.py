@@ -122,11 +122,6 @@ def table_to_tensors(
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
 
 
-# The old name, until raymb.worker.epochs and .lr_find, bench/rng.py and
-# tests/unit/worker/test_exact_randomness.py import raymb.core.shape.InputShape.
-Inputs = InputShape
-
-
 def input_shape(data: DataSection, task: str, shape: tuple[int, ...]) -> InputShape:
     """A run's inputs: its resolved task, the rows' shape, data.scale/mean/std; a
     data.augment the rows cannot take is a ConfigError."""

@@ -23,8 +23,8 @@ from raymb.config import Config
 from raymb.core.order import rank_rows
 from raymb.core.plan import Plan
 from raymb.core.rng import RowKeys, row_keys
+from raymb.core.shape import InputShape
 from raymb.data.augment import Augment
-from raymb.data.columns import Inputs
 from raymb.rundir.timeline import process_started, stamp
 from raymb.worker.checkpointer import Progress
 from raymb.worker.drills import with_drills
@@ -49,7 +49,7 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
     label = config.data.label_column
     fetch = session.fetch
     val = val_batches(spec.val, fetch, features, label, rank, world, max(plan.microbatch, 1024))
-    inputs = Inputs.from_dict(plan.inputs)
+    inputs = plan.input_shape
     shape = Shape(inputs, plan.out_features, spec.tokenizer)
     with Worker(
         config,
@@ -122,7 +122,7 @@ class StepBatches:
     collated (data.augment) under the rows' keys, cut into microbatches of plan.microbatch."""
 
     plan: Plan
-    inputs: Inputs
+    inputs: InputShape
     seed: int
     augment: Augment | None
     rank: int
@@ -130,7 +130,7 @@ class StepBatches:
 
     @classmethod
     def of(cls, config: Config, plan: Plan, rank: int, device: torch.device) -> StepBatches:
-        inputs = Inputs.from_dict(plan.inputs)
+        inputs = plan.input_shape
         return cls(plan, inputs, config.train.seed, Augment.of(config.data.augment), rank, device)
 
     def __call__(

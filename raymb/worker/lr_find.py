@@ -19,7 +19,6 @@ import torch
 
 from raymb.core.lr_find import CSV_COLUMNS, CSV_FILE, Curve
 from raymb.core.rng import row_keys
-from raymb.data.columns import Inputs
 from raymb.worker.epochs import StepBatches
 from raymb.worker.feed import train_source
 from raymb.worker.session import RaySession, Session
@@ -37,7 +36,7 @@ def lr_find_loop(payload: dict[str, LrFindSpec], session: Session | None = None)
     session = session or RaySession()
     config, rank, world = run.config, session.rank, session.world
     plan = run.plan.for_world(world)
-    inputs = Inputs.from_dict(plan.inputs)
+    inputs = plan.input_shape
     shape = Shape(inputs, plan.out_features, run.tokenizer)
     with Worker(
         config, shape, run.run_dir, mode="lr-find", total_steps=len(spec.lrs), session=session

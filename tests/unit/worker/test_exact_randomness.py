@@ -27,8 +27,9 @@ from raymb import load_config
 from raymb.config.toml import to_toml
 from raymb.core import rng
 from raymb.core.order import epoch_order
+from raymb.core.shape import InputShape
 from raymb.data.augment import Augment
-from raymb.data.columns import Inputs, table_to_tensors
+from raymb.data.columns import table_to_tensors
 from raymb.driver.launch import run_torch
 from raymb.driver.local import local_spec
 from raymb.models import build_model
@@ -170,7 +171,7 @@ def _reference(config) -> dict[str, torch.Tensor]:
     """One process, a plain torch loop: each step's G rows of the epoch's order as one batch,
     their keys the rows' places in that order, the mean loss (over tokens for the gpt)."""
     spec = local_spec(config)
-    plan, inputs = spec.plan, Inputs.from_dict(spec.plan.inputs)
+    plan, inputs = spec.plan, InputShape.from_dict(spec.plan.inputs)
     features, label = config.data.features, config.data.label_column
     x_all, y_all = table_to_tensors(pa.concat_tables(spec.train.blocks), features, label)
     torch.manual_seed(SEED)
@@ -233,7 +234,7 @@ def test_validation_never_augments(runs):
     with open(runs / "runs" / "cnn-w1" / "metrics.csv") as f:
         val_loss = float(list(csv.DictReader(f))[-1]["val_loss"])
     spec = local_spec(config)
-    inputs = Inputs.from_dict(spec.plan.inputs)
+    inputs = InputShape.from_dict(spec.plan.inputs)
     model = build_model(config.model, inputs.model_shape, spec.plan.out_features)
     model.load_state_dict(_final(runs, "cnn-w1"))
     model.eval()
