@@ -7,7 +7,7 @@
   gloo workers with k = 1 (the DDP comm hook's norm of each bucket, and the step's norm).
   The metrics gather that carries the numbers is not timed: it runs about once a second
   either way, five more float64 per step in its one message.
-- lr-find: raymb.driver.local.lr_find_torch (no Ray, 2 gloo workers) for S steps against
+- lr-find: raymb.driver.lr_find.lr_find(backend="gloo") (no Ray, 2 gloo workers) for S steps against
   raymb.driver.local.train_torch for the same S steps of the same config, launch to return.
 """
 
@@ -180,7 +180,8 @@ def _worker(rank: int, port: int, name: str, steps: int, blocks: int, out) -> No
 
 def _lr_find_row(steps: int) -> dict:
     from raymb import load_config
-    from raymb.driver.local import lr_find_torch, train_torch
+    from raymb.driver.local import train_torch
+    from raymb.driver.lr_find import lr_find
 
     with tempfile.TemporaryDirectory() as tmp:
         data = dataset(Path(tmp), 4096, val_fraction=0)
@@ -196,7 +197,13 @@ def _lr_find_row(steps: int) -> dict:
         train_torch(load_config(None, [*sets, "run.name=train", f"train.max_steps={steps}"]))
         train_s = time.perf_counter() - started
         started = time.perf_counter()
-        lr_find_torch(load_config(None, [*sets, "run.name=find"]), low=1e-6, high=1e-2, steps=steps)
+        lr_find(
+            load_config(None, [*sets, "run.name=find"]),
+            low=1e-6,
+            high=1e-2,
+            steps=steps,
+            backend="gloo",
+        )
         find_s = time.perf_counter() - started
     return {
         "what": f"lr-find vs train, {steps} steps, W=2 (launch to return)",

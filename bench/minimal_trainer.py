@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--classes", type=int, default=3)
     args = parser.parse_args()
-    from raymb.rundir.timeline import stamp  # bench/startup.py's phases (RAYMB_TIMELINE)
+    from raymb.timeline import stamp  # bench/startup.py's phases (RAYMB_TIMELINE)
 
     stamp("checked")
     import ray
@@ -76,7 +76,7 @@ def train_loop(config: dict) -> None:
     import torch
     from torch import nn
 
-    from raymb.rundir.timeline import process_started, stamp
+    from raymb.timeline import process_started, stamp
 
     rank = ray.train.get_context().get_world_rank()
     stamp("worker process", rank, t=process_started())

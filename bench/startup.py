@@ -3,7 +3,7 @@ TorchTrainer script.
 
 Every program is a fresh process (`python -m raymb.cli train --config FILE`,
 bench/minimal_trainer.py) training the same mlp with 2 workers on the same parquet data (a
-training and a validation set), with RAYMB_TIMELINE set (raymb.rundir.timeline): the driver
+training and a validation set), with RAYMB_TIMELINE set (raymb.timeline): the driver
 and the workers stamp each phase. Ray Train's own logs in the session directory add when its
 controller started, when the worker group was up and how long the process group took.
 Scenarios: a cold local run (raymb starts Ray), the same run resumed from its checkpoint,

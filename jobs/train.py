@@ -27,8 +27,8 @@ import os  # noqa: E402
 import raymb  # noqa: E402
 from raymb.cli import add_config_arguments  # noqa: E402
 from raymb.config import RunSection, to_toml  # noqa: E402
-from raymb.rundir.progress import format_summary  # noqa: E402
-from raymb.rundir.storage import is_uri  # noqa: E402
+from raymb.driver.report.progress import format_summary  # noqa: E402
+from raymb.storage import is_uri  # noqa: E402
 
 PROG = "jobs/train.py"
 USAGE_ERROR = 2  # config and data mistakes, as argparse and the raymb CLI

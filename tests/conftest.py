@@ -19,7 +19,7 @@ SPAWNS = (
     "spawn_gloo(",
     "run_torch(",
     "train_torch(",
-    "lr_find_torch(",
+    "lr_find(",
     "subprocess.",
     "mp.spawn(",
 )

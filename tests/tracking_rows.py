@@ -1,4 +1,4 @@
-"""What the tracking tests feed raymb.rundir.tracking: metrics.csv rows, a config and its
+"""What the tracking tests feed raymb.driver.report.tracking: metrics.csv rows, a config and its
 flattened form (by hand), a Tracker started with test defaults, and MLflow's environment
 undone after each test."""
 
@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from raymb.rundir import tracking
-from raymb.rundir.storage import Location
-from raymb.rundir.tracking import Tracker
+from raymb.driver.report import tracking
+from raymb.driver.report.tracking import Tracker
+from raymb.storage import Location
 from raymb.worker.metrics import COLUMNS
 
 CONFIG = {

@@ -189,10 +189,11 @@ def add_runs_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_runs(args: argparse.Namespace) -> int:
-    from raymb.rundir import runs, storage
+    from raymb import storage
+    from raymb.rundir import runs
 
     config = load_config(args.config, args.overrides)
-    storage.configure(config.storage)
+    storage.configure(config.storage.endpoint_url, config.storage.region)
     root = storage.resolve(args.storage_path or config.run.storage_path, what="STORAGE_PATH")
     found = runs.find_runs(root)
     if not found:
@@ -220,7 +221,7 @@ def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from raymb.rundir.plot import plot_runs
+    from raymb.driver.report.plot import plot_runs
 
     out = plot_runs(args.run_dirs, args.out, force=args.force)
     print(f"raymb: wrote {out}")

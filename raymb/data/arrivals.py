@@ -23,10 +23,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raymb import storage
 from raymb.data.checks import PARQUET_SUFFIX, DatasetInfo
 from raymb.errors import DataError, StorageError
 from raymb.files import kind_of
-from raymb.rundir import storage
 
 
 class Widths(Protocol):
@@ -41,7 +41,7 @@ class Widths(Protocol):
 
 
 def open_directory(directory: str | Path) -> tuple[pafs.FileSystem, str]:
-    """DIR as (filesystem, path on it): a local path or any URI raymb.rundir.storage resolves."""
+    """DIR as (filesystem, path on it): a local path or any URI raymb.storage resolves."""
     text = str(directory)
     try:
         location = storage.resolve(text, what="--follow")

@@ -24,10 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raymb import storage
 from raymb.data.columns import ShapeError, feature_shape, flat_values
 from raymb.errors import ConfigError, DataError, StorageError
 from raymb.files import InputError, check_input
-from raymb.rundir import storage
 
 PARQUET_SUFFIX = ".parquet"
 _GLOB_CHARS = frozenset("*?[")

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from raymb.errors import ConfigError, DataError
 from raymb.files import check_apart, kind_of
-from raymb.rundir.storage import temp_sibling
+from raymb.storage import temp_sibling
 
 TARGET_FILE_BYTES = 256 * 2**20  # the default --shards keeps files below about this
 

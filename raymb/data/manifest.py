@@ -68,7 +68,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
     """Write DIR/raymb-data.json atomically (format and version added)."""
-    from raymb.rundir.storage import temp_sibling  # pyarrow.fs: not for a config's mere look-up
+    from raymb.storage import temp_sibling  # pyarrow.fs: not for a config's mere look-up
 
     path = Path(folder) / MANIFEST
     tmp = temp_sibling(path)

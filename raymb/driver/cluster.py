@@ -24,7 +24,7 @@ from raymb.driver import ray_compat, watchdog
 from raymb.driver.logs import RayLog, divert
 from raymb.driver.signals import StopSignals, in_thread
 from raymb.errors import DataError
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 from raymb.worker.spec import DataSpec
 
 TRAINER_MODULES = ("ray.train.torch", "raymb.worker.epochs")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 from raymb.errors import StorageError
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 
 RAY_LOG = "logs/ray.log"
 """Ray's lines of a run, under its run directory."""

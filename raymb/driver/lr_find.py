@@ -44,11 +44,11 @@ from typing import Any
 from raymb.config import Config
 from raymb.core.lr_find import CSV_COLUMNS, CSV_FILE, Curve, schedule, suggest
 from raymb.driver.preflight import check_run_dir, prepare
+from raymb.driver.report import plot
 from raymb.driver.signals import StopSignals, in_thread
 from raymb.errors import RaymbError, StorageError
-from raymb.rundir import plot
 from raymb.rundir.lock import LOCK_FILE, lock_run
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 
 SUFFIX = "-lr-find"
 PNG_FILE = "lr_find.png"
@@ -66,7 +66,7 @@ OWN_FILES = frozenset({MARKER_FILE, CSV_FILE, PNG_FILE, RAY_MARKER, STOP_FILE})
 """The files an lr-find writes at the top of its folder (with logs/ray.log, and the lock)."""
 _LEFTOVER = re.compile(r"\.lr_find\.(json|csv|png)(\.[0-9a-f]{8})?\.tmp|\.lock\.[0-9a-f]{8}\.stale")
 """What an lr-find killed mid-write leaves: an atomic write's temporary file, or a dead
-driver's lock moved aside (raymb.rundir.storage.temp_sibling, raymb.rundir.lock)."""
+driver's lock moved aside (raymb.storage.temp_sibling, raymb.rundir.lock)."""
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from raymb import storage
 from raymb.config import CheckpointSection, Config, DataSection
 from raymb.data.checks import MAX_CLASSES, DatasetInfo, check_dataset, describe_shape
+from raymb.driver.report.tracking import mlflow_target
 from raymb.errors import ConfigError, DataError, StorageError
 from raymb.load import manifest
-from raymb.rundir import storage
 from raymb.rundir.lock import check_unlocked
-from raymb.rundir.storage import Location
-from raymb.rundir.tracking import mlflow_target
+from raymb.storage import Location
 
 if TYPE_CHECKING:
     from raymb.core.plan import Plan
@@ -33,7 +33,6 @@ def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
     from raymb.data.columns import input_shape
     from raymb.driver.sizing import build_plan
 
-    storage.configure(config.storage)  # the endpoint of s3:// data and runs
     mlflow_target(config.log.mlflow_uri)  # asked for, and installed
     data = config.data
     if data.task == "lm":  # the tokenizer file tokenizer_spec reads later: checked, not opened
@@ -181,7 +180,7 @@ def _check_model_fits(config: Config, inputs: InputShape, info: DatasetInfo) -> 
 def check_run_dir(config: Config) -> Location:
     """The run directory, checked before anything is written (the storage path's place, the
     name, no other driver holding it); the lock is taken later, by raymb.rundir.lock.lock_run."""
-    storage.configure(config.storage)  # the endpoint of s3:// runs
+    storage.configure(config.storage.endpoint_url, config.storage.region)  # s3:// runs, data
     run_dir = run_location(config)
     check_unlocked(run_dir)
     return run_dir
@@ -226,7 +225,6 @@ def prepare_follow(
 
     config = without_demo_val(config)
     check_follow_config(config, idle_timeout)
-    storage.configure(config.storage)
     fs, root = open_directory(directory)
     location = root if "://" not in str(directory) else str(directory)
     val_info = None

@@ -431,7 +431,7 @@ def _run_status(run_dir: Path) -> str | None:
 
 
 def _location(path: Path):
-    from raymb.rundir.storage import resolve
+    from raymb.storage import resolve
 
     return resolve(str(path))
 

@@ -19,6 +19,9 @@ def tune(sweep: Sweep | str | Path, *, address: str | None = None, verbose: bool
     Ray starts; returns raymb.rundir.sweep.TuneResult."""
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
+    from raymb import storage
+
+    storage.configure(sweep.config.storage.endpoint_url, sweep.config.storage.region)  # s3 data
     sweep_dir = check_sweep_dir(sweep)
     from raymb.rundir.sweep import check_record
 

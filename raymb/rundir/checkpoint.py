@@ -4,12 +4,11 @@ A checkpoint directory holds `model.pt` (the unwrapped model, with what it takes
 it) and `state.pt` (optimizer, scheduler, counters, RNG: what it takes to resume). A run
 directory holds `run.json`, the config it was started with, so that resuming it with a
 config its checkpoints cannot load is refused before anything starts. What a model.pt must
-hold before a model is built from it: raymb.rundir.checkpoint_checks.
+hold before a model is built from it: raymb.tools.checkpoint_checks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -19,12 +18,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raymb.core.shape import InputShape
-from raymb.errors import CheckpointError, ConfigError
+from raymb import storage
+from raymb.errors import CheckpointError
 from raymb.files import kind_of
-from raymb.rundir import storage
-from raymb.rundir.checkpoint_checks import check_rebuild, check_tensors, peek
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +31,7 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
 RUN_FILE = "run.json"
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -66,8 +63,8 @@ def read(path: str | Path | Location) -> dict[str, Any]:
     checked on the open file itself, which torch then reads."""
     location = path if isinstance(path, Location) else storage.resolve(path, what="checkpoint")
     if location.local:  # torch reads the file itself: no copy of it in memory
-        with _open_checked(location.path, path) as f:
-            return _load(f, f.read(len(_ZIP_MAGIC)), path)
+        with open_checked(location.path, path) as f:
+            return _load(f, f.read(len(ZIP_MAGIC)), path)
     try:
         size = location.info().size
         if size is not None and size > MAX_CHECKPOINT_BYTES:
@@ -75,10 +72,10 @@ def read(path: str | Path | Location) -> dict[str, Any]:
         source = io.BytesIO(location.read_bytes())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file not found") from None
-    return _load(source, source.getvalue()[: len(_ZIP_MAGIC)], path)
+    return _load(source, source.getvalue()[: len(ZIP_MAGIC)], path)
 
 
-def _open_checked(local: str, shown: Any) -> io.BufferedReader:
+def open_checked(local: str, shown: Any) -> io.BufferedReader:
     """The local checkpoint file, opened without blocking, if it is a regular file of at most
     MAX_CHECKPOINT_BYTES (checked on the open file: it cannot be swapped after the check)."""
     try:
@@ -110,15 +107,15 @@ def _too_large(path: Any) -> str:
     )
 
 
-def _check_head(head: bytes, path: Any) -> None:
+def check_head(head: bytes, path: Any) -> None:
     """A checkpoint file starts as the zip archive torch.save writes."""
-    if head != _ZIP_MAGIC:
+    if head != ZIP_MAGIC:
         what = "an empty file" if not head else "not a torch checkpoint file"
         raise CheckpointError(f"{path}: {what}, not a raymb checkpoint")
 
 
 def _load(source: Any, head: bytes, path: Any) -> dict[str, Any]:
-    _check_head(head, path)
+    check_head(head, path)
     source.seek(0)
     import torch
 
@@ -130,7 +127,7 @@ def _load(source: Any, head: bytes, path: Any) -> dict[str, Any]:
         if isinstance(e, pickle.UnpicklingError):
             reason = "it holds Python objects that weights_only loading refuses"
         else:
-            reason = f"truncated or corrupted: {_first_sentence(e)}"
+            reason = f"truncated or corrupted: {first_sentence(e)}"
         raise CheckpointError(f"{path}: not a readable raymb checkpoint ({reason})") from None
     if not isinstance(obj, dict) or obj.get("format") != "raymb":
         raise CheckpointError(f"{path}: a torch file, but not a raymb checkpoint")
@@ -161,122 +158,11 @@ def model_payload(
     }
 
 
-def payload_inputs(payload: dict[str, Any]) -> InputShape:
-    """The model's inputs, stored as InputShape.to_dict (a checkpoint from before tensor
-    columns has none: flat rows of in_features)."""
-    if payload.get("inputs"):
-        return InputShape.from_dict(payload["inputs"])
-    task = "classify" if payload["classify"] else "regress"
-    return InputShape(task=task, shape=(payload["in_features"],))
-
-
-def load_model(
-    path: str | Path, *, trust_model_code: bool = False
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model saved in model.pt (a file, or a checkpoint directory holding one).
-
-    A custom model.name (package.module:factory) is imported and called only when
-    `trust_model_code` or RAYMB_TRUST_MODEL_CODE=1 says so: the file chose the code.
-    """
-    if storage.resolve(path, what="--checkpoint").is_dir():
-        path = (
-            f"{str(path).rstrip('/')}/{MODEL_FILE}"
-            if storage.is_uri(path)
-            else Path(path) / MODEL_FILE
-        )
-    payload = read(path)
-    return build_from_payload(payload, path, trust_model_code=trust_model_code), payload
-
-
-def build_from_payload(
-    payload: dict[str, Any], path: str | Path, *, trust_model_code: bool = False
-) -> torch.nn.Module:
-    """The model a checked payload describes, its saved tensors loaded (see load_model)."""
-    from raymb.config import BUILTIN_MODELS
-    from raymb.models import build_model
-
-    config = check_rebuild(payload, path, trust_model_code=trust_model_code)
-    check_tensors(payload, path)
-    name = config.model.name
-    shape = payload_inputs(payload).model_shape
-    state_dict = payload["state_dict"]
-    if name in BUILTIN_MODELS:
-        try:
-            with _shapes_only():  # a model the tensors do not fit is never made
-                probe = build_model(config.model, shape, payload["out_features"])
-        except ConfigError as e:
-            raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
-        mismatch = _mismatch(probe.state_dict(), state_dict)
-        if mismatch:
-            raise CheckpointError(f"{path}: does not fit model {name!r} ({mismatch})")
-        model = build_model(config.model, shape, payload["out_features"])
-    else:
-        try:
-            model = build_model(config.model, shape, payload["out_features"])
-        except ConfigError as e:
-            raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
-        except Exception as e:  # the factory is the user's code: any error, in one line
-            raise CheckpointError(
-                f"{path}: cannot rebuild its model: {name!r} raised {type(e).__name__}: "
-                f"{_first_sentence(e)}"
-            ) from None
-    load_state(model, state_dict, path, name)
-    return model
-
-
-def preflight(path: str | Path, *, trust_model_code: bool = False) -> Path | None:
-    """What load_model refuses before it builds, without importing torch: a local path that
-    is missing, is no regular file (a FIFO, a device: never opened), or a folder without a
-    model.pt that is one, or is larger than MAX_CHECKPOINT_BYTES; then the fields and the
-    consent (check_rebuild). The tools call it first, so that a refusal takes no torch import.
-    A file whose fields it cannot read this way is left to load_model. Returns the local
-    model.pt (None for a URI)."""
-    if storage.is_uri(path):
-        return None
-    given = Path(path).expanduser()
-    model = given / MODEL_FILE if given.is_dir() else given
-    shown = model if model is not given else path
-    with _open_checked(str(model), shown) as f:  # checked, then closed: peek opens it by name
-        _check_head(f.read(len(_ZIP_MAGIC)), shown)
-    payload = peek(model)
-    if payload is not None:
-        check_rebuild(payload, shown, trust_model_code=trust_model_code)
-    return model
-
-
-def checkpoint_folder(path: str | Path) -> Path | None:
-    """What an output must not be, hold or lie inside, for --checkpoint PATH: a checkpoint
-    directory (PATH itself, or the folder of a model.pt given as PATH, which holds its
-    state.pt too), or else the file given. None for a URI."""
-    if storage.is_uri(path):
-        return None
-    given = Path(path).expanduser()
-    return given.parent if given.name == MODEL_FILE and not given.is_dir() else given
-
-
-def _shapes_only() -> contextlib.ExitStack:
-    """Modules made on the meta device (shapes, no memory), nn.init's fills skipped: on
-    meta tensors some of them import torch._dynamo, which takes seconds."""
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    class SkipInit(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, "__module__", None) == "torch.nn.init":
-                return args[0] if args else kwargs["tensor"]
-            return func(*args, **(kwargs or {}))
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.device("meta"))
-    stack.enter_context(SkipInit())
-    return stack
-
-
 def load_state(
     model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path, name: str
 ) -> None:
     """model.load_state_dict, with a one-line CheckpointError naming the file on a mismatch."""
-    mismatch = _mismatch(model.state_dict(), state_dict)
+    mismatch = state_mismatch(model.state_dict(), state_dict)
     if mismatch:
         raise CheckpointError(f"{path}: does not fit model {name!r} ({mismatch})")
     model.load_state_dict(state_dict)
@@ -380,7 +266,7 @@ def _toml(value: Any) -> str:
     return json.dumps(value)
 
 
-def _mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str | None:
+def state_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str | None:
     import torch
 
     missing = [k for k in expected if k not in saved]
@@ -401,7 +287,7 @@ def _mismatch(expected: dict[str, torch.Tensor], saved: dict[str, Any]) -> str |
     return None
 
 
-def _first_sentence(e: BaseException) -> str:
+def first_sentence(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text.split(". ")[0]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from raymb.errors import StorageError
 from raymb.files import InputError, kind_of, read_bounded
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 
 LOCK_FILE = ".lock"
 """In a run directory while a driver trains it: {"host", "pid", "started", "token"}."""

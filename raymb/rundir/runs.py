@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 
 from raymb.errors import StorageError
 from raymb.rundir.lock import is_alive
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 
 RUN_FILE = "run.json"
 STATUS_FILE = "status.json"

@@ -297,10 +297,10 @@ def format_table(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
 
 def write_plot(sweep: Sweep, rows: list[dict[str, Any]], out: Path) -> Path | None:
     """tune.png: the metric against each searched key, one panel a key (no matplotlib: none)."""
-    from raymb.rundir.plot import have_matplotlib
+    import importlib.util
 
     scored = [r for r in rows if _finite(r.get(sweep.metric))]
-    if not have_matplotlib() or not scored:
+    if importlib.util.find_spec("matplotlib") is None or not scored:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -4,7 +4,7 @@ is one line and comes at once (torch alone takes a second or more to import); no
 imports torch, and nothing is written.
 
 An input is a regular file or a folder of them (a FIFO would hang the read, a device such as
-/dev/zero be read without end): the checkpoint through raymb.rundir.checkpoint.preflight, the
+/dev/zero be read without end): the checkpoint through raymb.tools.load.preflight, the
 data through raymb.data.checks.resolve_files. An output (raymb.files.check_output) replaces
 no device, FIFO, socket or folder, replaces an existing file only with --force, and is not,
 does not hold and does not lie inside the checkpoint's folder or the data.
@@ -18,10 +18,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from raymb import storage
 from raymb.errors import RaymbError
 from raymb.files import check_output, same_file
-from raymb.rundir import storage
-from raymb.rundir.checkpoint import MODEL_FILE, checkpoint_folder, preflight
+from raymb.rundir.checkpoint import MODEL_FILE
+from raymb.tools.load import checkpoint_folder, preflight
 
 MAX_SAMPLE_TOKENS = 100_000
 """The most tokens one `raymb sample` draws: each runs the model once."""
@@ -30,7 +31,7 @@ MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 
 def check_checkpoint(checkpoint: str, *, trust_model_code: bool) -> None:
     """--checkpoint: a regular model.pt (or a folder holding one) whose fields are sound and
-    whose custom model factory, if any, the user trusts (raymb.rundir.checkpoint.preflight)."""
+    whose custom model factory, if any, the user trusts (raymb.tools.load.preflight)."""
     preflight(checkpoint, trust_model_code=trust_model_code)
 
 

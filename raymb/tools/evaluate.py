@@ -18,7 +18,7 @@ from raymb.core.loss import batch_sums, lm_metrics
 from raymb.data.checks import DatasetInfo, check_dataset
 from raymb.data.columns import table_to_tensors
 from raymb.errors import DataError
-from raymb.rundir.checkpoint import load_model, payload_inputs
+from raymb.tools.load import load_model, payload_inputs
 
 
 def evaluate(

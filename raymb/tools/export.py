@@ -29,9 +29,9 @@ from torch import nn
 
 from raymb.core.shape import InputShape
 from raymb.errors import RaymbError
-from raymb.rundir.checkpoint import build_from_payload, load_model, payload_inputs
-from raymb.rundir.storage import temp_sibling
+from raymb.storage import temp_sibling
 from raymb.tools.checks import check_export
+from raymb.tools.load import build_from_payload, load_model, payload_inputs
 
 TRACE_ROWS, CHECK_ROWS = 2, 4  # different sizes: the check proves the batch axis is free
 OPSET = 17  # the first with LayerNormalization; read by every maintained ONNX runtime

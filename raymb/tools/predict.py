@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 
 from raymb.config import Config
 from raymb.errors import DataError
-from raymb.rundir.checkpoint import load_model, payload_inputs
-from raymb.rundir.storage import temp_sibling
+from raymb.storage import temp_sibling
+from raymb.tools.load import load_model, payload_inputs
 
 if TYPE_CHECKING:
     import torch

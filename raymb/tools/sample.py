@@ -14,8 +14,8 @@ import torch
 
 from raymb.config import Config
 from raymb.errors import CheckpointError, RaymbError
-from raymb.rundir.checkpoint import load_model, payload_inputs
 from raymb.tools.checks import check_sample
+from raymb.tools.load import load_model, payload_inputs
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from raymb.config import FaultSection
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 from raymb.worker.worker import POLL_ENV
 
 if TYPE_CHECKING:

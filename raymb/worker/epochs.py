@@ -25,7 +25,7 @@ from raymb.core.plan import Plan
 from raymb.core.rng import RowKeys, row_keys
 from raymb.core.shape import InputShape
 from raymb.data.augment import Augment
-from raymb.rundir.timeline import process_started, stamp
+from raymb.timeline import process_started, stamp
 from raymb.worker.checkpointer import Progress
 from raymb.worker.drills import with_drills
 from raymb.worker.feed import train_source, val_batches

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from raymb import storage
 from raymb.core.noise import NoiseScale
-from raymb.rundir import storage
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 
 COLUMNS = (
     "step",

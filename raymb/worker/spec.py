@@ -15,7 +15,7 @@ from raymb.core.plan import Plan
 from raymb.core.shape import InputShape
 from raymb.data.checks import DatasetInfo
 from raymb.data.columns import column_names
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from raymb.config import Config
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 
 if TYPE_CHECKING:
     from raymb.worker.checkpointer import Progress

@@ -26,7 +26,7 @@ from raymb.core.optim import build_optimizer, build_scheduler
 from raymb.core.step import train_step
 from raymb.core.sync import build_sync
 from raymb.models import build_model
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 from raymb.worker.checkpointer import Checkpointer, Progress, restore
 from raymb.worker.feed import Batch
 from raymb.worker.metrics import Entry, Ledger

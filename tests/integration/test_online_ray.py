@@ -1,7 +1,7 @@
 """Online training (--follow): files arriving while the run goes, exactly once across a restart.
 
 The tests share one local Ray session; the parts that need no Ray:
-tests/unit/test_online.py.
+tests/unit/worker/test_online.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from online_files import LR, D, G, follow_config, write_file
 
 from raymb import load_config
 from raymb.driver.run import follow
-from raymb.rundir.checkpoint import STATE_FILE, load_model, read
+from raymb.rundir.checkpoint import STATE_FILE, read
+from raymb.tools.load import load_model
 
 pytestmark = pytest.mark.timeout(600)
 

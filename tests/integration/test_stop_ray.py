@@ -24,7 +24,8 @@ import torch
 
 from raymb import load_config
 from raymb.driver.local import train_torch
-from raymb.rundir.checkpoint import STATE_FILE, load_model, read
+from raymb.rundir.checkpoint import STATE_FILE, read
+from raymb.tools.load import load_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 

@@ -24,9 +24,8 @@ from pathlib import Path
 import pytest
 from conftest import assert_refused, run_raymb, tree
 
-from raymb import load_config
+from raymb import load_config, storage
 from raymb.errors import StorageError
-from raymb.rundir import storage
 from raymb.rundir.checkpoint import claim_run
 from raymb.rundir.lock import LOCK_FILE, check_unlocked, lock_run
 

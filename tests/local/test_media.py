@@ -22,7 +22,7 @@ from local_run import train_local
 
 from raymb import load_config
 from raymb.cli import main as cli
-from raymb.rundir.checkpoint import load_model
+from raymb.tools.load import load_model
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from local_run import train_local
 from raymb import load_config
 from raymb.driver.launch import run_torch
 from raymb.driver.local import local_spec
-from raymb.rundir.checkpoint import load_model
+from raymb.tools.load import load_model
 from raymb.worker.epochs import train_loop
 from raymb.worker.spec import EpochsSpec
 

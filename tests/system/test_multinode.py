@@ -29,7 +29,7 @@ import torch
 
 from raymb import load_config
 from raymb.cli import main as cli_main
-from raymb.rundir.storage import resolve
+from raymb.storage import resolve
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -97,7 +97,7 @@ def _gradient_descent(linear_data: Path, steps: int) -> tuple[torch.Tensor, torc
 
 
 def _assert_params(summary: dict, linear_data: Path, steps: int) -> None:
-    from raymb.rundir.checkpoint import load_model
+    from raymb.tools.load import load_model
 
     model, _ = load_model(summary["checkpoint"])
     w, b = _gradient_descent(linear_data, steps)

@@ -1,4 +1,4 @@
-"""Experiment tracking (raymb.rundir.tracking) to MLflow: a real `mlflow server` on 127.0.0.1
+"""Experiment tracking (raymb.driver.report.tracking) to MLflow: a real `mlflow server` on 127.0.0.1
 (one for the module, sqlite and its own artifact store), read back through MlflowClient. Every
 expected value is taken from the rows fed in, never from the tracker. The rest of tracking,
 without a server: tests/unit/driver/test_tracking.py.
@@ -26,7 +26,7 @@ from tracking_rows import (
     start,
 )
 
-from raymb.rundir.storage import resolve
+from raymb.storage import resolve
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from raymb.config import (
 )
 from raymb.errors import CheckpointError
 from raymb.rundir import checkpoint as ckpt
-from raymb.rundir.checkpoint import atomic_save, claim_run, load_model
+from raymb.rundir.checkpoint import atomic_save, claim_run
+from raymb.tools.load import load_model
 
 # Each family's keys, written out independently of the classes.
 KEYS = {

@@ -19,8 +19,8 @@ from raymb import load_config
 from raymb.config.toml import to_toml
 from raymb.core.noise import NoiseScale, batch_advice, unbiased_pair
 from raymb.driver.local import train_torch
+from raymb.driver.report.progress import format_summary
 from raymb.rundir.checkpoint import read
-from raymb.rundir.progress import format_summary
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -19,6 +19,7 @@ import pytest
 from conftest import assert_refused, tree
 from PIL import Image
 
+from raymb import storage
 from raymb.cli import main
 from raymb.data.checks import MAX_CLASSES, check_dataset, resolve_files
 from raymb.data.manifest import write_manifest
@@ -27,7 +28,6 @@ from raymb.data.synthetic_tables import MAX_CLASSES as SYNTH_MAX_CLASSES
 from raymb.data.text import prepare_text
 from raymb.data.tokenizer import load_tokenizer, train_bpe
 from raymb.errors import DataError
-from raymb.rundir import storage
 from raymb.rundir.checkpoint import atomic_save
 
 KINDS = ("linear", "regression", "classification", "images", "tokens")

@@ -26,11 +26,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import assert_refused
 
+from raymb import storage
 from raymb.data.checks import resolve_files
 from raymb.data.manifest import write_manifest
 from raymb.driver.preflight import check_zero_padding
 from raymb.errors import ConfigError, DataError
-from raymb.rundir import storage
 from raymb.rundir.lock import LOCK_FILE, _settled_lock, is_alive
 
 ROWS = 8

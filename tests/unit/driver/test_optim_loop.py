@@ -15,7 +15,8 @@ import torch
 
 from raymb import load_config
 from raymb.driver.local import train_torch
-from raymb.rundir.checkpoint import STATE_FILE, load_model, read
+from raymb.rundir.checkpoint import STATE_FILE, read
+from raymb.tools.load import load_model
 
 
 def _write(folder: Path, x: np.ndarray, y: np.ndarray, shards: int = 2) -> Path:

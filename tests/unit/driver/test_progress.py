@@ -1,5 +1,5 @@
 """The progress display on a fake clock: the start-up phases, and an ETA from the step rate of a
-moving window, worked out by hand (raymb.rundir.progress.Display)."""
+moving window, worked out by hand (raymb.driver.report.progress.Display)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from raymb.rundir.progress import RATE_WINDOW_S, Display
+from raymb.driver.report.progress import RATE_WINDOW_S, Display
 
 
 class Clock:

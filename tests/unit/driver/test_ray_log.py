@@ -13,8 +13,8 @@ import logging
 
 import pytest
 
+from raymb import storage
 from raymb.driver.logs import RAY_LOG, RayLog, divert, notices
-from raymb.rundir import storage
 
 CONTROLLER_FAILURE = [  # Ray Train's controller, on its stderr, once rank 1 was killed
     "[FailurePolicy] RAISE",

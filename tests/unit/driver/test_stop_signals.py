@@ -68,10 +68,10 @@ def test_the_same_signal_twice_at_once_is_one_request(tmp_path) -> None:
 
 
 def test_a_second_ctrl_c_abandons_at_once_and_marks_the_run_interrupted(tmp_path) -> None:
+    from raymb.driver.report import progress
     from raymb.driver.run import _run
-    from raymb.rundir import progress
     from raymb.rundir.lock import lock_run
-    from raymb.rundir.storage import resolve
+    from raymb.storage import resolve
 
     config = load_config(None, [f"run.storage_path={tmp_path}", "run.name=r"])
     run_dir = resolve(str(tmp_path / "r"))

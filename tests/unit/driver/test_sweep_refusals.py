@@ -254,7 +254,7 @@ def _run_dir(root: Path, status: str | None, *, summary_after: bool = True) -> P
     """A trial's run folder as a driver leaves it: status.json (marked at `status`) and,
     written before or after that mark, summary.json."""
     from raymb.rundir.runs import mark
-    from raymb.rundir.storage import resolve
+    from raymb.storage import resolve
 
     run_dir = root / "trial-000"
     run_dir.mkdir(parents=True)

@@ -1,5 +1,5 @@
-"""Experiment tracking (raymb.rundir.tracking) without Ray: synthetic metrics.csv rows in, read
-back out.
+"""Experiment tracking (raymb.driver.report.tracking) without Ray: synthetic metrics.csv rows
+in, read back out.
 
 TensorBoard's event files are read by TensorBoard's own EventAccumulator; an object-store run
 directory lives on moto's S3 server; MLflow without a server here (one down, one lost, none
@@ -27,10 +27,10 @@ from tracking_rows import (
     start,
 )
 
+from raymb.driver.report import tracking
+from raymb.driver.report.tracking import flatten, points
 from raymb.errors import ConfigError
-from raymb.rundir import tracking
-from raymb.rundir.storage import resolve
-from raymb.rundir.tracking import flatten, points
+from raymb.storage import resolve
 
 # -- rows and config --------------------------------------------------------------------------
 

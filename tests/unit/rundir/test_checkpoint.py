@@ -17,7 +17,8 @@ from torch import nn
 from raymb.errors import CheckpointError
 from raymb.load import load_config
 from raymb.rundir import checkpoint as ckpt
-from raymb.rundir.checkpoint import atomic_save, check_compatible, claim_run, load_model, read
+from raymb.rundir.checkpoint import atomic_save, check_compatible, claim_run, read
+from raymb.tools.load import load_model
 
 
 def _linear_payload(config_overrides=(), model: nn.Module | None = None, in_features: int = 2):

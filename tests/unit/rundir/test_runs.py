@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 import pytest
 
+from raymb import storage
 from raymb.cli import main
-from raymb.rundir import runs, storage
-from raymb.rundir.storage import Location
+from raymb.rundir import runs
+from raymb.storage import Location
 
 COLUMNS = "step,epoch,train_loss,val_loss,val_accuracy,lr,samples,samples_per_s"
 DAY = 86400.0

@@ -348,12 +348,13 @@ def test_prepare_writes_beside_its_input(tmp_path, capsys):
 
 def test_a_checkpoint_larger_than_the_bound_is_refused_unread(tmp_path, monkeypatch):
     import raymb.rundir.checkpoint as checkpoint
+    from raymb.tools.load import preflight
 
     _layout(tmp_path)
     model = tmp_path / "ckpt" / MODEL_FILE
     checkpoint.read(model)  # within the bound
     monkeypatch.setattr(checkpoint, "MAX_CHECKPOINT_BYTES", model.stat().st_size - 1)
-    for call in (checkpoint.read, checkpoint.preflight):
+    for call in (checkpoint.read, preflight):
         with pytest.raises(RaymbError, match="larger than .* the most a checkpoint file may"):
             call(model)
 

@@ -26,8 +26,8 @@ import torch
 from raymb import Config
 from raymb.cli import main
 from raymb.core.loss import batch_sums
+from raymb.driver.report.progress import Tail, format_summary, watch
 from raymb.rundir.checkpoint import MODEL_FILE, atomic_save, model_payload
-from raymb.rundir.progress import Tail, format_summary, watch
 from raymb.worker.metrics import COLUMNS
 
 pytestmark = pytest.mark.timeout(60)
@@ -279,7 +279,7 @@ def test_format_summary() -> None:
 
 
 def test_every_run_writes_loss_png(tmp_path) -> None:
-    from raymb.rundir.plot import write_run_plot
+    from raymb.driver.report.plot import write_run_plot
 
     run_dir = make_run(tmp_path, "grad")
     out = write_run_plot(run_dir)
@@ -290,7 +290,7 @@ def test_every_run_writes_loss_png(tmp_path) -> None:
 
 
 def test_without_matplotlib_nothing_breaks(tmp_path, monkeypatch, capsys) -> None:
-    from raymb.rundir.plot import write_run_plot
+    from raymb.driver.report.plot import write_run_plot
 
     run_dir = make_run(tmp_path, "grad")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
@@ -301,14 +301,14 @@ def test_without_matplotlib_nothing_breaks(tmp_path, monkeypatch, capsys) -> Non
 
 
 def test_raymb_plot_overlays_runs(tmp_path, capsys, monkeypatch) -> None:
-    import raymb.rundir.plot
+    import raymb.driver.report.plot
 
     grad = make_run(tmp_path, "grad", steps=30)
     param = make_run(tmp_path, "param", steps=20, scale=2.0)
     drawn = {}
-    draw = raymb.rundir.plot._draw
+    draw = raymb.driver.report.plot._draw
     monkeypatch.setattr(
-        raymb.rundir.plot,
+        raymb.driver.report.plot,
         "_draw",
         lambda runs, out, title: drawn.update(runs=runs) or draw(runs, out, title=title),
     )

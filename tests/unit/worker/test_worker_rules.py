@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from raymb import storage
 from raymb.config import Config
-from raymb.rundir import storage
 from raymb.worker.checkpointer import Checkpointer, Progress
 from raymb.worker.drills import with_drills
 from raymb.worker.stopping import STOP_FILE, EarlyStopper, StopRequest

@@ -3,7 +3,7 @@
 A checkpoint is a file someone hands raymb eval, predict, export or sample: its fields are
 checked and bounded here, each refusal one line naming the field, and a custom model
 factory it names runs only with consent (--trust-model-code, RAYMB_TRUST_MODEL_CODE=1).
-Nothing here imports torch at the top: raymb.rundir.checkpoint.preflight runs these checks
+Nothing here imports torch at the top: raymb.tools.load.preflight runs these checks
 on fields read without torch (peek), so that a refusal takes no torch import.
 """
 
@@ -68,7 +68,7 @@ def check_payload(payload: dict[str, Any], path: str | Path) -> None:
     the field, before anything is built from them."""
     missing = [k for k in _MODEL_KEYS if k not in payload]
     if missing:
-        from raymb.rundir.checkpoint import MODEL_FILE  # here: checkpoint imports this module
+        from raymb.rundir.checkpoint import MODEL_FILE
 
         raise CheckpointError(
             f"{path}: a raymb checkpoint without a model (no {', '.join(missing)}); "

@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 from raymb.core.noise import batch_advice
 from raymb.errors import RaymbError
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 
 BAR_WIDTH = 20
 RATE_WINDOW_S = 30.0

@@ -19,7 +19,7 @@ from typing import Any
 
 from raymb.errors import RaymbError
 from raymb.files import check_output
-from raymb.rundir.storage import Location, temp_sibling
+from raymb.storage import Location, temp_sibling
 
 PLOT_FILE = "loss.png"
 METRICS_FILE = "metrics.csv"

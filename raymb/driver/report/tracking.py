@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from raymb.errors import ConfigError
-from raymb.rundir.storage import Location
+from raymb.storage import Location
 from raymb.version import version
 
 UPLOAD_S = 30.0

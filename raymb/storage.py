@@ -19,22 +19,20 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raymb.errors import StorageError
 
-if TYPE_CHECKING:
-    from raymb.config import StorageSection
-
 _options: dict[str, str | None] = {"endpoint_url": None, "region": None}
 
 
-def configure(section: StorageSection) -> None:
-    """Use a config's [storage] endpoint and region for the S3 URIs this process resolves."""
-    _options.update(endpoint_url=section.endpoint_url, region=section.region)
+def configure(endpoint_url: str | None, region: str | None) -> None:
+    """Use this endpoint and region (a config's [storage]) for the S3 URIs this process
+    resolves. Each command calls it once, at its start (raymb.driver.preflight.check_run_dir,
+    raymb tune's checks, the tools)."""
+    _options.update(endpoint_url=endpoint_url, region=region)
 
 
 def is_uri(text: str | os.PathLike) -> bool:

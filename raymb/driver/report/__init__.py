@@ -1,0 +1,1 @@
+"""raymb.driver.report."""
