@@ -6,7 +6,12 @@ import argparse
 import math
 import sys
 
-from raymb.cli.train import add_config_arguments, add_verbose_argument
+from raymb.cli.train import (
+    add_config_arguments,
+    add_local_argument,
+    add_verbose_argument,
+    local_overrides,
+)
 from raymb.core.lr_find import MAX_STEPS, check_range
 from raymb.errors import RaymbError
 from raymb.load import load_config
@@ -54,19 +59,25 @@ def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ADDR",
         help="join this Ray cluster instead of starting a local one",
     )
+    add_local_argument(parser)
     add_verbose_argument(parser)
 
 
 def run_lr_find(args: argparse.Namespace, *, backend: str | None = None) -> int:
     """`raymb lr-find`; `backend` ("gloo"): on local torch.distributed processes instead of
-    Ray (raymb.driver.lr_find; the tests' way to drive the command without Ray)."""
+    Ray (raymb.driver.lr_find; the tests' way to drive the command without Ray), as --local
+    (scale.launcher = "local") asks."""
     low, high = _rate("--min", args.low), _rate("--max", args.high)
     steps = _steps(args.steps)
     problem = check_range(low, high, steps)
     if problem is not None:
         raise RaymbError(problem)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, local_overrides(args))
+        if config.scale.launcher == "local":
+            if args.address is not None:
+                raise RaymbError("--local runs without a Ray cluster: leave out --address")
+            backend = backend or ("nccl" if config.scale.use_gpu else "gloo")
         from raymb.driver.lr_find import conclude, lr_find
 
         result = lr_find(

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 from raymb.config import DataSection, to_toml
+from raymb.driver.report.progress import format_summary
 from raymb.errors import RaymbError
 from raymb.load import load_config
-from raymb.rundir.progress import format_summary
 
 DEFAULT_DATA = Path(DataSection().train).parent  # data/linear, made on first use
 IDLE_TIMEOUT = 60.0  # seconds, raymb train --follow
@@ -57,6 +57,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="join this Ray cluster (e.g. auto, or "
         "ray://host:10001) instead of starting a local one",
     )
+    add_local_argument(parser)
     parser.add_argument(
         "--follow",
         metavar="DIR",
@@ -73,6 +74,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_verbose_argument(parser)
 
 
+def add_local_argument(parser: argparse.ArgumentParser) -> None:
+    """--local: scale.launcher = "local", for raymb train and raymb lr-find."""
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="no Ray: scale.workers processes on this machine (a gloo group; NCCL on GPUs), "
+        "the data read into memory; the same numbers and run directory, resumable on Ray "
+        'and back (sets scale.launcher = "local"). For trying a config, small jobs and '
+        "tests; a worker that fails ends the run (failure restarts need Ray)",
+    )
+
+
+def local_overrides(args: argparse.Namespace) -> list[str]:
+    """--set's overrides, with --local's last (it wins over a --set of the same key)."""
+    return [*args.overrides, *(["scale.launcher=local"] if getattr(args, "local", False) else [])]
+
+
 def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
     """-v/--verbose, for every command that starts Ray."""
     parser.add_argument(
@@ -85,7 +103,7 @@ def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, local_overrides(args))
     if args.idle_timeout is not None and args.follow is None:
         raise RaymbError("--idle-timeout needs --follow DIR")
     idle_timeout = IDLE_TIMEOUT if args.idle_timeout is None else args.idle_timeout
@@ -95,6 +113,8 @@ def run_train(args: argparse.Namespace) -> int:
         print(to_toml(config), end="")
         return 0
     if args.follow is not None:
+        if config.scale.launcher == "local":
+            raise RaymbError('--follow trains on Ray: leave out --local (scale.launcher = "local")')
         if "://" not in args.follow and not Path(args.follow).is_dir():
             raise RaymbError(f"--follow {args.follow}: no such directory")
         from raymb.driver.run import follow
@@ -133,7 +153,7 @@ def _ensure_default_data() -> None:
 
 
 def _print_linear(checkpoint: str) -> None:
-    from raymb.rundir.checkpoint import load_model
+    from raymb.tools.load import load_model
 
     model, _ = load_model(checkpoint)
     w = ", ".join(f"{v:.4f}" for v in model.weight.detach().flatten().tolist())

@@ -49,7 +49,8 @@ HEADER = """\
 # Configuration
 
 <!-- Generated from raymb/config/ by `python -m raymb.config > docs/config.md`: edit the
-docstrings there and regenerate; tests/unit/test_config_docs.py checks this file is current. -->
+docstrings there and regenerate; tests/unit/config/test_config_docs.py checks this
+file is current. -->
 
 A config file is TOML, one table per section, and every key is optional: `raymb train --config
 FILE`. `--set section.key=value` overrides a key (`--set train.early_stopping.patience=3`),

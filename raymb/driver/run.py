@@ -3,14 +3,19 @@
 Both check everything before Ray starts (raymb.driver.preflight: neither Ray nor the worker
 modules are imported until the checks pass), hold the run directory's lock (raymb.rundir.lock)
 to the end, start or join Ray and build the TorchTrainer (raymb.driver.cluster), then run it
-through one
-closing sequence: progress and tracking while it runs; on failure a one-line error that says
-what was kept; at the end summary.json, loss.png, the tracked run's artifacts, status.json.
+through one closing sequence: progress and tracking while it runs; on failure a one-line error
+that says what was kept; at the end summary.json, loss.png, the tracked run's artifacts,
+status.json.
 
-The progress display (raymb.rundir.progress) starts before Ray, showing each phase of the
+The progress display (raymb.driver.report.progress) starts before Ray, showing each phase of the
 start-up. The first Ctrl-C or SIGTERM writes <run dir>/STOP: the workers checkpoint at the
 next step (after the file in hand with --follow) and return, and the run is marked
 `stopped`, saying how to resume; a second abandons it at once, marked `interrupted`.
+
+`raymb train --local` (scale.launcher = "local") is the same path without Ray: the data is
+read here and the workers are processes of a torch.distributed group on this machine
+(raymb.driver.local, raymb.driver.launch) in place of Ray Train's; the checks, the lock, the
+progress, the stop, the closing sequence and the run directory are the same.
 """
 
 from __future__ import annotations
@@ -23,20 +28,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from raymb import storage
 from raymb.config import Config
 from raymb.data.checks import DatasetInfo, describe_shape
 from raymb.driver.logs import RayLog, close_log
 from raymb.driver.preflight import check_run_dir, prepare, prepare_follow, tokenizer_spec
+from raymb.driver.report import plot, progress
+from raymb.driver.report.tracking import Tracker
 from raymb.driver.signals import StopSignals, in_thread
 from raymb.errors import DataError, RaymbError, StorageError
-from raymb.rundir import plot, progress, storage
 from raymb.rundir.checkpoint import MODEL_FILE, claim_run
 from raymb.rundir.lock import RunLock, lock_run
 from raymb.rundir.runs import latest_checkpoint, mark
-from raymb.rundir.storage import Location
-from raymb.rundir.timeline import enabled as timeline_enabled
-from raymb.rundir.timeline import stamp
-from raymb.rundir.tracking import Tracker
+from raymb.storage import Location
+from raymb.timeline import enabled as timeline_enabled
+from raymb.timeline import stamp
+
+STOP_FILE = "STOP"  # raymb.worker.stopping.STOP_FILE; not imported from there (torch)
 
 if TYPE_CHECKING:
     from raymb.core.plan import Plan
@@ -72,19 +80,28 @@ def train(
     A trial of `raymb tune` (raymb.driver.tune) runs it inside the sweep's Ray session: its
     `callbacks` (Ray Train UserCallbacks) go to the trainer's RunConfig, and `stream` takes
     the progress display instead of stderr."""
+    local = config.scale.launcher == "local"
+    if local:
+        from raymb.driver.local import check_local
+
+        if address is not None:
+            raise RaymbError("--local runs without a Ray cluster: leave out --address")
+        check_local(config)
     run_dir = check_run_dir(config)  # before the data checks: no torch needed
     plan, train_info, val_info = prepare(config)
     shown = progress.Watch(run_dir / "metrics.csv", plan.total_steps, stream)
 
     def start(stop_file: Location) -> tuple[Callable, Any]:
+        if local:  # the whole set in memory, read here as Ray's cache holds it
+            from raymb.driver.local import local_spec
+
+            shown.say(_data_line(config, plan, train_info))
+            return None, local_spec(config, (plan, train_info, val_info), run_dir)
         from raymb.driver.cluster import use_cache
 
         # A fold of cross-validation is an index into the cached rows.
         cached = use_cache(config, [train_info, val_info]) or bool(config.data.folds)
-        shown.say(
-            f"raymb: data.train: {train_info.num_rows} rows, "
-            f"{describe_shape(train_info, config.data.features)}, task {plan.inputs['task']}"
-        )
+        shown.say(_data_line(config, plan, train_info))
         if cached:
             shown.phase("reading data")  # submitting the read tasks; the workers wait on them
         spec = epochs_spec(config, plan, run_dir, train_info, val_info, cached)
@@ -108,7 +125,13 @@ def train(
         stops="at the next step",
         close=close,
         callbacks=callbacks,
+        local=local,
     )
+
+
+def _data_line(config: Config, plan: Plan, info: DatasetInfo) -> str:
+    shape = describe_shape(info, config.data.features)
+    return f"raymb: data.train: {info.num_rows} rows, {shape}, task {plan.inputs['task']}"
 
 
 def follow(
@@ -124,6 +147,8 @@ def follow(
 
     With no complete file in `directory` within `idle_timeout`, nothing starts: DataError.
     """
+    if config.scale.launcher == "local":
+        raise RaymbError('--follow trains on Ray: leave out --local (scale.launcher = "local")')
     run_dir = check_run_dir(config)  # a second driver is refused before waiting for a file
     config, shape, val_info, location = prepare_follow(config, directory, idle_timeout)
     shown = progress.Watch(run_dir / "metrics.csv", None)
@@ -168,12 +193,16 @@ def _launch(
     stops: str,
     close: Callable[[dict[str, Any], dict[str, Any], bool], str],
     callbacks: Sequence[Any] = (),
+    local: bool = False,
 ) -> Result:
     """What train and follow share once their checks passed: hold the run directory, start
     or join Ray, build the trainer from `start(stop_file)` (the loop and its spec), and run it.
     A failure before training leaves a new run's directory as it was not (the lock discards
     it); the lock is released at the end, on failure and Ctrl-C too. `close` gets whether a
-    stop was asked for (the first Ctrl-C or SIGTERM) and returns the status to mark."""
+    stop was asked for (the first Ctrl-C or SIGTERM) and returns the status to mark.
+    `local`: no Ray; `start` gives the spec of raymb.driver.local's processes."""
+    if local:
+        return _launch_local(config, run_dir, shown, start, stops=stops, close=close)
     lock = lock_run(run_dir)
     with ExitStack() as held:  # closed last to first: the log, then the lock
         held.callback(lock.release)  # on failure and Ctrl-C too
@@ -184,8 +213,7 @@ def _launch(
             ray_log = held.enter_context(ray_log_of(run_dir, verbose, shown.say))
             stamp("checked")
             shown.phase("starting Ray")
-            from raymb.driver.cluster import ask_stop, make_trainer
-            from raymb.worker.worker import STOP_FILE
+            from raymb.driver.cluster import TrainingFailed, make_trainer
 
             # Ray from here on, not before the last refusal
             cpus = start_ray(config, address, ray_log)
@@ -203,9 +231,55 @@ def _launch(
             # From the start of fit() to status.json: the first signal asks for the stop (the
             # closing sequence finishes as it is), a later one abandons.
             with StopSignals(lambda: ask_stop(stop_file, stops, shown.say)):
-                return _run(config, lock, lambda: in_thread(trainer.fit), shown=shown, close=done)
+                fit = lambda: in_thread(trainer.fit)  # noqa: E731
+                return _run(config, lock, fit, shown=shown, close=done, failed=TrainingFailed)
         finally:
             stop_file.remove()
+
+
+def _launch_local(
+    config: Config,
+    run_dir: Location,
+    shown: progress.Watch,
+    start: Callable[[Location], tuple[Callable, Any]],
+    *,
+    stops: str,
+    close: Callable[[dict[str, Any], dict[str, Any], bool], str],
+) -> Result:
+    """_launch for --local: the same lock, closing sequence and stop, with the workers as
+    processes on this machine (raymb.driver.local.LocalFit), started and waited for on this
+    (main) thread, where the stop signals are handled. Neither Ray nor torch is imported here."""
+    from raymb.driver.local import LocalFit, WorkerFailed, notice
+
+    lock = lock_run(run_dir)
+    with ExitStack() as held:
+        held.callback(lock.release)  # on failure and Ctrl-C too
+        try:
+            claim_run(run_dir, config)  # a resumed run must fit its checkpoints
+            stamp("checked")
+            stop_file = run_dir / STOP_FILE
+            stop_file.remove()  # left by an earlier run
+            _, spec = start(stop_file)
+            stamp("read")
+            shown.say(notice(config))
+            fit = LocalFit(config, spec)
+        except BaseException:
+            shown.close()
+            lock.discard()  # a new run that never started leaves nothing; an older one is kept
+            raise
+        try:
+            done = lambda summary, metrics: close(summary, metrics, stop_file.exists())  # noqa: E731
+            with StopSignals(lambda: ask_stop(stop_file, stops, shown.say)):
+                return _run(config, lock, fit.fit, shown=shown, close=done, failed=WorkerFailed)
+        finally:
+            stop_file.remove()
+
+
+def ask_stop(stop_file: Location, stops: str, say: Callable[[str], None]) -> None:
+    """Write `stop_file`, asking the workers to checkpoint and return (`stops` says when, for
+    the line `say` prints), as raymb.driver.cluster.ask_stop does; no Ray here."""
+    stop_file.write_bytes(b"")
+    say(f"raymb: stopping {stops}, then checkpointing (Ctrl-C again to abandon it)")
 
 
 @contextmanager
@@ -265,11 +339,11 @@ def _run(
     *,
     shown: progress.Watch,
     close: Callable[[dict[str, Any], dict[str, Any]], str],
+    failed: type[BaseException] | tuple[type[BaseException], ...] = (),
 ) -> Result:
     """Run `fit` with progress (`shown`, closed here) and tracking; then the closing sequence.
-    `close` adds the mode's own keys to the summary and returns the status to mark."""
-    from raymb.driver.cluster import TrainingFailed
-
+    `close` adds the mode's own keys to the summary and returns the status to mark; `failed`:
+    what fit raises when the workers fail (Ray Train's error, or raymb.driver.launch's)."""
     run_dir = lock.run_dir
     try:
         mark(run_dir, "running")
@@ -289,7 +363,7 @@ def _run(
         tracker.finish(summary=None, status="KILLED" if interrupted else "FAILED", files={})
         if interrupted:  # the second Ctrl-C: abandoned at once, the last checkpoint kept
             _mark_quietly(run_dir, "interrupted")
-        if isinstance(e, TrainingFailed):
+        if isinstance(e, failed):
             _failed(e, config, lock)
         raise
     summary = _summary(result, time.perf_counter() - started, config, run_dir)
@@ -318,7 +392,7 @@ def _failed(error: BaseException, config: Config, lock: RunLock) -> None:
     """The workers failed: say it in one line, with what was kept (a new run that bad data
     stopped before any checkpoint leaves nothing)."""
     run_dir = lock.run_dir
-    latest, _ = latest_checkpoint(run_dir)
+    latest = _latest(run_dir)
     bad_data = _data_error(error)
     if bad_data is not None:  # found by the workers' first read: nothing to keep
         left = None
@@ -336,6 +410,16 @@ def _failed(error: BaseException, config: Config, lock: RunLock) -> None:
     )
     mark_failed(run_dir, _first_line(error))
     raise RaymbError(f"training failed: {_first_line(error)} ({kept})") from error
+
+
+def _latest(run_dir: Location) -> Location | None:
+    """The run's newest complete checkpoint, whichever launcher wrote it."""
+    from raymb.worker.session import newest_checkpoint  # no torch, no Ray
+
+    newest = newest_checkpoint(run_dir)
+    if newest is not None:
+        return newest.location
+    return latest_checkpoint(run_dir)[0]
 
 
 def start_tracking(config: Config, run_dir: Location, *, resumed: bool) -> Tracker:
