@@ -122,9 +122,13 @@ def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
     raise DataError(f"not a tokenizer spec: {str(spec)[:80]} (expected kind bytes or bpe)")
 
 
-def load_tokenizer(folder: str | Path) -> Tokenizer:
-    """The tokenizer of a prepared text folder (or of its train/val split), from its manifest."""
-    found = find_manifest(str(folder))
+def load_tokenizer(
+    folder: str | Path, found: tuple[Path, dict[str, Any]] | None = None
+) -> Tokenizer:
+    """The tokenizer of a prepared text folder (or of its train/val split), from its manifest
+    (`found`: the folder and manifest raymb.load already read for it, not read again)."""
+    if found is None:
+        found = find_manifest(str(folder))
     if found is None:
         raise DataError(f"{folder}: no raymb-data.json here or one level up (not a prepared set)")
     root, manifest = found

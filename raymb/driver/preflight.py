@@ -209,7 +209,7 @@ def tokenizer_spec(config: Config) -> dict | None:
         return None
     from raymb.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(found[0]).spec
+    return load_tokenizer(found[0], found).spec
 
 
 # --follow DIR: what the first file fixes, and what --follow does not take yet.
