@@ -27,7 +27,7 @@ import os  # noqa: E402
 import raymb  # noqa: E402
 from raymb.cli import add_config_arguments  # noqa: E402
 from raymb.config import RunSection, to_toml  # noqa: E402
-from raymb.driver.report.progress import format_summary  # noqa: E402
+from raymb.driver.report.summary import format_summary  # noqa: E402
 from raymb.storage import is_uri  # noqa: E402
 
 PROG = "jobs/train.py"

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from raymb.config import DataSection, to_toml
-from raymb.driver.report.progress import format_summary
+from raymb.driver.report.summary import format_summary
 from raymb.errors import RaymbError
 from raymb.load import load_config
 

@@ -16,13 +16,12 @@ saved, the running trials ended at their last checkpoint): trials.csv and tune.j
 "interrupted", and no best.toml is written. A new sweep that fails before any trial started
 leaves no folder. Besides raymb.driver.cluster and raymb.driver.ray_compat the only driver
 module that imports Ray: the Ray-specific part of a sweep is here, the rest in
-raymb.config.tune and raymb.rundir.sweep.
+raymb.config.tune, raymb.driver.tune_trials (what the trials come to) and raymb.rundir.sweep.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -41,8 +40,14 @@ from raymb.driver import ray_compat
 from raymb.driver.cluster import connect
 from raymb.driver.logs import RayLog, close_log
 from raymb.driver.signals import StopSignals
+from raymb.driver.tune_trials import (
+    final_metrics,
+    location,
+    name_of,
+    summary_if_finished,
+    trial_row,
+)
 from raymb.rundir import sweep as out
-from raymb.rundir.runs import STATUS_FILE, mark
 
 DRIVER_CPU = 0.01
 """CPUs a trial's driver holds (its workers hold the rest of the trial's share)."""
@@ -65,7 +70,7 @@ def _run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: b
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # The trials' own raymb lines stay in the log: the sweep's progress line stands for them.
     say = lambda line: None if line.startswith("raymb:") else print(line, flush=True)  # noqa: E731
-    ray_log = None if verbose else RayLog(_location(sweep_dir), say=say)
+    ray_log = None if verbose else RayLog(location(sweep_dir), say=say)
     try:
         cpus = connect(config, address, ray_log=ray_log)
         if ray_log is not None:
@@ -102,9 +107,9 @@ def _run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: b
         with _Interruptible() as stop:
             grid = tuner.fit()
         shown.close()
-        _Cleanup(sweep_dir / out.TRIALS_DIR).remove_left([_name_of(r) for r in grid], wait_s=10.0)
+        _Cleanup(sweep_dir / out.TRIALS_DIR).remove_left([name_of(r) for r in grid], wait_s=10.0)
         live = shown.live if stop.asked else set()
-        rows = [_row(sweep, r, sweep_dir, interrupted=_name_of(r) in live) for r in grid]
+        rows = [trial_row(sweep, r, sweep_dir, interrupted=name_of(r) in live) for r in grid]
     finally:
         close_log(ray_log)
     return out.write_outputs(sweep, rows, sweep_dir, interrupted=stop.asked)
@@ -172,9 +177,9 @@ def _trial(values: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpus: float
     quiet = open(os.devnull, "w")  # noqa: SIM115 - the progress display, unseen in a trial
     if not sweep.tune.cv_folds:
         config = Config.from_dict(raw)
-        done = _finished_summary(Path(trials_dir) / name)
+        done = summary_if_finished(Path(trials_dir) / name)
         if done is not None:  # trained before the sweep was stopped: its files stay as they are
-            tune.report(_final_metrics(done, config))
+            tune.report(final_metrics(done, config))
             return
         groups = ray_compat.placement_group_recorder(_groups_file(trials_dir, name))
         train(
@@ -188,7 +193,7 @@ def _trial(values: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpus: float
     for f in range(sweep.tune.cv_folds):
         fold = Config.from_dict(sweep.fold_raw(raw, f, storage=f"{trials_dir}/{name}"))
         run_dir = Path(fold.run.storage_path) / fold.run.name
-        summary = _finished_summary(run_dir)
+        summary = summary_if_finished(run_dir)
         if summary is None:
             groups = ray_compat.placement_group_recorder(_groups_file(trials_dir, name))
             summary = train(
@@ -256,37 +261,6 @@ class _Cleanup(tune.Callback):
             if now - ended_at > self.WATCH_S:
                 del self.ended[name]
         ray_compat.end_orphaned_cleaners(wait_s)
-
-
-def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
-    """A run (a trial's, or a fold's) that trained to its end before the sweep was stopped
-    (raymb.rundir.sweep.finished_summary): its summary, without training. A run killed
-    between its summary.json and its last mark is marked here, as its driver would have."""
-    summary = out.finished_summary(run_dir)
-    if summary is not None and _run_status(run_dir) == "running":
-        from raymb.errors import RaymbError
-        from raymb.rundir.lock import lock_run
-
-        status = out.STOPPED_EARLY if summary.get("stopped_early") else out.FINISHED
-        try:
-            lock = lock_run(_location(run_dir))  # the dead driver's lock is taken over
-        except RaymbError:
-            return summary  # another driver holds it: its status is its own
-        try:
-            mark(lock.run_dir, status)
-        finally:
-            lock.release()
-    return summary
-
-
-def _final_metrics(summary: dict[str, Any], config: Config) -> dict[str, Any]:
-    """What the last report of a finished run said, from its summary.json."""
-    keep = ("train_loss", "val_loss", "val_accuracy")
-    return {
-        **{k: summary[k] for k in keep if summary.get(k) is not None},
-        "step": summary.get("steps"),
-        "epoch": config.train.epochs,
-    }
 
 
 def _with_cpus(config: Config, cpus: float | None) -> Config:
@@ -365,75 +339,6 @@ def _trial_name(trial) -> str:
 
 def _planned(sweep: Sweep) -> int:
     return sweep.trial_count()
-
-
-def _row(sweep: Sweep, result, sweep_dir: Path, *, interrupted: bool = False) -> dict[str, Any]:
-    """A trial's row of trials.csv, from Tune's result and its run directory's status.
-    `interrupted`: the trial was running or waiting when the sweep was interrupted."""
-    config = result.config or {}
-    metrics = result.metrics or {}
-    name = _name_of(result)
-    run_dir = sweep_dir / out.TRIALS_DIR / name
-    row: dict[str, Any] = {"trial": name, **{k: config.get(k) for k in sweep.keys}}
-    row[sweep.metric] = metrics.get(sweep.metric)
-    if sweep.tune.cv_folds:
-        row[f"{sweep.metric}_std"] = metrics.get(f"{sweep.metric}_std")
-        done = metrics.get("fold") == sweep.tune.cv_folds
-        stopped = _stopped(run_dir) if interrupted else out.STOPPED_EARLY
-        row["status"] = out.FINISHED if done else _failed(result) or stopped
-    elif interrupted and not _failed(result) and out.finished_summary(run_dir) is None:
-        row["status"] = _stopped(run_dir)
-        if _run_status(run_dir) == "running":  # its actor was ended: say so to raymb runs
-            mark(_location(run_dir), "interrupted")
-    else:
-        status = _run_status(run_dir)
-        error = _failed(result)
-        # The scheduler may end a trial's actor at its last report, all its steps trained.
-        max_steps = sweep.config.train.max_steps
-        trained = (metrics.get("epoch") or 0) >= sweep.config.train.epochs or (
-            max_steps is not None and (metrics.get("step") or 0) >= max_steps
-        )
-        if error:
-            row["status"] = error
-        elif status == out.FINISHED or (status == "running" and trained):
-            row["status"] = out.FINISHED
-        else:  # stopped by the scheduler (or by raymb's own early stopping)
-            row["status"] = out.STOPPED_EARLY
-        if status == "running" and not error:  # its actor was ended: say so to raymb runs
-            mark(_location(run_dir), row["status"])
-    row["steps"] = metrics.get("step")
-    row["run_dir"] = str(run_dir)
-    return row
-
-
-def _stopped(run_dir: Path) -> str:
-    """An interrupted sweep's status for a trial it did not let finish."""
-    return out.INTERRUPTED if run_dir.exists() else out.NOT_STARTED
-
-
-def _name_of(result) -> str:
-    path = Path(result.path).name
-    return path[len("tune-") :] if path.startswith("tune-") else path
-
-
-def _failed(result) -> str | None:
-    if result.error is None:
-        return None
-    lines = [line for line in str(result.error).splitlines() if line.strip()]
-    return f"failed: {lines[-1].strip() if lines else type(result.error).__name__}"
-
-
-def _run_status(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / STATUS_FILE).read_text()).get("status")
-    except (OSError, ValueError):
-        return None
-
-
-def _location(path: Path):
-    from raymb.storage import resolve
-
-    return resolve(str(path))
 
 
 class _Progress(tune.Callback):

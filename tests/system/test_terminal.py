@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from raymb.driver.logs import RAY_LOG
-from raymb.driver.report.progress import format_summary
+from raymb.driver.report.summary import format_summary
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 

@@ -1,12 +1,12 @@
-"""What the driver shows while a run trains and after: a progress bar, and the result table.
+"""What the driver shows while a run trains: a progress bar, or plain lines.
 
 A `Watch` shows the start-up as phases the driver names ("starting Ray", "reading data",
 "starting 2 workers"), then tails metrics.csv (rank 0 appends the rows it gathers, about once
-a second) in a background thread. On a terminal it redraws one line with `\\r`; elsewhere (a
-log file, a Ray job's output) it prints a line for each phase and then a plain line at most
-every `line_every` seconds, and only when a new row has arrived. After a resume rank 0
-rewrites metrics.csv without the rows past the resumed step: the tail notices the new file
-and starts over.
+a second; raymb.driver.report.tail) in a background thread. On a terminal it redraws one line
+with `\\r`; elsewhere (a log file, a Ray job's output) it prints a line for each phase and then
+a plain line at most every `line_every` seconds, and only when a new row has arrived. After a
+resume rank 0 rewrites metrics.csv without the rows past the resumed step: the tail notices the
+new file and starts over. The result table at the end is raymb.driver.report.summary's.
 
 The ETA divides the steps left by the step rate over a moving window (RATE_WINDOW_S) of the
 reads that brought new rows, from the first of them on: the start-up, and the steps taken
@@ -15,10 +15,8 @@ before the first read, are not in it, nor are rows that came in one read timed a
 
 from __future__ import annotations
 
-import csv
 import io
 import math
-import os
 import shutil
 import sys
 import threading
@@ -30,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from raymb.core.noise import batch_advice
+from raymb.driver.report.tail import RemoteTail, Tail
 from raymb.errors import RaymbError
 from raymb.storage import Location
 
@@ -48,76 +46,6 @@ class Row:
     val_loss: float | None
     val_accuracy: float | None
     samples_per_s: float | None
-
-
-class Tail:
-    """Complete rows appended to a CSV file since the last call; starts over if it is replaced.
-
-    A reader must never see half a row (the writer may be mid-line), so only text up to the
-    last newline is consumed.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.reset()
-
-    def reset(self) -> None:
-        self.identity: tuple[int, int] | None = None  # (device, inode) of the file being read
-        self.offset = 0
-        self.pending = b""
-        self.header: list[str] | None = None
-
-    def read(self) -> tuple[list[dict[str, str]], bool]:
-        """(new rows, whether the file was replaced or truncated since the last read)."""
-        try:
-            f = open(self.path, "rb")
-        except FileNotFoundError:
-            return [], False
-        with f:
-            st = os.fstat(f.fileno())  # of the file opened: the name may be replaced meanwhile
-            restarted = self.identity not in (None, (st.st_dev, st.st_ino))
-            if restarted or st.st_size < self.offset:
-                self.reset()
-                restarted = True
-            self.identity = (st.st_dev, st.st_ino)
-            f.seek(self.offset)
-            chunk = f.read()
-        self.offset += len(chunk)
-        complete, _, self.pending = (self.pending + chunk).rpartition(b"\n")
-        if not complete:
-            return [], restarted
-        lines = complete.decode().split("\n")
-        if self.header is None:
-            self.header = next(csv.reader([lines[0]]))
-            lines = lines[1:]
-        rows = [dict(zip(self.header, values)) for values in csv.reader(lines) if values]
-        return rows, restarted
-
-
-class RemoteTail:
-    """Tail's contract for a metrics.csv in an object store, which rank 0 rewrites whole (an
-    object cannot be appended to): the rows past those already seen, or all of them when the
-    file no longer starts with what was seen (a resume truncated it)."""
-
-    def __init__(self, location: Location) -> None:
-        self.location = location
-        self.seen = ""
-
-    def read(self) -> tuple[list[dict[str, str]], bool]:
-        try:
-            text = self.location.read_text()
-        except FileNotFoundError:
-            return [], False
-        text = text[: text.rfind("\n") + 1]  # whole rows only
-        restarted = not text.startswith(self.seen)
-        old = 0 if restarted else self.seen.count("\n")  # lines read before, header included
-        self.seen = text
-        lines = text.splitlines()
-        if not lines:
-            return [], restarted
-        header = next(csv.reader(lines[:1]))
-        rows = [dict(zip(header, v)) for v in csv.reader(lines[max(old, 1) :]) if v]
-        return rows, restarted
 
 
 class Display:
@@ -227,10 +155,10 @@ class Display:
         else:
             parts.append(f"step {row.step}")
         if row is not None and self.phase is None:
-            parts.append(f"loss {_num(row.train_loss)}")
+            parts.append(f"loss {number(row.train_loss)}")
             val_loss, val_accuracy = self.val
             if val_loss is not None:
-                parts.append(f"val_loss {_num(val_loss)}")
+                parts.append(f"val_loss {number(val_loss)}")
             if val_accuracy is not None:
                 parts.append(f"val_acc {val_accuracy:.4f}")
             if row.samples_per_s is not None:
@@ -376,67 +304,6 @@ def watch(
         shown.close()
 
 
-def format_summary(summary: dict[str, Any], run_dir: str | Path) -> str:
-    """summary.json as a short two-column table, for the end of `raymb train` and of a job."""
-    resumed = summary.get("resumed_from_steps") or []
-    steps = f"{summary.get('steps', 0):,}"
-    notes = [f"resumed from step {', '.join(str(s) for s in resumed)}"] if resumed else []
-    if summary.get("stopped_early"):
-        notes.append("stopped early")
-    if summary.get("skipped_steps"):
-        notes.append(f"{summary['skipped_steps']:,} skipped")
-    if notes:
-        steps += f" ({'; '.join(notes)})"
-    rate = summary.get("samples_per_s")
-    rows = [
-        ("train loss", _num(summary.get("train_loss"))),
-        ("val loss", _num(summary.get("val_loss"))),
-        ("val accuracy", _num(summary.get("val_accuracy"), ".4f")),
-        *(
-            [("val perplexity", _num(summary["val_perplexity"], ".3f"))]
-            if summary.get("val_perplexity") is not None  # language models
-            else []
-        ),
-        *(
-            [("val bits/byte", _num(summary["val_bits_per_byte"], ".4f"))]
-            if summary.get("val_bits_per_byte") is not None
-            else []
-        ),
-        ("steps", steps),
-        ("samples", f"{summary.get('samples', 0):,}"),
-        *(
-            [("files", f"{summary['files_consumed']:,} ({summary.get('stop_reason') or 'done'})")]
-            if "files_consumed" in summary  # online training
-            else []
-        ),
-        ("samples/s", "n/a" if rate is None else f"{rate:,.1f}"),
-        ("wall time", duration(summary["wall_s"]) if summary.get("wall_s") is not None else "n/a"),
-        ("all-reduced", f"{size(summary.get('bytes_allreduced') or 0)} per worker"),
-        *_noise_rows(summary),
-        ("checkpoint", str(summary.get("checkpoint") or "none")),
-        *(
-            [("best", str(summary["best_checkpoint"]))]
-            if summary.get("best_checkpoint") not in (None, summary.get("checkpoint"))
-            else []
-        ),
-        ("run dir", str(run_dir)),
-    ]
-    width = max(len(key) for key, _ in rows)
-    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
-
-
-def _noise_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """train.noise_scale: the last estimate, and a line when G is far from it."""
-    if "grad_noise_scale" not in summary:
-        return []
-    estimate = summary["grad_noise_scale"]
-    if estimate is None:
-        return [("noise scale", "n/a (no step with two batch sizes yet)")]
-    rows = [("noise scale", f"{estimate:,.1f} rows (B_simple, the last estimate)")]
-    advice = batch_advice(estimate, summary.get("global_batch_size"))
-    return rows + ([("", advice)] if advice else [])
-
-
 def duration(seconds: float) -> str:
     """12.3s, 4m05s, 2h03m."""
     if seconds < 60:
@@ -448,13 +315,9 @@ def duration(seconds: float) -> str:
     return f"{hours}h{m:02d}m"
 
 
-def size(n: float) -> str:
-    """Bytes in binary units: 512 B, 1.5 KiB, 3.0 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+def number(value: float | None, spec: str = ".6g") -> str:
+    """A value as the display and the result table show it: n/a when there is none."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _row(raw: dict[str, str]) -> Row | None:
@@ -476,10 +339,6 @@ def _float(text: str | None) -> float | None:
         return float(text) if text else None
     except ValueError:
         return None
-
-
-def _num(value: float | None, spec: str = ".6g") -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def _isatty(stream: Any) -> bool:

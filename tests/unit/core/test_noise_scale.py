@@ -1,7 +1,7 @@
-"""train.noise_scale (raymb.core.noise, the probe in raymb.core.sync): the estimate of the real
-loop on gloo processes (raymb.driver.local.train_torch, no Ray) against B_simple worked out
-from every row's own gradient, and the parameters with the flag on equal those with it off,
-bit for bit."""
+"""train.noise_scale (raymb.core.noise, the probe in raymb.core.noise_probe): the estimate of
+the real loop on gloo processes (raymb.driver.local.train_torch, no Ray) against B_simple
+worked out from every row's own gradient, and the parameters with the flag on equal those
+with it off, bit for bit."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from raymb import load_config
 from raymb.config.toml import to_toml
 from raymb.core.noise import NoiseScale, batch_advice, unbiased_pair
 from raymb.driver.local import train_torch
-from raymb.driver.report.progress import format_summary
+from raymb.driver.report.summary import format_summary
 from raymb.rundir.checkpoint import read
 
 pytestmark = pytest.mark.timeout(600)

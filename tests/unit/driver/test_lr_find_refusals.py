@@ -29,7 +29,8 @@ from conftest import assert_refused, tree
 
 from raymb import load_config
 from raymb.core.lr_find import CSV_COLUMNS, MAX_STEPS
-from raymb.driver.lr_find import MARKER_FILE, lr_find
+from raymb.driver.lr_find import lr_find
+from raymb.rundir.lr_find_folder import MARKER_FILE
 
 pytestmark = pytest.mark.timeout(300)
 

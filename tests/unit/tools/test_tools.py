@@ -26,7 +26,9 @@ import torch
 from raymb import Config
 from raymb.cli import main
 from raymb.core.loss import batch_sums
-from raymb.driver.report.progress import Tail, format_summary, watch
+from raymb.driver.report.progress import watch
+from raymb.driver.report.summary import format_summary
+from raymb.driver.report.tail import Tail
 from raymb.rundir.checkpoint import MODEL_FILE, atomic_save, model_payload
 from raymb.worker.metrics import COLUMNS
 
