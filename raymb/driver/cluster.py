@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import ray
@@ -22,7 +22,6 @@ from raymb.data.checks import DatasetInfo, read_blocks
 from raymb.data.columns import column_names
 from raymb.driver import ray_compat, watchdog
 from raymb.driver.logs import RayLog, divert
-from raymb.driver.signals import StopSignals, in_thread
 from raymb.errors import DataError
 from raymb.storage import Location
 from raymb.worker.spec import DataSpec
@@ -304,24 +303,3 @@ def _trainer(local: bool) -> type:
                 return super().fit()
 
     return Trainer
-
-
-def ask_stop(stop_file: Location, stops: str, say: Callable[[str], None] | None = None) -> None:
-    """Write `stop_file`, asking the workers to checkpoint and return (`stops` says when, for
-    the line that tells the user; `say` prints it, by default on stderr)."""
-    stop_file.write_bytes(b"")
-    line = f"raymb: stopping {stops}, then checkpointing (Ctrl-C again to abandon it)"
-    if say is not None:
-        say(line)  # above the progress bar, not into it
-    else:
-        print(line, file=sys.stderr, flush=True)
-
-
-def fit_until_stopped(
-    trainer, stop_file: Location, *, stops: str, say: Callable[[str], None] | None = None
-):
-    """fit() in a thread; the first SIGINT or SIGTERM asks for the stop (ask_stop), a later one
-    raises KeyboardInterrupt here at once (a local Ray cluster ends with the process; the run
-    resumes from its last checkpoint). raymb.driver.signals says which signals count."""
-    with StopSignals(lambda: ask_stop(stop_file, stops, say)):
-        return in_thread(trainer.fit)

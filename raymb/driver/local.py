@@ -25,8 +25,8 @@ from raymb.driver.launch import TorchGroup, WorkerFailed, epochs_process, run_to
 from raymb.driver.preflight import prepare, run_location, tokenizer_spec
 from raymb.errors import ConfigError
 from raymb.rundir.checkpoint import MODEL_FILE
+from raymb.rundir.runs import Saved, newest_checkpoint, saved_checkpoints
 from raymb.storage import Location
-from raymb.worker.session import Saved, newest_checkpoint, saved_checkpoints
 from raymb.worker.spec import DataSpec, EpochsSpec, validation
 
 __all__ = [

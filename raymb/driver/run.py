@@ -3,9 +3,9 @@
 Both check everything before Ray starts (raymb.driver.preflight: neither Ray nor the worker
 modules are imported until the checks pass), hold the run directory's lock (raymb.rundir.lock)
 to the end, start or join Ray and build the TorchTrainer (raymb.driver.cluster), then run it
-through one closing sequence: progress and tracking while it runs; on failure a one-line error
-that says what was kept; at the end summary.json, loss.png, the tracked run's artifacts,
-status.json.
+through one closing sequence (raymb.driver.closing): progress and tracking while it runs; on
+failure a one-line error that says what was kept; at the end summary.json, loss.png, the
+tracked run's artifacts, status.json.
 
 The progress display (raymb.driver.report.progress) starts before Ray, showing each phase of the
 start-up. The first Ctrl-C or SIGTERM writes <run dir>/STOP: the workers checkpoint at the
@@ -20,7 +20,6 @@ progress, the stop, the closing sequence and the run directory are the same.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -28,18 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from raymb import storage
 from raymb.config import Config
 from raymb.data.checks import DatasetInfo, describe_shape
+from raymb.driver.closing import finish_run, mark_quietly, raise_failure, start_tracking, summarize
 from raymb.driver.logs import RayLog, close_log
 from raymb.driver.preflight import check_run_dir, prepare, prepare_follow, tokenizer_spec
-from raymb.driver.report import plot, progress
-from raymb.driver.report.tracking import Tracker
-from raymb.driver.signals import StopSignals, in_thread
-from raymb.errors import DataError, RaymbError, StorageError
-from raymb.rundir.checkpoint import MODEL_FILE, claim_run
+from raymb.driver.report import progress
+from raymb.driver.signals import StopSignals, ask_stop, in_thread
+from raymb.errors import RaymbError
+from raymb.rundir.checkpoint import claim_run
 from raymb.rundir.lock import RunLock, lock_run
-from raymb.rundir.runs import latest_checkpoint, mark
+from raymb.rundir.runs import mark
 from raymb.storage import Location
 from raymb.timeline import enabled as timeline_enabled
 from raymb.timeline import stamp
@@ -275,13 +273,6 @@ def _launch_local(
             stop_file.remove()
 
 
-def ask_stop(stop_file: Location, stops: str, say: Callable[[str], None]) -> None:
-    """Write `stop_file`, asking the workers to checkpoint and return (`stops` says when, for
-    the line `say` prints), as raymb.driver.cluster.ask_stop does; no Ray here."""
-    stop_file.write_bytes(b"")
-    say(f"raymb: stopping {stops}, then checkpointing (Ctrl-C again to abandon it)")
-
-
 @contextmanager
 def ray_log_of(
     run_dir: Location, verbose: bool, say: Callable[[str], None]
@@ -362,22 +353,13 @@ def _run(
         interrupted = isinstance(e, KeyboardInterrupt)
         tracker.finish(summary=None, status="KILLED" if interrupted else "FAILED", files={})
         if interrupted:  # the second Ctrl-C: abandoned at once, the last checkpoint kept
-            _mark_quietly(run_dir, "interrupted")
+            mark_quietly(run_dir, "interrupted")
         if isinstance(e, failed):
-            _failed(e, config, lock)
+            raise_failure(e, config, lock)
         raise
-    summary = _summary(result, time.perf_counter() - started, config, run_dir)
+    summary = summarize(result, time.perf_counter() - started, config, run_dir)
     status = close(summary, result.metrics or {})
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot.write_run_plot(run_dir)
-    finish_tracking(tracker, summary, run_dir)
-    mark(run_dir, status)
-    if status == "stopped":
-        print(
-            f"raymb: stopped at step {summary['steps']} (checkpoint saved); "
-            "run the same command to resume",
-            flush=True,
-        )
+    finish_run(run_dir, summary, status, tracker)
     return Result(run_dir=run_dir, summary=summary, status=status)
 
 
@@ -386,132 +368,3 @@ def _starting(config: Config) -> str:
     low, high = config.scale.min_workers, config.scale.max_workers
     workers = f"{low}-{high}" if config.scale.elastic and low != high else str(high)
     return f"starting {workers} worker{'' if workers == '1' else 's'}"
-
-
-def _failed(error: BaseException, config: Config, lock: RunLock) -> None:
-    """The workers failed: say it in one line, with what was kept (a new run that bad data
-    stopped before any checkpoint leaves nothing)."""
-    run_dir = lock.run_dir
-    latest = _latest(run_dir)
-    bad_data = _data_error(error)
-    if bad_data is not None:  # found by the workers' first read: nothing to keep
-        left = None
-        if lock.created and latest is None:
-            left = lock.discard()
-        else:
-            mark_failed(run_dir, bad_data)
-        # The data error is the news; a run directory that would not go is a footnote.
-        note = f" ({run_dir} is left: {left})" if left else ""
-        raise DataError(f"{bad_data}{note}") from None
-    kept = (
-        f"latest checkpoint: {latest} (run again with run.name={config.run.name!r} to resume)"
-        if latest
-        else "no checkpoint was written"
-    )
-    mark_failed(run_dir, _first_line(error))
-    raise RaymbError(f"training failed: {_first_line(error)} ({kept})") from error
-
-
-def _latest(run_dir: Location) -> Location | None:
-    """The run's newest complete checkpoint, whichever launcher wrote it."""
-    from raymb.worker.session import newest_checkpoint  # no torch, no Ray
-
-    newest = newest_checkpoint(run_dir)
-    if newest is not None:
-        return newest.location
-    return latest_checkpoint(run_dir)[0]
-
-
-def start_tracking(config: Config, run_dir: Location, *, resumed: bool) -> Tracker:
-    """TensorBoard and MLflow, as [log] asks (maybe neither)."""
-    return Tracker.start(
-        run_dir=run_dir,
-        run_name=config.run.name,
-        config=config.to_dict(),
-        tensorboard=config.log.tensorboard,
-        mlflow_uri=config.log.mlflow_uri,
-        mlflow_experiment=config.log.mlflow_experiment,
-        resumed=resumed,
-    )
-
-
-def finish_tracking(tracker: Tracker, summary: dict[str, Any], run_dir: Location) -> None:
-    """End the tracked run with summary.json and the best model as artifacts."""
-    files = {"summary.json": run_dir / "summary.json"}
-    if summary.get("best_checkpoint"):
-        files[MODEL_FILE] = storage.resolve(summary["best_checkpoint"])
-    tracker.finish(summary=summary, status="FINISHED", files=files)
-
-
-def mark_failed(run_dir: Location, error: str) -> None:
-    """status.json says failed, unless the store is what failed: the error at hand is the news."""
-    _mark_quietly(run_dir, "failed", error=error)
-
-
-def _mark_quietly(run_dir: Location, status: str, **fields: Any) -> None:
-    """mark, but a store that fails is no news beside the error at hand."""
-    try:
-        mark(run_dir, status, **fields)
-    except (StorageError, OSError):
-        pass
-
-
-def _best_checkpoint(result, config: Config, run_dir: Location) -> str | None:
-    scored = [
-        (m[config.checkpoint.metric], run_dir.on_same(c.path))
-        for c, m in (result.best_checkpoints or [])
-        if m.get(config.checkpoint.metric) is not None
-    ]
-    if not scored:
-        return None
-    pick = min if config.checkpoint.mode == "min" else max
-    return f"{pick(scored)[1]}/{MODEL_FILE}"
-
-
-def _summary(result, wall_s: float, config: Config, run_dir: Location) -> dict[str, Any]:
-    """summary.json: the last metrics, and the checkpoints as paths or URIs to give eval."""
-    m = result.metrics or {}
-    final = f"{run_dir.on_same(result.checkpoint.path)}/{MODEL_FILE}" if result.checkpoint else None
-    best = _best_checkpoint(result, config, run_dir) or final
-    stopped_early = bool(m.get("stopped_early"))
-    return {
-        "train_loss": m.get("train_loss"),
-        "val_loss": m.get("val_loss"),
-        "val_accuracy": m.get("val_accuracy"),
-        **{k: m[k] for k in ("val_perplexity", "val_bits_per_byte") if k in m},
-        "steps": m.get("step", 0),
-        "samples": m.get("samples", 0),
-        "samples_per_s": m["samples"] / m["train_seconds"] if m.get("train_seconds") else None,
-        "wall_s": round(wall_s, 3),
-        "checkpoint": best if stopped_early else final,
-        "best_checkpoint": best,
-        "resumed_from_steps": m.get("resumed_from_steps", []),
-        "bytes_allreduced": m.get("bytes_allreduced", 0),
-        "skipped_steps": m.get("skipped_steps", 0),
-        "workers": m.get("workers"),
-        "nodes": m.get("nodes"),
-        "stopped_early": stopped_early,
-        **_noise_summary(m, config),
-    }
-
-
-def _noise_summary(metrics: dict[str, Any], config: Config) -> dict[str, Any]:
-    """train.noise_scale: the last estimate, and the G the result table compares it with."""
-    if not config.train.noise_scale:
-        return {}
-    G = config.train.global_batch_size
-    return {"grad_noise_scale": metrics.get("grad_noise_scale"), "global_batch_size": G}
-
-
-def _data_error(error: BaseException) -> str | None:
-    """The message of a DataError a worker raised, from Ray's wrapped traceback."""
-    marker = f"{DataError.__name__}: "
-    found = [line for line in str(error).splitlines() if marker in line]
-    return found[-1].split(marker, 1)[1].strip() if found else None  # the last one raised
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    lines = [line for line in text.splitlines() if line.strip()]
-    # Ray wraps the worker's traceback; its last line is the worker's own error.
-    return lines[-1] if lines else text

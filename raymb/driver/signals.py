@@ -1,5 +1,5 @@
 """The driver's stop signals: the first SIGINT or SIGTERM asks for a stop that keeps the work
-(the workers checkpoint and return), a later one abandons at once.
+(the workers checkpoint and return: `ask_stop`), a later one abandons at once.
 
 One press can arrive twice: `timeout -s INT` sends its signal to the command and then to the
 command's process group, and a wrapper script may pass on a terminal's Ctrl-C that reached it
@@ -14,10 +14,14 @@ checks both with the signal sent to the whole group.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from raymb.storage import Location
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 """Ctrl-C, and what Kubernetes and `ray job stop` send: the first of either stops with a
@@ -58,6 +62,17 @@ class StopSignals:
             self.on_first()
         elif now - self.first >= REPEAT_S:
             raise KeyboardInterrupt
+
+
+def ask_stop(stop_file: Location, stops: str, say: Callable[[str], None] | None = None) -> None:
+    """Write `stop_file`, asking the workers to checkpoint and return (`stops` says when, for
+    the line that tells the user; `say` prints it, by default on stderr)."""
+    stop_file.write_bytes(b"")
+    line = f"raymb: stopping {stops}, then checkpointing (Ctrl-C again to abandon it)"
+    if say is not None:
+        say(line)  # above the progress bar, not into it
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def in_thread(fn: Callable[[], Any]) -> Any:

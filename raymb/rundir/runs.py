@@ -8,6 +8,11 @@ status.json count as finished when they have a summary.json.
 
 While a driver trains a run it holds `.lock` in the run directory (raymb.rundir.lock).
 
+A run's checkpoints come from either launcher: those Ray Train registered in its snapshot file
+(named by time) and raymb's own `checkpoint_<step>/` of a `--local` segment
+(raymb.worker.session.TorchSession); `saved_checkpoints` lists both, for the sessions that
+resume from the newest and for the driver.
+
 No Ray and no torch here: listing runs must be quick, on a laptop or against an object store.
 """
 
@@ -16,24 +21,33 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from raymb.errors import StorageError
 from raymb.rundir.lock import is_alive
-from raymb.storage import Location
+from raymb.storage import Location, resolve
 
 RUN_FILE = "run.json"
 STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints
+COMPLETE = ".complete"
+"""In raymb's own checkpoint directory once every rank's files are in it; it holds the
+report's metrics as JSON (empty in checkpoints from before cross-launcher resumes)."""
+OWN_NAME = re.compile(r"checkpoint_(\d{8,})")
+"""raymb's own checkpoint folder: checkpoint_<step, 8 digits or more>. Ray Train's are
+checkpoint_<date and time>."""
 STATUSES = ("running", "finished", "stopped early", "stopped", "interrupted", "failed")
 """What `mark` records ("interrupted": abandoned by a second Ctrl-C). `find_runs` also shows a
 run marked running whose driver is gone as "interrupted", and "unknown" (no status.json and no
@@ -237,19 +251,25 @@ def latest_checkpoint(
     entries: dict[str, pafs.FileInfo] | None = None,
     snapshot: dict[str, Any] | None = None,
 ) -> tuple[Location | None, int | None]:
-    """The newest complete checkpoint of a run and its step: the one Ray Train registered last
-    (a checkpoint still uploading is not registered yet), else, for a run without Ray's
-    record, the newest checkpoint_* directory holding model.pt and state.pt (Ray names them
-    by time). `entries` and `snapshot`: the run directory's listing and Ray's record, when
-    the caller has them already."""
+    """The newest complete checkpoint of a run and its step, whichever launcher wrote it: the
+    newer by step of the one Ray Train registered last (a checkpoint still uploading is not
+    registered yet; Ray's where both have the same step) and raymb's own newest (a `--local`
+    segment's). For a run with neither and without Ray's record, the newest checkpoint_*
+    directory holding model.pt and state.pt (Ray names them by time). `entries` and
+    `snapshot`: the run directory's listing and Ray's record, when the caller has them."""
     if entries is None:
         entries = run_dir.listing()
     if snapshot is None:
         snapshot = _read_json(run_dir / SNAPSHOT_FILE) if SNAPSHOT_FILE in entries else {}
+    own = _own_checkpoints(run_dir, entries)
+    newest = own[-1] if own else None
     latest = snapshot.get("latest_checkpoint_result") or {}
     if latest.get("checkpoint_dir_name"):
-        step = _number((latest.get("metrics") or {}).get("step"))
-        return run_dir / latest["checkpoint_dir_name"], None if step is None else int(step)
+        ray = _by_ray(run_dir, latest)
+        if newest is None or _step_key(ray) >= _step_key(newest):
+            newest = ray
+    if newest is not None:
+        return newest.location, newest.step
     if snapshot:
         return None, None
     names = sorted(
@@ -264,6 +284,81 @@ def latest_checkpoint(
         if {"model.pt", "state.pt"} <= set((run_dir / name).listing()):
             return run_dir / name, None
     return None, None
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A complete checkpoint of a run, whichever launcher wrote it: `path` (on its
+    filesystem) and `metrics` are what Ray Train's Result gives of one."""
+
+    location: Location
+    step: int | None
+    metrics: dict[str, Any]
+    by_ray: bool
+    """Registered by Ray Train (named by time); else raymb's own (a TorchSession's)."""
+
+    @property
+    def path(self) -> str:
+        return self.location.path
+
+
+def saved_checkpoints(run_dir: Location | str | Path) -> list[Saved]:
+    """The run's complete checkpoints, oldest step first: raymb's own (a folder
+    checkpoint_<step> holding .complete) and those in Ray Train's snapshot whose folder is
+    there. No torch: the driver lists them too."""
+    run_dir = run_dir if isinstance(run_dir, Location) else resolve(str(run_dir))
+    entries = run_dir.listing()
+    found = _own_checkpoints(run_dir, entries)
+    if SNAPSHOT_FILE in entries:
+        snapshot = _read_json(run_dir / SNAPSHOT_FILE)
+        results = list(snapshot.get("checkpoint_results") or [])
+        results.append(snapshot.get("latest_checkpoint_result") or {})
+        seen = set()
+        for result in results:
+            name = result.get("checkpoint_dir_name")
+            if name and name not in seen and name in entries:
+                seen.add(name)
+                found.append(_by_ray(run_dir, result))
+    return sorted(found, key=_step_key)
+
+
+def newest_checkpoint(
+    run_dir: Location | str | Path, *, by_ray: bool | None = None
+) -> Saved | None:
+    """The run's checkpoint of the highest step (Ray Train's where raymb's own has the same
+    step: they hold the same state), or None; `by_ray`: only Ray Train's (True) or only
+    raymb's own (False)."""
+    found = [c for c in saved_checkpoints(run_dir) if by_ray is None or c.by_ray == by_ray]
+    return found[-1] if found else None
+
+
+def _own_checkpoints(run_dir: Location, entries: dict[str, pafs.FileInfo]) -> list[Saved]:
+    """raymb's own complete checkpoints in the listing `entries`, oldest step first."""
+    found: list[Saved] = []
+    for name in entries:
+        match = OWN_NAME.fullmatch(name)
+        if match is None or COMPLETE not in (run_dir / name).listing():
+            continue
+        try:
+            metrics = json.loads((run_dir / name / COMPLETE).read_text() or "{}")
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            continue  # pruned meanwhile, or a marker being written
+        step = int(match.group(1))
+        found.append(Saved(run_dir / name, step, {**metrics, "step": step}, by_ray=False))
+    return sorted(found, key=_step_key)
+
+
+def _by_ray(run_dir: Location, result: dict[str, Any]) -> Saved:
+    """A checkpoint of Ray Train's snapshot (`result`: one of its checkpoint results)."""
+    metrics = dict(result.get("metrics") or {})
+    step = metrics.get("step")
+    step = int(step) if isinstance(step, int | float) and math.isfinite(step) else None
+    return Saved(run_dir / result["checkpoint_dir_name"], step, metrics, by_ray=True)
+
+
+def _step_key(saved: Saved) -> tuple[int, bool]:
+    """Oldest first; at one step raymb's own before Ray Train's."""
+    return (-1 if saved.step is None else saved.step, saved.by_ray)
 
 
 def _wall(

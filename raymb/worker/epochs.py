@@ -39,7 +39,7 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
     """Ray Train calls it with its train_loop_config ({"spec": EpochsSpec}); a TorchSession
     passes itself."""
     spec = payload["spec"]
-    session = session or RaySession()
+    session = session or RaySession(spec.run_dir)
     config, run_dir = spec.config, spec.run_dir
     rank, world = session.rank, session.world
     stamp("worker process", rank, t=process_started())

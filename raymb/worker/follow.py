@@ -64,7 +64,7 @@ def follow_loop(payload: dict[str, FollowSpec], session: Session | None = None) 
     """What each worker runs: agree on the next file, train one pass, checkpoint. Ray Train
     calls it with its train_loop_config ({"spec": FollowSpec})."""
     spec = payload["spec"]
-    session = session or RaySession()
+    session = session or RaySession(spec.run_dir)
     config, shape = spec.config, spec.shape
     rank, world = session.rank, session.world
     features, label = config.data.features, config.data.label

@@ -33,7 +33,7 @@ def lr_find_loop(payload: dict[str, LrFindSpec], session: Session | None = None)
     passes itself."""
     spec = payload["spec"]
     run = spec.run
-    session = session or RaySession()
+    session = session or RaySession(run.run_dir)
     config, rank, world = run.config, session.rank, session.world
     plan = run.plan.for_world(world)
     inputs = plan.input_shape

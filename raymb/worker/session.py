@@ -14,12 +14,12 @@ each report. Two sessions implement it:
   then prunes them as Ray Train does (`keep`: the best by `metric`, and the latest).
 
 One run, either launcher: each session resumes from the newest checkpoint of the run by
-step, whichever wrote it (`saved_checkpoints`: raymb's own `checkpoint_<step>/` folders and
-the ones Ray Train registered in its snapshot file). Each prunes only its own checkpoints.
+step, whichever wrote it (raymb.rundir.runs.saved_checkpoints: raymb's own
+`checkpoint_<step>/` folders and the ones Ray Train registered in its snapshot file). Each
+prunes only its own checkpoints.
 
 Only this module and raymb.worker.feed (Ray Data) import Ray on the worker side, and only
-when a RaySession is made or a stream read; torch is imported when a session is made, so
-the driver may list a run's checkpoints (`saved_checkpoints`) without it.
+when a RaySession is made or a stream read; torch is imported when a session is made.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -37,19 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from raymb.storage import Location, resolve
+from raymb.rundir.runs import COMPLETE, Saved, newest_checkpoint, saved_checkpoints
+from raymb.storage import Location
 
 if TYPE_CHECKING:
     import torch
 
-COMPLETE = ".complete"
-"""TorchSession: in a checkpoint directory once every rank's files are in it; it holds the
-report's metrics as JSON (empty in checkpoints from before cross-launcher resumes)."""
-OWN_NAME = re.compile(r"checkpoint_(\d{8,})")
-"""A TorchSession's checkpoint folder: checkpoint_<step, 8 digits or more>. Ray Train's are
-checkpoint_<date and time>."""
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-"""Ray Train's record of the checkpoints it registered (raymb.rundir.runs.SNAPSHOT_FILE)."""
 STATE_FILE = "state.pt"  # raymb.rundir.checkpoint.STATE_FILE
 
 
@@ -72,72 +64,11 @@ class Session(Protocol):
         """A cached dataset's blocks as pyarrow Tables (Ray: object refs; torch: tables)."""
 
 
-@dataclass(frozen=True)
-class Saved:
-    """A complete checkpoint of a run, whichever launcher wrote it: `path` (on its
-    filesystem) and `metrics` are what Ray Train's Result gives of one."""
-
-    location: Location
-    step: int | None
-    metrics: dict[str, Any]
-    by_ray: bool
-    """Registered by Ray Train (named by time); else written by a TorchSession."""
-
-    @property
-    def path(self) -> str:
-        return self.location.path
-
-
-def saved_checkpoints(run_dir: Location | str | Path) -> list[Saved]:
-    """The run's complete checkpoints, oldest step first: a TorchSession's (a folder
-    checkpoint_<step> holding .complete) and those in Ray Train's snapshot whose folder is
-    there. No torch: the driver lists them too."""
-    run_dir = run_dir if isinstance(run_dir, Location) else resolve(str(run_dir))
-    entries = run_dir.listing()
-    found: list[Saved] = []
-    for name in entries:
-        match = OWN_NAME.fullmatch(name)
-        if match is None or COMPLETE not in (run_dir / name).listing():
-            continue
-        try:
-            metrics = json.loads((run_dir / name / COMPLETE).read_text() or "{}")
-        except (FileNotFoundError, ValueError, UnicodeDecodeError):
-            continue  # pruned meanwhile, or a marker being written
-        step = int(match.group(1))
-        found.append(Saved(run_dir / name, step, {**metrics, "step": step}, by_ray=False))
-    if RAY_SNAPSHOT in entries:
-        try:
-            snapshot = json.loads((run_dir / RAY_SNAPSHOT).read_text())
-        except (FileNotFoundError, ValueError, UnicodeDecodeError):
-            snapshot = {}
-        results = list(snapshot.get("checkpoint_results") or [])
-        results.append(snapshot.get("latest_checkpoint_result") or {})
-        seen = set()
-        for result in results:
-            name = result.get("checkpoint_dir_name")
-            if not name or name in seen or name not in entries:
-                continue
-            seen.add(name)
-            metrics = dict(result.get("metrics") or {})
-            step = metrics.get("step")
-            step = int(step) if isinstance(step, int | float) and math.isfinite(step) else None
-            found.append(Saved(run_dir / name, step, metrics, by_ray=True))
-    return sorted(found, key=lambda c: (-1 if c.step is None else c.step, c.by_ray))
-
-
-def newest_checkpoint(run_dir: Location | str | Path, *, by_ray: bool | None = None):
-    """The run's checkpoint of the highest step (a TorchSession's where Ray's has the same
-    step: they hold the same state), or None; `by_ray`: only Ray Train's (True) or only a
-    TorchSession's (False)."""
-    found = [c for c in saved_checkpoints(run_dir) if by_ray is None or c.by_ray == by_ray]
-    return found[-1] if found else None
-
-
 class RaySession:
-    """Inside a Ray Train worker. `run_dir`: the run directory (unset: Ray Train's, from its
-    storage context), where a run trained with `--local` keeps its own checkpoints."""
+    """Inside a Ray Train worker. `run_dir`: the run directory (the spec's; Ray Train's
+    storage too), where a run trained with `--local` keeps its own checkpoints."""
 
-    def __init__(self, run_dir: Location | None = None) -> None:
+    def __init__(self, run_dir: Location) -> None:
         import ray.train
         import ray.train.torch
 
@@ -153,7 +84,7 @@ class RaySession:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        own = newest_checkpoint(self._run_dir(), by_ray=False)
+        own = newest_checkpoint(self.run_dir, by_ray=False)
         with tempfile.TemporaryDirectory(prefix="raymb-restore-") as tmp:
             if checkpoint is not None:
                 with checkpoint.as_directory() as directory:
@@ -177,19 +108,6 @@ class RaySession:
         import ray
 
         return ray.get(list(blocks))
-
-    def _run_dir(self) -> Location:
-        if self.run_dir is None:
-            import pyarrow.fs as pafs
-            import ray.train
-
-            storage = ray.train.get_context().get_storage()  # a DeveloperAPI of Ray Train
-            fs, path = storage.storage_filesystem, storage.experiment_fs_path
-            if isinstance(fs, pafs.LocalFileSystem):
-                self.run_dir = Location(fs, path, path)
-            else:
-                self.run_dir = Location(fs, path, f"{fs.type_name}://{path}")
-        return self.run_dir
 
 
 def _step_of(directory: Path) -> int:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from raymb.driver.launch import WorkerFailed, run_torch
-from raymb.worker.session import COMPLETE, TorchSession, newest_checkpoint, saved_checkpoints
+from raymb.rundir.runs import COMPLETE, newest_checkpoint, saved_checkpoints
+from raymb.worker.session import TorchSession
 
 
 def _threads(out: Path, *, session_factory) -> None:

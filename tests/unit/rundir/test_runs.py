@@ -159,6 +159,27 @@ def test_lists_each_run_with_what_its_files_say(storage_path, capsys):
     assert older["wall_s"] == 4000.0
 
 
+def test_the_latest_checkpoint_is_the_newest_whichever_launcher_wrote_it(tmp_path, capsys):
+    run_dir = storage.resolve(tmp_path / "mixed")
+    ray_dir = "checkpoint_2026-01-01_10-00-00"
+    write_run(
+        run_dir,
+        kept=[(ray_dir, {"step": 30})],
+        latest=(ray_dir, {"step": 30}),  # trained on Ray to step 30, then with --local
+        checkpoints={
+            ray_dir: ("model.pt", "state.pt"),
+            "checkpoint_00000040": ("model.pt", "state.pt"),
+            "checkpoint_00000050": ("model.pt", "state.pt"),  # being written: no .complete
+        },
+    )
+    (run_dir / "checkpoint_00000040" / ".complete").write_text('{"val_loss": 0.3}')
+    _, [run], _ = listing(capsys, run_dir.uri)
+    assert (run["checkpoint"], run["checkpoint_step"]) == (f"{run_dir.uri}/checkpoint_00000040", 40)
+    # Ray Train trained on from the --local segment's step 40.
+    write_run(run_dir, kept=[(ray_dir, {"step": 60})], latest=(ray_dir, {"step": 60}))
+    assert runs.latest_checkpoint(run_dir) == (run_dir / ray_dir, 60)
+
+
 def test_table_has_a_line_per_run(storage_path, capsys):
     assert main(["runs", storage_path.uri]) == 0
     header, *lines = capsys.readouterr().out.splitlines()

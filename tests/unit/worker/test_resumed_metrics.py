@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from raymb import load_config
+from raymb.driver.closing import summarize
 from raymb.driver.launch import run_torch
 from raymb.driver.local import local_spec
 from raymb.driver.preflight import run_location
-from raymb.driver.run import _summary
 from raymb.worker.epochs import train_loop
 
 pytestmark = pytest.mark.timeout(600)
@@ -52,7 +52,7 @@ def _train(data: Path, runs: Path, name: str, *overrides: str) -> tuple[dict, di
     run_torch(_loop, (spec,), config.scale.max_workers)
     report = json.loads((run_dir / REPORT).read_text())
     result = SimpleNamespace(metrics=report, checkpoint=None, best_checkpoints=[])
-    summary = _summary(result, 0.0, config, run_location(config))
+    summary = summarize(result, 0.0, config, run_location(config))
     with open(run_dir / "metrics.csv") as f:
         losses = {int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(f)}
     return summary, losses
