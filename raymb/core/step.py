@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,17 @@ from raymb.core import rng
 from raymb.core.loss import summed_loss
 from raymb.core.optim import l1_step
 from raymb.core.sync import Sync
+
+
+class StepObserver(Protocol):
+    """What watches a step's gradients and changes no number (train.noise_scale's NoiseProbe,
+    raymb.core.noise_probe): `start` before the first microbatch, `after_microbatch` after
+    each one's backward, `take` once the step's gradient is whole (all-reduced), before
+    clipping."""
+
+    def start(self) -> None: ...
+    def after_microbatch(self, model: nn.Module, index: int, count: int, units: int) -> None: ...
+    def take(self, model: nn.Module, units: int, divisor: float) -> None: ...
 
 
 def train_step(
@@ -28,6 +40,7 @@ def train_step(
     check_finite: bool = True,
     uneven: bool = False,
     l1: float = 0.0,
+    observer: StepObserver | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """Accumulate gradients over this worker's microbatches and take one optimizer step.
 
@@ -41,19 +54,20 @@ def train_step(
     the step was taken: with `check_finite`, when any worker's gradient is not finite, no
     worker steps (a gradient norm and a device sync each step; without it the caller checks
     the returned losses). `l1`: optim.l1's proximal step after the optimizer's, on this
-    worker's parameters (before a param or diloco average). L-BFGS: lbfgs_step.
+    worker's parameters (before a param or diloco average). `observer` watches the step's
+    gradients (not under L-BFGS). L-BFGS: lbfgs_step.
     """
     if isinstance(optimizer, torch.optim.LBFGS):
         each = dict(sync=sync, classify=classify, bf16=bf16, uneven=uneven)
         return lbfgs_step(model, optimizer, microbatches, rows, **each)
     optimizer.zero_grad(set_to_none=True)
     divisor = sync.step_samples(rows, uneven=uneven)
-    probe = getattr(sync, "noise", None)
-    if probe is not None:
-        probe.start()
-    total = accumulate(model, microbatches, divisor, sync=sync, classify=classify, bf16=bf16)
-    if probe is not None:  # train.noise_scale: the norms, before clipping; no number changes
-        sync.measured = probe.take(model, rows, divisor)
+    if observer is not None:
+        observer.start()
+    each = dict(sync=sync, classify=classify, bf16=bf16, observer=observer)
+    total = accumulate(model, microbatches, divisor, **each)
+    if observer is not None:  # before clipping; no number changes
+        observer.take(model, rows, divisor)
     norm = None
     if grad_clip is not None:
         norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -114,16 +128,16 @@ def accumulate(
     sync: Sync,
     classify: bool,
     bf16: bool = False,
+    observer: StepObserver | None = None,
 ) -> torch.Tensor:
     """Forward and backward of every microbatch, each loss's gradient divided by `divisor`
     (the gradients accumulate); returns their summed loss, detached. The row keys the loop
     set for the step's rows (raymb.core.rng) are narrowed to each microbatch's, so a row's
-    dropout mask does not depend on the microbatch it falls in."""
+    dropout mask does not depend on the microbatch it falls in. `observer` is shown each
+    microbatch's gradient (train_step's)."""
     total = None
     last = len(microbatches) - 1
     scale = _scale(divisor, microbatches[0][0].device)
-    probe = getattr(sync, "noise", None)
-    each = probe is not None and probe.per_microbatch and last > 0  # W = 1, k >= 2
     start = 0
     for i, (x, y) in enumerate(microbatches):
         with sync.microbatch(model, last=i == last), rng.microbatch(start, len(x)):
@@ -134,8 +148,8 @@ def accumulate(
             else:
                 loss = summed_loss(model(x), y, classify)
             loss.backward(scale)  # the gradient of loss / divisor, without another op
-        if each:
-            probe.after_microbatch(model, i, last + 1, y.numel())  # rows, tokens for lm
+        if observer is not None:
+            observer.after_microbatch(model, i, last + 1, y.numel())  # rows, tokens for lm
         total = loss.detach() if total is None else total + loss.detach()
     return total
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -86,15 +86,15 @@ class GradSync:
         device: torch.device | None = None,
         comm: Comm | None = None,
         *,
-        noise: bool = False,
+        before_all_reduce: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
+        """`before_all_reduce`: called with each bucket of this worker's own gradient before
+        its all-reduce, from the DDP comm hook (W >= 2), reading it only: train.noise_scale's
+        NoiseProbe.add_local (raymb.core.noise_probe)."""
         self.world_size = world_size
         self.device = device
         self.comm = comm or Comm()
-        self.noise = NoiseProbe(world_size) if noise else None
-        """train.noise_scale: the squared gradient norms of each step (raymb.core.noise)."""
-        self.measured: torch.Tensor | None = None
-        """The last step's NoiseProbe.take."""
+        self.before_all_reduce = before_all_reduce
 
     def wrap(self, model: nn.Module, *, sync_buffers: bool = True) -> nn.Module:
         """DDP around `model`; `sync_buffers`: rank 0's buffers replace the others' at each
@@ -107,10 +107,10 @@ class GradSync:
             device_ids=[self.device] if on_gpu else None,
             **_buffer_sync(sync_buffers),
         )
-        if self.noise is None:
+        if self.before_all_reduce is None:
             ddp.register_comm_hook(self.comm, _sum_and_count)
         else:
-            ddp.register_comm_hook((self.comm, self.noise), _measure_sum_and_count)
+            ddp.register_comm_hook((self.comm, self.before_all_reduce), _watch_sum_and_count)
         return ddp
 
     def step_samples(self, rows: int, *, uneven: bool = False) -> int:
@@ -153,80 +153,12 @@ def _sum_and_count(state, bucket):  # unannotated: DDP rejects string annotation
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def _measure_sum_and_count(state, bucket):
-    """_sum_and_count, after adding the bucket's squared norm to this worker's (the gradient
-    of its own rows, before the all-reduce: train.noise_scale). It reads and changes nothing."""
-    comm, probe = state
-    probe.add_local(bucket.buffer())
+def _watch_sum_and_count(state, bucket):
+    """_sum_and_count, after showing the bucket (the gradient of this worker's own rows,
+    before the all-reduce) to GradSync's `before_all_reduce`, which changes nothing."""
+    comm, watch = state
+    watch(bucket.buffer())
     return _sum_and_count(comm, bucket)
-
-
-class NoiseProbe:
-    """What train.noise_scale measures of one step, on one worker, without changing a number.
-
-    W >= 2: the squared norm of this worker's accumulated gradient as the DDP comm hook sees
-    each bucket before its all-reduce. W = 1 with k >= 2 microbatches: the step's two halves
-    (the first k // 2 microbatches and the rest) play two workers: a copy of the gradient
-    after the first half, and its difference from the final one (one copy, one subtraction
-    and two norms a step, whatever k). Then the squared norm of the step's gradient. `take`
-    returns them as one float64 vector that the metrics' gather all-reduces with the losses
-    (raymb.worker.metrics): no message of its own.
-    """
-
-    def __init__(self, world_size: int) -> None:
-        self.world_size = world_size
-        self.start()
-
-    @property
-    def per_microbatch(self) -> bool:
-        return self.world_size == 1
-
-    def start(self) -> None:
-        self.local_sq: torch.Tensor | None = None
-        self.half: list[torch.Tensor] | None = None
-        """W = 1: the gradient after the first half of the step's microbatches."""
-        self.units = [0, 0]
-
-    def add_local(self, bucket: torch.Tensor) -> None:
-        sq = torch.linalg.vector_norm(bucket, dtype=torch.float64).square()
-        self.local_sq = sq if self.local_sq is None else self.local_sq + sq
-
-    def after_microbatch(self, model: nn.Module, index: int, count: int, units: int) -> None:
-        """W = 1: microbatch `index` of `count` (>= 2), of `units`, has added its gradient."""
-        self.units[0 if index < count // 2 else 1] += units
-        if index == count // 2 - 1:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            self.half = torch._foreach_mul(grads, 1.0)  # a copy, in one call
-
-    def take(self, model: nn.Module, units: int, divisor: float):
-        """The step's numbers, or None when nothing was measured: a float64 tensor
-        [sum over parts of |G_part|^2, |G_big|^2] and the floats (parts, sum over parts of
-        1/B_part, 1/B_big), in units (rows, tokens for lm). A part is a worker (W >= 2) or a
-        half of the step (W = 1); |G_part|^2 is its mean gradient's: its summed gradient /
-        N_step, scaled by N_step / B_part. Called after the all-reduce, before clipping."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if self.per_microbatch:
-            if self.half is None:
-                return None
-            first = _squared(self.half)
-            torch._foreach_sub_(self.half, grads)  # minus the second half's own gradient
-            parts = [(first, self.units[0]), (_squared(self.half), self.units[1])]
-        elif self.local_sq is None:
-            return None
-        else:
-            parts = [(self.local_sq, units)]
-        parts = [(sq, b) for sq, b in parts if b]
-        big_sq = _squared(grads)
-        small = sum((sq * (divisor / b) ** 2 for sq, b in parts), torch.zeros_like(big_sq))
-        floats = (float(len(parts)), sum(1.0 / b for _, b in parts), 1.0 / divisor)
-        self.start()
-        return torch.stack([small, big_sq]), floats
-
-
-def _squared(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The squared norm of all the tensors together, as float64."""
-    norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64).square()
 
 
 class ParamSync:
@@ -416,13 +348,20 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     ]
 
 
-def build_sync(config: Config | str, world_size: int, device: torch.device | None = None) -> Sync:
-    """The strategy of a Config's train.sync, or a strategy by name with default settings."""
+def build_sync(
+    config: Config | str,
+    world_size: int,
+    device: torch.device | None = None,
+    *,
+    before_all_reduce: Callable[[torch.Tensor], None] | None = None,
+) -> Sync:
+    """The strategy of a Config's train.sync, or a strategy by name with default settings.
+    `before_all_reduce`: GradSync's (the config allows train.noise_scale only with grad)."""
     if isinstance(config, str):
         config = Config.from_dict({"train": {"sync": config}})
     train = config.train
     if train.sync == "grad":
-        return GradSync(world_size, device, noise=train.noise_scale)
+        return GradSync(world_size, device, before_all_reduce=before_all_reduce)
     if train.sync == "param":
         return ParamSync(
             world_size,

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from raymb.config import Config
 from raymb.core.loss import batch_sums, lm_metrics
 from raymb.core.noise import NoiseScale
+from raymb.core.noise_probe import Measured, NoiseProbe
 from raymb.core.optim import build_optimizer, build_scheduler
 from raymb.core.step import train_step
 from raymb.core.sync import build_sync
@@ -72,7 +73,10 @@ class Worker:
         self.model.to(device)
         self.optimizer = build_optimizer(config.optim, self.model.parameters())
         self.scheduler = build_scheduler(config.optim, self.optimizer, total_steps)
-        self.sync = build_sync(config, self.world, device)
+        self.probe = NoiseProbe(self.world) if config.train.noise_scale else None
+        """train.noise_scale: watches each step's gradients (raymb.core.noise_probe)."""
+        watch = self.probe.add_local if self.probe is not None else None
+        self.sync = build_sync(config, self.world, device, before_all_reduce=watch)
         self.progress = Progress()
         # Randomness after init (dropout, ...) differs between workers; a checkpoint carries
         # each worker's generator state, so a resumed run draws what an uninterrupted one would.
@@ -130,9 +134,10 @@ class Worker:
             check_finite=self.check_each_step,
             uneven=uneven,
             l1=self.config.optim.l1,
+            observer=self.probe,
         )
         self.scheduler.step()
-        self.measured = _take_noise(self.sync, self.shape.inputs.units_per_row)
+        self.measured = _take_noise(self.probe, self.shape.inputs.units_per_row)
         self.progress.skipped_steps += not taken
         self.progress.step += 1
         return loss, taken, time.perf_counter() - started
@@ -252,13 +257,12 @@ def _ledger(
     return ledger
 
 
-def _take_noise(sync: Any, units: int):
-    """train.noise_scale: the step's norms (raymb.core.sync.NoiseProbe.take), with 1/B in
-    rows rather than tokens for lm: the estimate is a number of rows."""
-    measured = getattr(sync, "measured", None)
+def _take_noise(probe: NoiseProbe | None, units: int) -> Measured | None:
+    """train.noise_scale: the step's norms (raymb.core.noise_probe.NoiseProbe.take), with 1/B
+    in rows rather than tokens for lm: the estimate is a number of rows."""
+    measured = probe.pop() if probe is not None else None
     if measured is None:
         return None
-    sync.measured = None
     squares, (parts, inverse, inverse_big) = measured
     return squares, (parts, inverse * units, inverse_big * units)
 
