@@ -86,7 +86,7 @@ def _model(name: str, seed: int = 0):
     return model, [(b[:, :-1], b[:, 1:]) for b in tokens.split(16)], 64
 
 
-def _steps(model, batches, per_row: int, sync, k: int):
+def _steps(model, batches, per_row: int, sync, k: int, probe=None):
     from raymb.core.step import train_step
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
@@ -97,11 +97,29 @@ def _steps(model, batches, per_row: int, sync, k: int):
         m = len(y) // k
         micro = [(x[j : j + m], y[j : j + m]) for j in range(0, len(y), m)]
         train_step(
-            net, optimizer, micro, len(y) * per_row, sync=sync, classify=True, check_finite=False
+            net,
+            optimizer,
+            micro,
+            len(y) * per_row,
+            sync=sync,
+            classify=True,
+            check_finite=False,
+            observer=probe,
         )
-        sync.measured = None
+        if probe is not None:
+            probe.pop()
 
     return step
+
+
+def _on(model, batches, per_row: int, world: int, k: int):
+    """_steps with train.noise_scale's probe, as the worker attaches it."""
+    from raymb.core.noise_probe import NoiseProbe
+    from raymb.core.sync import GradSync
+
+    probe = NoiseProbe(world)
+    sync = GradSync(world, before_all_reduce=probe.add_local)
+    return _steps(model, batches, per_row, sync, k, probe)
 
 
 def _time(loops: dict, steps: int, blocks: int) -> dict:
@@ -137,7 +155,7 @@ def _one_worker(name: str, steps: int, blocks: int) -> dict:
         model, batches, per_row = _model(name)
         loops = {
             "off": _steps(copy.deepcopy(model), batches, per_row, GradSync(1), 4),
-            "on": _steps(copy.deepcopy(model), batches, per_row, GradSync(1, noise=True), 4),
+            "on": _on(copy.deepcopy(model), batches, per_row, 1, 4),
         }
         return _time(loops, steps, blocks)
     finally:
@@ -169,7 +187,7 @@ def _worker(rank: int, port: int, name: str, steps: int, blocks: int, out) -> No
         mine = [(x[rank::2], y[rank::2]) for x, y in batches]  # this worker's half
         loops = {
             "off": _steps(copy.deepcopy(model), mine, per_row, GradSync(2), 1),
-            "on": _steps(copy.deepcopy(model), mine, per_row, GradSync(2, noise=True), 1),
+            "on": _on(copy.deepcopy(model), mine, per_row, 2, 1),
         }
         result = _time(loops, steps, blocks)
         if rank == 0:
