@@ -27,7 +27,7 @@ from tracking_rows import (
     start,
 )
 
-from raymb.driver.report import tracking
+from raymb.driver.report import tensorboard
 from raymb.driver.report.tracking import flatten, points
 from raymb.errors import ConfigError
 from raymb.storage import resolve
@@ -137,8 +137,8 @@ def test_tensorboard_resume_logs_each_step_once(tmp_path):
 
 def test_tensorboard_in_an_object_store(s3, tmp_path, monkeypatch):
     s3.bucket("tracking")
-    monkeypatch.setattr(tracking, "UPLOAD_S", 0.0)  # upload at every batch
-    monkeypatch.setattr(tracking, "ROLL_BYTES", 1)  # and begin a new event file after each
+    monkeypatch.setattr(tensorboard, "UPLOAD_S", 0.0)  # upload at every batch
+    monkeypatch.setattr(tensorboard, "ROLL_BYTES", 1)  # and begin a new event file after each
     run_dir = resolve("s3://tracking/run")
     tracker = start(run_dir, tensorboard=True)
     tracker.log_rows(make_rows(range(1, 4)))
