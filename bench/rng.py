@@ -152,7 +152,7 @@ def _dropout_steps(quick: bool) -> list[dict]:
 
 def _augment(quick: bool) -> dict:
     from raymb.config import ModelSection
-    from raymb.config.sections import AugmentSection
+    from raymb.config.data import AugmentSection
     from raymb.core import rng
     from raymb.core.shape import InputShape
     from raymb.core.step import train_step

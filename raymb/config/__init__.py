@@ -7,13 +7,15 @@ starts. Building a config reads nothing; load.py reads the TOML file and the --s
 overrides, and raymb.load (above config and data) adds a prepared folder's manifest.
 
 - build.py: the pydantic plumbing (`section`, `build`) and the one-line errors
-- sections.py: the sections but [model]; model.py: [model], one class per family
+- sections.py: the sections but [model] and [data]; model.py: [model], one class per family;
+  data.py: [data] and [data.augment]
 - config.py: `Config`, the sections together; load.py: the TOML file and --set
 - toml.py: `to_toml` (--print-config); schema.py: `json_schema`, and `markdown` (docs/config.md)
 """
 
 from raymb.config.build import MAX_EPOCHS, MAX_SEED, MAX_STEPS
 from raymb.config.config import Config
+from raymb.config.data import DataSection
 from raymb.config.load import parse_override, read_toml
 from raymb.config.model import (
     BUILTIN_MODELS,
@@ -29,7 +31,6 @@ from raymb.config.schema import json_schema, markdown
 from raymb.config.sections import (
     RUN_NAME,
     CheckpointSection,
-    DataSection,
     EarlyStopping,
     FaultSection,
     LogSection,

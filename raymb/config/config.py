@@ -9,10 +9,10 @@ from dataclasses import field
 from typing import Any
 
 from raymb.config.build import build, require, section
+from raymb.config.data import DataSection
 from raymb.config.model import LinearModel, Model, saved_model
 from raymb.config.sections import (
     CheckpointSection,
-    DataSection,
     FaultSection,
     LogSection,
     OptimSection,

@@ -24,7 +24,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raymb import storage
-from raymb.data.checks import PARQUET_SUFFIX, DatasetInfo
+from raymb.data.checks import DatasetInfo
+from raymb.data.listing import PARQUET_SUFFIX
 from raymb.errors import DataError, StorageError
 from raymb.files import kind_of
 

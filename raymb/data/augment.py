@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from raymb.config.sections import AugmentSection
+from raymb.config.data import AugmentSection
 from raymb.core.rng import AUGMENT_STREAMS, RowKeys
 
 CROP, FLIP, ROTATE, NOISE = (AUGMENT_STREAMS + i for i in range(4))

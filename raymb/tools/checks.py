@@ -5,7 +5,7 @@ imports torch, and nothing is written.
 
 An input is a regular file or a folder of them (a FIFO would hang the read, a device such as
 /dev/zero be read without end): the checkpoint through raymb.tools.load.preflight, the
-data through raymb.data.checks.resolve_files. An output (raymb.files.check_output) replaces
+data through raymb.data.listing.resolve_files. An output (raymb.files.check_output) replaces
 no device, FIFO, socket or folder, replaces an existing file only with --force, and is not,
 does not hold and does not lie inside the checkpoint's folder or the data.
 """
@@ -37,11 +37,11 @@ def check_checkpoint(checkpoint: str, *, trust_model_code: bool) -> None:
 
 def check_data(data: str, what: str = "--data") -> list[str]:
     """--data (a parquet file, folder or glob), resolved as the reader will
-    (raymb.data.checks.resolve_files: a FIFO, device or socket among it refused unopened, a
+    (raymb.data.listing.resolve_files: a FIFO, device or socket among it refused unopened, a
     path that does not exist, a glob over the whole filesystem...). Returns the local paths it
     names, for the output's checks: the path given, or a glob's files ([] for a URI: a local
     output is never in a store)."""
-    from raymb.data.checks import resolve_files  # numpy and pyarrow, no torch
+    from raymb.data.listing import resolve_files  # numpy and pyarrow, no torch
 
     files, _ = resolve_files(data, what=what)
     if storage.is_uri(data):

@@ -116,7 +116,8 @@ def check_out(out: str | Path, data: str, checkpoint: str, *, force: bool = Fals
 
 def _dataset(data: str, features: str | list[str], label: str) -> tuple[DatasetInfo, bool]:
     """The checked dataset, and whether its files carry the label (then fully checked)."""
-    from raymb.data.checks import DatasetInfo, check_dataset, resolve_files
+    from raymb.data.checks import DatasetInfo, check_dataset
+    from raymb.data.listing import resolve_files
 
     feature_cols = [features] if isinstance(features, str) else list(features)
     files, fs = resolve_files(data, what="--data")

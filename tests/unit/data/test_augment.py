@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from raymb.config.sections import AugmentSection
+from raymb.config.data import AugmentSection
 from raymb.core import rng
 from raymb.core.shape import InputShape
 from raymb.data import augment as aug

@@ -21,7 +21,8 @@ from PIL import Image
 
 from raymb import storage
 from raymb.cli import main
-from raymb.data.checks import MAX_CLASSES, check_dataset, resolve_files
+from raymb.data.checks import MAX_CLASSES, check_dataset
+from raymb.data.listing import resolve_files
 from raymb.data.manifest import write_manifest
 from raymb.data.synthetic import generate
 from raymb.data.synthetic_tables import MAX_CLASSES as SYNTH_MAX_CLASSES

@@ -27,7 +27,7 @@ import pytest
 from conftest import assert_refused
 
 from raymb import storage
-from raymb.data.checks import resolve_files
+from raymb.data.listing import resolve_files
 from raymb.data.manifest import write_manifest
 from raymb.driver.preflight import check_zero_padding
 from raymb.errors import ConfigError, DataError
@@ -307,7 +307,7 @@ def test_a_malformed_lock_reads_as_no_lock_of_a_driver(tmp_path: Path) -> None:
 
 
 def test_zero_padding_is_bounded_by_the_image() -> None:
-    from raymb.config.sections import AugmentSection
+    from raymb.config.data import AugmentSection
 
     check_zero_padding(AugmentSection(crop_padding=15, padding_mode="zero"), (3, 16, 20))
     check_zero_padding(AugmentSection(crop_padding=10**9), (3, 16, 16))  # reflect: checked apart

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raymb.data.checks import check_dataset, resolve_files
+from raymb.data.checks import check_dataset
+from raymb.data.listing import resolve_files
 from raymb.data.synthetic import generate
 from raymb.errors import ConfigError, DataError
 
