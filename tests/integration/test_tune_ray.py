@@ -50,12 +50,14 @@ def _last_val_loss(run_dir: Path) -> float:
     return float(rows[-1]["val_loss"])
 
 
-def test_a_grid_of_three_equals_three_plain_runs(ray_session, linear_data, tmp_path):
+def test_a_grid_of_two_equals_two_plain_runs(ray_session, linear_data, tmp_path):
     import ray.tune
 
     import raymb
 
-    lrs = [0.01, 0.05, 0.2]
+    # Two trials (each a Ray Train fit, 10-30 s on 2 cores) show the trials equal their plain
+    # runs and the best one is chosen among them; a third would show nothing more.
+    lrs = [0.01, 0.2]
     path = _sweep_file(
         tmp_path, linear_data, "grid", f'[tune.space]\n"optim.lr" = {lrs}', workers=2
     )
@@ -88,7 +90,7 @@ def test_a_grid_of_three_equals_three_plain_runs(ray_session, linear_data, tmp_p
     assert started["space"] == {"optim.lr": lrs} and started["config"]["train"]["epochs"] == 2
     assert (sweep_dir / "tune.png").stat().st_size > 0
     analysis = ray.tune.ExperimentAnalysis(str(sweep_dir))
-    assert len(analysis.trials) == 3
+    assert len(analysis.trials) == 2
     assert sorted(t.config["optim.lr"] for t in analysis.trials) == lrs
 
 
