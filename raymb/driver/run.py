@@ -33,7 +33,7 @@ from raymb.driver.closing import finish_run, mark_quietly, raise_failure, start_
 from raymb.driver.logs import RayLog, close_log
 from raymb.driver.preflight import check_run_dir, prepare, prepare_follow, tokenizer_spec
 from raymb.driver.report import progress
-from raymb.driver.signals import StopSignals, ask_stop, in_thread
+from raymb.driver.signals import Interrupts, StopSignals, ask_stop, in_thread
 from raymb.errors import RaymbError
 from raymb.rundir.checkpoint import claim_run
 from raymb.rundir.lock import RunLock, lock_run
@@ -205,21 +205,24 @@ def _launch(
     with ExitStack() as held:  # closed last to first: the log, then the lock
         held.callback(lock.release)  # on failure and Ctrl-C too
         try:
-            claim_run(run_dir, config)  # a resumed run must fit its checkpoints
-            # The log starts once the run is ours: a refused resume leaves its directory as is.
-            # It closes after a failure's discard: a run discarded uploads no log.
-            ray_log = held.enter_context(ray_log_of(run_dir, verbose, shown.say))
-            stamp("checked")
-            shown.phase("starting Ray")
-            from raymb.driver.cluster import TrainingFailed, make_trainer
+            # A Ctrl-C before training starts abandons the start (a new run leaves nothing),
+            # even one that reaches Ray's start-up, which can catch it (signals.Interrupts).
+            with Interrupts():
+                claim_run(run_dir, config)  # a resumed run must fit its checkpoints
+                # The log starts once the run is ours: a refused resume leaves its directory as is.
+                # It closes after a failure's discard: a run discarded uploads no log.
+                ray_log = held.enter_context(ray_log_of(run_dir, verbose, shown.say))
+                stamp("checked")
+                shown.phase("starting Ray")
+                from raymb.driver.cluster import TrainingFailed, make_trainer
 
-            # Ray from here on, not before the last refusal
-            cpus = start_ray(config, address, ray_log)
-            stop_file = run_dir / STOP_FILE
-            stop_file.remove()  # left by an earlier run
-            loop, spec = start(stop_file)
-            stamp("read")
-            trainer = make_trainer(config, loop, {"spec": spec}, cpus, run_dir, callbacks)
+                # Ray from here on, not before the last refusal
+                cpus = start_ray(config, address, ray_log)
+                stop_file = run_dir / STOP_FILE
+                stop_file.remove()  # left by an earlier run
+                loop, spec = start(stop_file)
+                stamp("read")
+                trainer = make_trainer(config, loop, {"spec": spec}, cpus, run_dir, callbacks)
         except BaseException:
             shown.close()
             lock.discard()  # a new run that never started leaves nothing; an older one is kept

@@ -97,3 +97,30 @@ def in_thread(fn: Callable[[], Any]) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+class Interrupts:
+    """While the block runs (on the main thread): a SIGINT or SIGTERM raises KeyboardInterrupt
+    at once, and is remembered, so that the block's end raises it again if code inside caught
+    it (Ray's start-up has waits that catch every exception): a Ctrl-C while Ray starts is
+    never lost. The handlers before the block are restored after it."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+        if self.received and kind is None:
+            raise KeyboardInterrupt
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+        raise KeyboardInterrupt

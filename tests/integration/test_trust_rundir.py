@@ -210,8 +210,10 @@ def test_ctrl_c_releases_the_lock_and_a_new_run_leaves_nothing(linear_data, tmp_
         out, _ = proc.communicate(timeout=120)
     finally:
         _kill_group(proc)
-    # 130 from raymb.cli; at times Ray's exit handlers end the process by SIGINT after that.
-    assert proc.returncode in (130, -signal.SIGINT), out
+    # 130 from raymb.cli. After that, Ray's exit handlers, tearing down a cluster that was
+    # still starting, at times end the process by SIGINT, and once in eleven tries here by
+    # SIGSEGV: raymb's own exit (the line below, the lock and the run directory) came first.
+    assert proc.returncode in (130, -signal.SIGINT, -signal.SIGSEGV), out
     assert "resumes from its last checkpoint" in out
     assert not lock.exists()
     assert not (runs_dir / "interrupted").exists(), "a new run that never started leaves nothing"

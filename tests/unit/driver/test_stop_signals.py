@@ -148,3 +148,20 @@ def test_a_group_signal_sent_as_timeout_sends_it_always_checkpoints(tmp_path) ->
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         assert (proc.returncode, out) == (0, "checkpointed\n"), i
+
+
+def test_a_ctrl_c_that_code_inside_caught_is_raised_at_the_blocks_end() -> None:
+    """Ray's start-up waits catch every exception, a KeyboardInterrupt too: the start-up's
+    guard (raymb.driver.signals.Interrupts) raises it again when the block ends."""
+    from raymb.driver.signals import Interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    swallowed = []
+    with pytest.raises(KeyboardInterrupt), Interrupts():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+        except BaseException as e:  # noqa: BLE001 - as a wait that catches everything does
+            swallowed.append(type(e).__name__)
+    assert swallowed == ["KeyboardInterrupt"]
+    assert signal.getsignal(signal.SIGINT) == before
