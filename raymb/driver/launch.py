@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -75,6 +76,7 @@ class TorchGroup:
     def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._queue = ctx.SimpleQueue()
+        self._left = ctx.Barrier(self.world)  # every rank past its teardown (_torch_process)
         port = self.port or _free_port()
         with _sigint_blocked(), _without_cli_main():
             for rank in range(self.world):
@@ -89,6 +91,7 @@ class TorchGroup:
                         port,
                         os.getpid(),
                         self._queue,
+                        self._left,
                     ),
                     name=f"raymb-worker-{rank}",
                     daemon=True,  # ended, not waited for, by a driver that exits
@@ -193,6 +196,7 @@ def _torch_process(
     port: int,
     parent: int,
     queue: Any,
+    left: Any,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver's to take (see the module)
     _die_with(parent)
@@ -217,6 +221,15 @@ def _torch_process(
         # exception"). A rank that raised is not waited for: the driver ends the others.
         dist.barrier()
         dist.destroy_process_group()
+        # Rank 0 serves the group's store: a process that exits while a peer is still inside
+        # destroy_process_group closes sockets under the peer's gloo threads, which then end
+        # it with SIGABRT ("terminate called without an active exception"; seen in a fresh
+        # clone's suite). So no rank exits before every rank is past its teardown; the
+        # barrier is the driver's, outside torch.
+        try:
+            left.wait(timeout=60)
+        except threading.BrokenBarrierError:
+            pass  # a peer failed: the driver ends the group
         if rank == 0:
             queue.put(("result", rank, out))
     except BaseException:  # noqa: BLE001 - told to the driver first, which ends the others
