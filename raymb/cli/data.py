@@ -187,15 +187,16 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     rows.add_argument(
         "--label-column",
         metavar="NAME",
-        help="the table's column of labels: class ids >= 0, or any strings (mapped to 0..C-1 "
-        "in sorted order); an empty label is refused",
+        help="the table's column of labels: class ids >= 0 kept, anything else (strings, "
+        "negative integers) mapped to 0..C-1 in sorted order; an empty label is refused",
     )
     rows.add_argument(
         "--max-length",
         type=int,
         metavar="L",
         help="tokens per row, special tokens included: longer texts are truncated, shorter "
-        "ones padded with the tokenizer's pad id (default 128)",
+        "ones padded on the right with the pad id (the tokenizer file's padding pad_id, else "
+        "[PAD] or <pad>, else 0) (default 128)",
     )
 
 
