@@ -318,7 +318,7 @@ def _prepare_text_rows(args: argparse.Namespace) -> int:
     )
     if truncated := manifest["source"]["truncated_rows"]:
         print(
-            f"raymb: truncated {truncated} of {manifest['source']['rows']} rows to "
+            f"raymb: truncated {truncated:,} of {manifest['source']['rows']:,} rows to "
             f"--max-length {manifest['max_length']} tokens",
             file=sys.stderr,
         )
