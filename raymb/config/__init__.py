@@ -26,6 +26,7 @@ from raymb.config.model import (
     MlpModel,
     Model,
     ModelSection,
+    TransformersModel,
 )
 from raymb.config.schema import json_schema, markdown
 from raymb.config.sections import (
@@ -70,6 +71,7 @@ __all__ = [
     "ScaleSection",
     "StorageSection",
     "TrainSection",
+    "TransformersModel",
     "json_schema",
     "markdown",
     "parse_bytes",

@@ -22,6 +22,9 @@ else:  # pyproject.toml installs tomli there
 REPO = Path(__file__).resolve().parents[3]
 JOB_CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.toml"))
 
+# The keys of a pretrained start, which every family has (raymb.config.model).
+START = "init_from, init_allow_missing, init_allow_unexpected, freeze"
+
 
 def raymb_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -171,7 +174,8 @@ def test_bad_config_file_names_the_key(tmp_path: Path, toml: str, message: str) 
 GOT = [
     (
         "model.name=resnet9000",
-        "model.name must be linear, mlp, cnn, gpt or package.module:factory (got 'resnet9000')",
+        "model.name must be linear, mlp, cnn, gpt, transformers or package.module:factory "
+        "(got 'resnet9000')",
     ),
     ("optim.lr=-1", "optim.lr must be > 0 (got -1)"),
     ("optim.momentum=1.5", "optim.momentum must be in [0, 1) (got 1.5)"),
@@ -192,15 +196,17 @@ GOT = [
     (
         ("model.name=mlp", "model.depth=3"),
         "model.depth is not a key of model.name = 'mlp' (its keys: hidden, dropout, num_classes, "
-        "init)",
+        f"init, {START})",
     ),
     (
         "model.widths=[8]",
-        "model.widths is not a key of model.name = 'linear' (its keys: num_classes, init)",
+        "model.widths is not a key of model.name = 'linear' (its keys: num_classes, init, "
+        f"{START})",
     ),
     (
         ("model.name=my.models:make", "model.hidden=[8]"),
-        "model.hidden is not a key of model.name = 'my.models:make' (its keys: num_classes)",
+        "model.hidden is not a key of model.name = 'my.models:make' (its keys: num_classes, "
+        f"{START})",
     ),
     ("train.epochs=0", "train.epochs must be > 0 (got 0)"),
     ("train.epochs=2.0", "train.epochs must be an integer (got 2.0)"),

@@ -31,12 +31,24 @@ from raymb.rundir.checkpoint import atomic_save, claim_run
 from raymb.tools.load import load_model
 
 # Each family's keys, written out independently of the classes.
+# Every family ends with the keys of a pretrained start.
+START = ["init_from", "init_allow_missing", "init_allow_unexpected", "freeze"]
 KEYS = {
-    "linear": ["name", "num_classes", "init"],
-    "mlp": ["name", "hidden", "dropout", "num_classes", "init"],
-    "cnn": ["name", "widths", "norm", "dropout", "num_classes", "init"],
-    "gpt": ["name", "depth", "width", "heads", "block_size", "dropout", "num_classes", "init"],
-    "my.models:make": ["name", "num_classes"],
+    "linear": ["name", "num_classes", "init", *START],
+    "mlp": ["name", "hidden", "dropout", "num_classes", "init", *START],
+    "cnn": ["name", "widths", "norm", "dropout", "num_classes", "init", *START],
+    "gpt": [
+        "name",
+        "depth",
+        "width",
+        "heads",
+        "block_size",
+        "dropout",
+        "num_classes",
+        "init",
+        *START,
+    ],
+    "my.models:make": ["name", "num_classes", *START],
 }
 CLASSES = {
     "linear": LinearModel,
@@ -89,6 +101,7 @@ def test_another_familys_key_names_the_familys_keys(name: str, key: str, keys: s
     with pytest.raises(ConfigError) as info:
         load_config(None, [f"model.name={name}", f"model.{key}"])
     wrong = key.split("=")[0]
+    keys = ", ".join([keys, *START])
     assert str(info.value) == (
         f"model.{wrong} is not a key of model.name = {name!r} (its keys: {keys})"
     )
@@ -108,7 +121,9 @@ def test_sections_built_in_python() -> None:
     assert MlpModel().name == "mlp" and GptModel().name == "gpt"
     with pytest.raises(ConfigError, match="model.depth is not a key of model.name = 'mlp'"):
         MlpModel(depth=3)
-    with pytest.raises(ConfigError, match=r"model.name must be linear, mlp, cnn, gpt or"):
+    with pytest.raises(
+        ConfigError, match=r"model.name must be linear, mlp, cnn, gpt, transformers or"
+    ):
         FactoryModel(name="nocolon")
     with pytest.raises(ConfigError, match="model.name must be set"):
         FactoryModel()

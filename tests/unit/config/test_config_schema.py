@@ -145,7 +145,7 @@ REFUSED = [
         '[model]\nname = "mlp"\ndepth = 3\n',
         "('depth' was unexpected)",
         "model.depth is not a key of model.name = 'mlp' (its keys: hidden, dropout, "
-        "num_classes, init)",
+        "num_classes, init, init_from, init_allow_missing, init_allow_unexpected, freeze)",
         id="another-familys-key",
     ),
     pytest.param(
@@ -157,7 +157,8 @@ REFUSED = [
     pytest.param(
         '[model]\nname = "resnet"\n',
         "'resnet' does not match ':'",
-        "model.name must be linear, mlp, cnn, gpt or package.module:factory (got 'resnet')",
+        "model.name must be linear, mlp, cnn, gpt, transformers or package.module:factory "
+        "(got 'resnet')",
         id="unknown-family",
     ),
     pytest.param(
