@@ -1,7 +1,9 @@
-"""Model registry: linear, mlp, cnn, gpt, or a user's own `package.module:factory`.
+"""Model registry: linear, mlp, cnn, gpt, transformers, or a user's own `package.module:factory`.
 
-One file per family (mlp.py: linear and mlp; cnn.py; gpt.py). A model is built for one row's
-shape: (d,) flat features, (C, H, W) images, (T,) token blocks. The loss: raymb.core.loss.
+One file per family (mlp.py: linear and mlp; cnn.py; gpt.py; hf.py: a Hugging Face
+transformers model); a pretrained start and frozen parameters: init_from.py. A model is built
+for one row's shape: (d,) flat features, (C, H, W) images, (T,) token blocks. The loss:
+raymb.core.loss.
 """
 
 from __future__ import annotations
@@ -14,16 +16,23 @@ from torch import nn
 
 from raymb.config import Model
 from raymb.errors import ConfigError
-from raymb.models import cnn, gpt, mlp
+from raymb.models import cnn, gpt, hf, mlp
 
 __all__ = ["build_model", "initialise", "load_factory"]
 
-FAMILIES = {"linear": mlp.build, "mlp": mlp.build, "cnn": cnn.build, "gpt": gpt.build}
+FAMILIES = {
+    "linear": mlp.build,
+    "mlp": mlp.build,
+    "cnn": cnn.build,
+    "gpt": gpt.build,
+    "transformers": hf.build,
+}
 
 
 def build_model(section: Model, input_shape: int | Sequence[int], out_features: int) -> nn.Module:
     """The model of `model.name` for rows of `input_shape` (d, or a shape such as (d,),
-    (C, H, W) or (T,)) and the task's outputs (1, the classes, or the vocabulary size).
+    (C, H, W) or (T,)) and the task's outputs (1, the classes, or the vocabulary size; a
+    transformers language model's vocabulary is its config's).
 
     A custom factory is called as factory(d, out_features) for flat rows ((d,) or an int)
     and factory(input_shape, out_features), a tuple, for tensor rows.
@@ -32,7 +41,7 @@ def build_model(section: Model, input_shape: int | Sequence[int], out_features: 
     family = FAMILIES.get(section.name)
     if family is not None:
         model = family(section, shape, out_features)
-        initialise(model, section.init)
+        initialise(model, getattr(section, "init", "default"))  # transformers: its own
         return model
     factory = load_factory(section.name)
     model = factory(shape[0] if len(shape) == 1 else shape, out_features)
