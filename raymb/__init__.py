@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from raymb.config import Config
 from raymb.errors import CheckpointError, ConfigError, DataError, RaymbError
@@ -31,12 +31,32 @@ __all__ = [
 __version__ = version()
 
 
-def train(config: Config, *, address: str | None = None, verbose: bool = False) -> Result:
-    """Train as configured on a local Ray cluster (or the one at `address`); see raymb.driver.
-    Ray's own lines go to <run dir>/logs/ray.log; `verbose` prints them as Ray does."""
+def train(
+    config: Config,
+    *,
+    model: Any = None,
+    loss: Any = None,
+    metrics: Any = None,
+    address: str | None = None,
+    verbose: bool = False,
+) -> Result:
+    """Train as configured on a local Ray cluster (or the one at `address`; with
+    scale.launcher = "local", on processes of this machine); see raymb.driver.
+    Ray's own lines go to <run dir>/logs/ray.log; `verbose` prints them as Ray does.
+
+    Your own code, in place of the config's model.name, loss.name and metrics.name (the same
+    run is possible from a config, with package.module:name strings; docs/your-model.md):
+    - `model`: a torch.nn.Module, or a factory called as factory(input_shape, out_features)
+      (input_shape: {column: shape} with data.inputs);
+    - `loss`: loss(outputs, targets) returning each row's loss, or (each row's summed loss,
+      each row's count);
+    - `metrics`: metrics(outputs, targets) returning {name: (sum, count)}.
+    Callables and closures are carried to the workers as Ray carries a training function.
+    """
     from raymb.driver.run import train as _train  # Ray is imported only when training
 
-    return _train(config, address=address, verbose=verbose)
+    code = dict(model=model, loss=loss, metrics=metrics)
+    return _train(config, address=address, verbose=verbose, **code)
 
 
 def tune(

@@ -10,6 +10,7 @@ from typing import Any
 
 from raymb.config.build import build, require, section
 from raymb.config.data import DataSection
+from raymb.config.loss import LossSection, MetricsSection
 from raymb.config.model import LinearModel, Model, saved_model
 from raymb.config.sections import (
     CheckpointSection,
@@ -34,6 +35,8 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     model: Model = field(default_factory=LinearModel)
     """The model: model.name chooses the family, and [model] takes that family's keys."""
+    loss: LossSection = field(default_factory=LossSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     scale: ScaleSection = field(default_factory=ScaleSection)
@@ -53,6 +56,14 @@ class Config:
             require(self.train.sync == "grad", "train.sync", f'"grad" {why}', self.train.sync)
             what = "a first-order optimizer with train.noise_scale = true (L-BFGS: full batch)"
             require(self.optim.name != "lbfgs", "optim.name", what, self.optim.name)
+        if not self.loss.builtin_default:
+            why = "with a counted loss (a step's count is known after its forward)"
+            require(
+                self.optim.name != "lbfgs", "optim.name", f"a first-order optimizer {why}", "lbfgs"
+            )
+        if self.data.task == "lm" and self.loss.name not in ("auto", "cross_entropy"):
+            lm = '"auto" or "cross_entropy" with data.task = "lm" (the next token)'
+            require(False, "loss.name", lm, self.loss.name)
         if G == "all" or m == "auto" or self.scale.elastic:
             return  # elastic: a W that does not divide G splits steps unevenly (raymb.core.plan)
         if m is None:

@@ -5,7 +5,7 @@ augmented; frozen, keyword-only pydantic dataclasses like the other sections
 
 from __future__ import annotations
 
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from annotated_types import Interval
@@ -47,6 +47,21 @@ class AugmentSection:
         return self.geometric or self.noise_std > 0
 
 
+@dataclass(frozen=True)
+class Named:
+    """data.inputs and data.targets: the columns the model reads and the ones the loss reads,
+    each by name; `label` is the built-in losses' target (data.label)."""
+
+    inputs: tuple[str, ...]
+    targets: tuple[str, ...]
+    label: str
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column read, each once: the inputs, then the targets."""
+        return tuple(dict.fromkeys((*self.inputs, *self.targets)))
+
+
 @section("data")
 class DataSection:
     """The training and validation data (parquet) and how it is read."""
@@ -59,7 +74,16 @@ class DataSection:
     features: str | list[str] = "features"
     """One list-of-numbers column, or a list of scalar columns."""
     label: str = "label"
-    """Integer label: classification; float label: regression."""
+    """Integer label: classification; float label: regression; a fixed-length list of 0/1
+    (with loss.name = "bce"): multi-label."""
+    inputs: list[str] | None = None
+    """The columns the model reads, by name: it is called as model(**{column: tensor}) (a
+    Hugging Face model: ["input_ids", "attention_mask"]). Any mix of scalar, fixed-length
+    list and fixed-shape tensor columns; integers stay integers (int64), floats are float32.
+    Unset: data.features, one tensor."""
+    targets: list[str] | None = None
+    """With data.inputs: the columns the loss and the metrics read, by name, as a dict of
+    tensors (labels, weights, masks; a column may also be an input). Unset: [data.label]."""
     shuffle: Literal["rows", "files", "none"] = "rows"
     """Each epoch's row order, a pure function of (train.seed, epoch): rows: a fresh
     permutation of every row; files: the files in a fresh order, rows in file order (for data
@@ -93,6 +117,20 @@ class DataSection:
         """The label column read, None for language modelling (the blocks are the target)."""
         return None if self.task == "lm" else self.label
 
+    @property
+    def named(self) -> Named | None:
+        """With data.inputs: the columns by name (None: data.features, one tensor)."""
+        if self.inputs is None:
+            return None
+        targets = [self.label] if self.targets is None else list(self.targets)
+        return Named(tuple(self.inputs), tuple(targets), self.label)
+
+    @property
+    def reads(self) -> str | list[str] | Named:
+        """What the workers read of a row: data.features (one tensor) or the named columns."""
+        named = self.named
+        return self.features if named is None else named
+
     def __post_init__(self) -> None:
         features, mean, std = self.features, self.mean, self.std
         require(features != [], "data.features", "a column name or a non-empty list", features)
@@ -103,6 +141,8 @@ class DataSection:
             )
         require(std is None or all(s > 0 for s in std), "data.std", "positive values", std)
         lm = 'one column of token blocks when data.task = "lm"'
+        if self.inputs is not None or self.targets is not None:
+            self._check_named()
         require(self.task != "lm" or isinstance(features, str), "data.features", lm, features)
         if self.folds or self.fold:
             folds, fold = self.folds, self.fold
@@ -113,3 +153,24 @@ class DataSection:
             require(self.cache is not False, "data.cache", 'true or "auto" with data.folds', False)
             files = '"rows" or "none" with data.folds (a fold is a set of rows)'
             require(self.shuffle != "files", "data.shuffle", files, self.shuffle)
+
+    def _check_named(self) -> None:
+        """data.inputs and data.targets: names, once each; no collate of data.features'."""
+        inputs, targets = self.inputs, self.targets
+        require(inputs is not None, "data.inputs", "set when data.targets is", inputs)
+        for key, names in (("data.inputs", inputs), ("data.targets", targets)):
+            if names is None:
+                continue
+            require(bool(names), key, "a non-empty list of column names", names)
+            require(all(bool(n) for n in names), key, "non-empty column names", names)
+            require(len(set(names)) == len(names), key, "column names without repeats", names)
+        lm = '"auto", "classify" or "regress" with data.inputs (token blocks: data.features)'
+        require(self.task != "lm", "data.task", lm, self.task)
+        for key in ("scale", "mean"):
+            why = "unset with data.inputs (the named columns reach the model as stored)"
+            require(getattr(self, key) is None, f"data.{key}", why, getattr(self, key))
+        if self.augment.enabled:
+            raise ConfigError(
+                "data.augment applies to data.features' images and features, not to data.inputs: "
+                "unset data.augment or augment inside your model"
+            )

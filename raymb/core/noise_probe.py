@@ -58,11 +58,18 @@ class NoiseProbe:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             self.half = torch._foreach_mul(grads, 1.0)  # a copy, in one call
 
-    def take(self, model: nn.Module, units: int, divisor: float) -> None:
+    def take(self, model: nn.Module, units: float, divisor: float, unscaled: bool = False) -> None:
         """Keep the step's numbers in `measured` (None when nothing was measured), in units
         (rows, tokens for lm). A part is a worker (W >= 2) or a half of the step (W = 1);
         |G_part|^2 is its mean gradient's: its summed gradient / N_step, scaled by
-        N_step / B_part. Called after the all-reduce, before clipping."""
+        N_step / B_part. Called after the all-reduce, before clipping. `unscaled`: a counted
+        loss's step divided its gradient by `divisor` only after the parts were seen, so
+        they are divided here."""
+        if unscaled:
+            if self.half is not None:
+                torch._foreach_div_(self.half, divisor)
+            if self.local_sq is not None:
+                self.local_sq = self.local_sq / divisor**2
         self.measured = self._measure(model, units, divisor)
         self.start()
 

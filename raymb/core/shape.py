@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
+    from raymb.core.batch import Columns
     from raymb.core.rng import RowKeys
 
 TASKS = ("classify", "regress", "lm")
@@ -39,10 +40,16 @@ class InputShape:
     scale: float | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    columns: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    """data.inputs: each input column's name and one row's shape (() for a scalar); the model
+    takes them by name, as stored."""
 
     @property
-    def model_shape(self) -> tuple[int, ...]:
-        """One row's shape as the model sees it: a block of T + 1 tokens feeds T."""
+    def model_shape(self) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+        """One row's shape as the model sees it: a block of T + 1 tokens feeds T; named
+        inputs: {column: shape}."""
+        if self.columns is not None:
+            return dict(self.columns)
         return (self.shape[0] - 1,) if self.task == "lm" else self.shape
 
     @property
@@ -61,15 +68,17 @@ class InputShape:
 
     def collate(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        x: Columns,
+        y: Columns,
         augment: RowTransforms | None = None,
         keys: RowKeys | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[Columns, Columns]:
         """Stored values (already on the device) to the model's input and target; training
         rows with data.augment's transforms, drawn from their `keys` (raymb.data.augment)."""
         import torch
 
+        if isinstance(x, dict):
+            return x, y  # named columns reach the model as stored
         if self.task == "lm":
             tokens = x.long()
             return tokens[:, :-1], tokens[:, 1:]
@@ -91,13 +100,16 @@ class InputShape:
     def to_dict(self) -> dict:
         """The stored form: a plan's `inputs`, a checkpoint's `inputs` (kept as it is, so
         that every checkpoint written so far still loads)."""
-        return {
+        stored = {
             "task": self.task,
             "shape": list(self.shape),
             "scale": self.scale,
             "mean": None if self.mean is None else list(self.mean),
             "std": None if self.std is None else list(self.std),
         }
+        if self.columns is not None:
+            stored["columns"] = [[name, list(shape)] for name, shape in self.columns]
+        return stored
 
     @classmethod
     def from_dict(cls, d: dict) -> InputShape:
@@ -107,4 +119,7 @@ class InputShape:
             scale=d.get("scale"),
             mean=None if d.get("mean") is None else tuple(d["mean"]),
             std=None if d.get("std") is None else tuple(d["std"]),
+            columns=None
+            if d.get("columns") is None
+            else tuple((name, tuple(shape)) for name, shape in d["columns"]),
         )

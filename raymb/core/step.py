@@ -10,10 +10,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raymb.core import rng
-from raymb.core.loss import summed_loss
+from raymb.core import batch, rng
+from raymb.core.batch import Columns
+from raymb.core.objective import LossError, Objective
 from raymb.core.optim import l1_step
 from raymb.core.sync import Sync
+
+Microbatch = tuple[Columns, Columns]
+"""(the model's inputs, the loss's targets): tensors, or dicts of them by column name."""
 
 
 class StepObserver(Protocol):
@@ -30,11 +34,12 @@ class StepObserver(Protocol):
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    microbatches: Sequence[Microbatch],
     rows: int,
     *,
     sync: Sync,
-    classify: bool,
+    classify: bool = True,
+    objective: Objective | None = None,
     grad_clip: float | None = None,
     bf16: bool = False,
     check_finite: bool = True,
@@ -56,18 +61,25 @@ def train_step(
     the returned losses). `l1`: optim.l1's proximal step after the optimizer's, on this
     worker's parameters (before a param or diloco average). `observer` watches the step's
     gradients (not under L-BFGS). L-BFGS: lbfgs_step.
+
+    `objective` (default: the built-in loss for `classify`) is what the step minimises
+    (raymb.core.objective). A counted one returns its count with its loss: the gradients of
+    the summed losses are divided once, after the last microbatch, by the step's count
+    (all-reduced under gradient sync), and `objective.step_count` holds this worker's count.
     """
+    objective = objective or Objective(classify=classify)
     if isinstance(optimizer, torch.optim.LBFGS):
-        each = dict(sync=sync, classify=classify, bf16=bf16, uneven=uneven)
+        each = dict(sync=sync, objective=objective, bf16=bf16, uneven=uneven)
         return lbfgs_step(model, optimizer, microbatches, rows, **each)
     optimizer.zero_grad(set_to_none=True)
-    divisor = sync.step_samples(rows, uneven=uneven)
+    divisor = None if objective.counted else sync.step_samples(rows, uneven=uneven)
     if observer is not None:
         observer.start()
-    each = dict(sync=sync, classify=classify, bf16=bf16, observer=observer)
-    total = accumulate(model, microbatches, divisor, **each)
+    each = dict(sync=sync, objective=objective, bf16=bf16, observer=observer)
+    total, divisor = accumulate(model, microbatches, divisor, **each)
     if observer is not None:  # before clipping; no number changes
-        observer.take(model, rows, divisor)
+        units = rows if not objective.counted else objective.step_count.item()
+        observer.take(model, units, divisor, unscaled=objective.counted)
     norm = None
     if grad_clip is not None:
         norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -86,11 +98,11 @@ def train_step(
 def lbfgs_step(
     model: nn.Module,
     optimizer: torch.optim.LBFGS,
-    microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    microbatches: Sequence[Microbatch],
     rows: int,
     *,
     sync: Sync,
-    classify: bool,
+    objective: Objective,
     bf16: bool = False,
     uneven: bool = False,
 ) -> tuple[torch.Tensor, bool]:
@@ -107,7 +119,8 @@ def lbfgs_step(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        total = accumulate(model, microbatches, divisor, sync=sync, classify=classify, bf16=bf16)
+        each = dict(sync=sync, objective=objective, bf16=bf16)
+        total, _ = accumulate(model, microbatches, divisor, **each)
         if not first:
             first.append(total)
         mean = total / divisor
@@ -122,36 +135,60 @@ def lbfgs_step(
 
 def accumulate(
     model: nn.Module,
-    microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    divisor: float,
+    microbatches: Sequence[Microbatch],
+    divisor: float | None,
     *,
     sync: Sync,
-    classify: bool,
+    objective: Objective,
     bf16: bool = False,
     observer: StepObserver | None = None,
-) -> torch.Tensor:
-    """Forward and backward of every microbatch, each loss's gradient divided by `divisor`
-    (the gradients accumulate); returns their summed loss, detached. The row keys the loop
-    set for the step's rows (raymb.core.rng) are narrowed to each microbatch's, so a row's
-    dropout mask does not depend on the microbatch it falls in. `observer` is shown each
+) -> tuple[torch.Tensor, float]:
+    """Forward and backward of every microbatch, the gradients accumulating; returns their
+    summed loss, detached, and what the step's gradient was divided by.
+
+    `divisor` known (the step's rows, or tokens): each loss's gradient is divided by it.
+    None (a counted objective): the summed losses' gradients add up, then are divided once
+    by the step's count (sync.step_count: all workers' under gradient sync), which is
+    returned; `objective.step_count` is this worker's count. The row keys the loop set for
+    the step's rows (raymb.core.rng) are narrowed to each microbatch's, so a row's dropout
+    mask does not depend on the microbatch it falls in. `observer` is shown each
     microbatch's gradient (train_step's)."""
-    total = None
+    total, count = None, None
     last = len(microbatches) - 1
-    scale = _scale(divisor, microbatches[0][0].device)
+    device = batch.device_of(microbatches[0][1])
+    scale = _scale(1.0 if divisor is None else divisor, device)
     start = 0
     for i, (x, y) in enumerate(microbatches):
-        with sync.microbatch(model, last=i == last), rng.microbatch(start, len(x)):
-            start += len(x)
+        n = batch.rows(y)
+        with sync.microbatch(model, last=i == last), rng.microbatch(start, n):
+            start += n
             if bf16:
-                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
-                    loss = summed_loss(model(x), y, classify).float()
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                    loss, counted = objective(batch.forward(model, x), y)
+                loss = loss.float()
             else:
-                loss = summed_loss(model(x), y, classify)
+                loss, counted = objective(batch.forward(model, x), y)
             loss.backward(scale)  # the gradient of loss / divisor, without another op
+        if counted is not None:
+            counted = counted.detach().double()
+            count = counted if count is None else count + counted
         if observer is not None:
-            observer.after_microbatch(model, i, last + 1, y.numel())  # rows, tokens for lm
+            units = y.numel() if isinstance(y, torch.Tensor) else n
+            units = units if counted is None else counted.item()
+            observer.after_microbatch(model, i, last + 1, units)  # rows, tokens for lm
         total = loss.detach() if total is None else total + loss.detach()
-    return total
+    if divisor is None:
+        objective.step_count = count
+        divisor = sync.step_count(count)
+        if not divisor > 0:
+            raise LossError(
+                f"loss.name {objective.loss_name!r}: a step's count is {divisor:g} over all its "
+                "rows: count at least one element in every step"
+            )
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, divisor)
+    return total, divisor
 
 
 @functools.lru_cache(maxsize=64)

@@ -63,6 +63,7 @@ class Sync(Protocol):
 
     def wrap(self, model: nn.Module) -> nn.Module: ...
     def step_samples(self, rows: int, *, uneven: bool = False) -> int: ...
+    def step_count(self, count: torch.Tensor) -> float: ...
     def microbatch(self, model: nn.Module, last: bool) -> ContextManager: ...
     def finite(self, grad_norm: torch.Tensor) -> bool: ...
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
@@ -120,6 +121,14 @@ class GradSync:
         total = torch.tensor([float(rows)], device=self.device)
         dist.all_reduce(total)
         return int(total.item())
+
+    def step_count(self, count: torch.Tensor) -> float:
+        """A counted loss's divisor: this worker's count summed over the workers."""
+        if self.world_size == 1:
+            return float(count.item())
+        total = count.detach().double().reshape(1).clone()
+        dist.all_reduce(total)
+        return float(total.item())
 
     def microbatch(self, model: nn.Module, last: bool) -> ContextManager:
         if last or not isinstance(model, DistributedDataParallel):
@@ -203,6 +212,13 @@ class ParamSync:
         if self.in_warmup:
             return self.grad.step_samples(rows, uneven=uneven)
         return max(rows, 1)  # a worker with no row in a step steps on zero gradients
+
+    def step_count(self, count: torch.Tensor) -> float:
+        """A counted loss's divisor: all workers' count in the warm-up, else this worker's
+        own (1 when it counted nothing: it steps on zero gradients)."""
+        if self.in_warmup:
+            return self.grad.step_count(count)
+        return float(count.item()) or 1.0
 
     def microbatch(self, model: nn.Module, last: bool) -> ContextManager:
         if self.in_warmup:

@@ -38,14 +38,15 @@ class DatasetInfo:
     files: tuple[str, ...]  # parquet files as paths on `filesystem`, sorted
     num_rows: int
     num_features: int  # d: list length, or number of scalar feature columns
-    label_kind: str  # "int" (classification) or "float" (regression)
-    num_classes: int | None  # max label + 1 for int labels, else None
+    label_kind: str  # "int" (classification), "float" (regression), "multi" (a 0/1 list)
+    num_classes: int | None  # max label + 1 for int labels, the list's length for multi
     filesystem: pafs.FileSystem = field(repr=False)  # pass to readers for non-local paths
     file_rows: tuple[int, ...] = ()  # rows of each file, in the order of `files`
     bytes: int = 0  # uncompressed size of the files' columns, from their footers
     feature_shape: tuple[int, ...] = ()  # one row's features: (d,), (C, H, W), (T + 1,)
     feature_type: str = "float32"  # the stored value type of a list or tensor column
     value_range: tuple[int, int] | None = None  # integer features (token ids): (min, max)
+    columns: tuple[tuple[str, tuple[int, ...], str], ...] = ()  # data.inputs: name, shape, type
 
 
 def check_dataset(
@@ -100,12 +101,17 @@ def check_dataset(
 
         # The footer answers the types; one read of the columns answers the rest.
         if label is not None:
-            label_type = _field(schema, label, prefix, "label").type
+            label_field = _field(schema, label, prefix, "label")
+            label_type = label_field.type
             file_kind = _label_kind(label_type)
+            if file_kind == "multi":  # multi-label: a fixed length of 0/1 targets
+                width, _ = _feature_layout(label_field, prefix)
+                max_label = None if width is None else width[0] - 1
             if file_kind is None:
                 raise DataError(
                     f"{prefix}: label column {label!r} has type {label_type}, "
-                    "expected an integer (classification) or floating (regression) type"
+                    "expected an integer (classification) or floating (regression) type, or "
+                    "a fixed-length list of 0/1 (multi-label)"
                 )
             if kind is not None and file_kind != kind[0]:
                 raise DataError(
@@ -191,7 +197,10 @@ def check_dataset(
 
 
 def describe_shape(info: DatasetInfo, features: str | list[str]) -> str:
-    """The features as the schema check reports them: `image: uint8[3, 32, 32]`."""
+    """The features as the schema check reports them: `image: uint8[3, 32, 32]`; named
+    inputs: `input_ids: int64[128], attention_mask: int64[128]`."""
+    if info.columns:
+        return ", ".join(f"{n}: {t}{_shape(s) if s else ''}" for n, s, t in info.columns)
     if not isinstance(features, str):
         return f"{len(features)} scalar columns"
     return f"{features}: {info.feature_type}{_shape(info.feature_shape)}"
@@ -343,6 +352,8 @@ def _is_number(t: pa.DataType) -> bool:
 
 
 def _label_kind(t: pa.DataType) -> str | None:
+    if _is_list(t) and _is_number(t.value_type):
+        return "multi"
     if pa.types.is_integer(t):
         return "int"
     if pa.types.is_floating(t):

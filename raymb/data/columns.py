@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from raymb.config.data import Named
 from raymb.core.shape import InputShape
 from raymb.errors import ConfigError
 
@@ -29,14 +30,18 @@ if TYPE_CHECKING:  # torch is imported where tensors are made: the checks before
     import torch  # run (raymb.data.checks) read only Arrow
 
     from raymb.config import DataSection
+    from raymb.core.batch import Columns
 
 
 class ShapeError(ValueError):
     """A column whose rows cannot have one fixed shape (the schema check names the file)."""
 
 
-def column_names(features: str | list[str], label: str | None) -> list[str]:
-    """The columns a dataset is read for: the feature column(s), then the label (if any)."""
+def column_names(features: str | list[str] | Named, label: str | None) -> list[str]:
+    """The columns a dataset is read for: the feature column(s), then the label (if any);
+    or data.inputs and data.targets, each once."""
+    if isinstance(features, Named):
+        return list(features.columns)
     names = [features] if isinstance(features, str) else list(features)
     return names if label is None else [*names, label]
 
@@ -95,11 +100,14 @@ def column_array(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...] | No
 
 
 def table_to_tensors(
-    table: pa.Table, features: str | list[str], label: str | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, label) as tensors. Features: (rows, *shape), integers as stored, floats as
+    table: pa.Table, features: str | list[str] | Named, label: str | None
+) -> tuple[Columns, Columns]:
+    """(features, label) as tensors; for named columns (data.inputs) ({input: tensor},
+    {target: tensor}), see `named_tensors`. Features: (rows, *shape), integers as stored, floats as
     float32; several scalar columns as float32 (rows, d). Label: int64 (classes) or float32
     (regression); no label (language modelling): an empty (rows, 0) tensor."""
+    if isinstance(features, Named):
+        return named_tensors(table, features)
     if isinstance(features, str):
         field = table.schema.field(features)
         shape, _ = feature_shape(field)
@@ -111,15 +119,41 @@ def table_to_tensors(
     if label is None:
         y = np.zeros((table.num_rows, 0), np.int64)
     else:
-        y = table.column(label).to_numpy()
-        y = y.astype(np.int64) if np.issubdtype(y.dtype, np.integer) else y.astype(np.float32)
+        y = _values(table, label)
+    return _tensor(x), _tensor(y)
+
+
+def named_tensors(table: pa.Table, named: Named) -> tuple[dict, dict]:
+    """data.inputs and data.targets as {column: tensor}: (rows,) for a scalar column, (rows,
+    *shape) for a list or tensor column; integers as int64 (token ids, labels), floats as
+    float32, booleans as bool. A column in both shares one tensor."""
+    tensors = {c: _tensor(_values(table, c)) for c in named.columns}
+    return {c: tensors[c] for c in named.inputs}, {c: tensors[c] for c in named.targets}
+
+
+def _values(table: pa.Table, name: str) -> np.ndarray:
+    """One column as an array: integers as int64, floats as float32, lists stacked."""
+    field = table.schema.field(name)
+    if _is_list(field.type) or isinstance(field.type, pa.ExtensionType):
+        shape, _ = feature_shape(field)
+        v = column_array(table.column(name), shape)
+    else:
+        v = table.column(name).to_numpy()
+    if np.issubdtype(v.dtype, np.integer):
+        return v.astype(np.int64, copy=False)
+    if np.issubdtype(v.dtype, np.floating):
+        return v.astype(np.float32, copy=False)
+    return v
+
+
+def _tensor(values: np.ndarray) -> torch.Tensor:
     # Arrow's buffers are read-only; nothing writes to these tensors in place (the collate
     # and index_select make new ones), so torch's warning about that does not apply.
     import torch
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
+        return torch.from_numpy(np.ascontiguousarray(values))
 
 
 def input_shape(data: DataSection, task: str, shape: tuple[int, ...]) -> InputShape:

@@ -233,7 +233,7 @@ def data_spec(
     """
     if not cached:
         return DataSpec.of(info, config, what=what)
-    columns = tuple(column_names(config.data.features, config.data.label_column))
+    columns = tuple(column_names(config.data.reads, config.data.label_column))
     files = tuple(info.files)
     tasks = min(len(files), max(1, -(-info.bytes // READ_TASK_BYTES)))
     blocks: list = []

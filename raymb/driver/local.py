@@ -71,11 +71,17 @@ def local_spec(
     config: Config,
     prepared: tuple[Any, DatasetInfo, DatasetInfo | None] | None = None,
     run_dir: Location | None = None,
+    code: Any = None,
 ) -> EpochsSpec:
     """The spec `raymb train` would send its workers, with the data cached from this process.
-    `prepared`: raymb.driver.preflight.prepare's answer, when the caller has it already."""
+    `prepared`: raymb.driver.preflight.prepare's answer, when the caller has it already;
+    `code`: raymb.driver.custom.custom_code's (default: the config's own, dry-run here)."""
     plan, train_info, val_info = prepared or prepare(config)
-    columns = tuple(column_names(config.data.features, config.data.label_column))
+    if code is None:
+        from raymb.driver.custom import custom_code
+
+        code = custom_code(config, plan, train_info)
+    columns = tuple(column_names(config.data.reads, config.data.label_column))
 
     def cached(info: DatasetInfo, what: str) -> DataSpec:
         blocks = read_blocks(info.files, columns, info.filesystem, what)
@@ -90,6 +96,7 @@ def local_spec(
         train=train,
         val=validation(config, train, val),
         tokenizer=tokenizer_spec(config),
+        code=code,
     )
 
 

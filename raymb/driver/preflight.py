@@ -45,13 +45,20 @@ def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
     max_classes = MAX_CLASSES if config.model.num_classes is None else None
     # The feature values are checked by the workers' first read (raymb.worker.feed).
     checks = dict(scan_features=False, task=data.task, max_classes=max_classes)
-    train_info = check_dataset(data.train, data.features, label, what="data.train", **checks)
+    if data.named is not None:
+        from raymb.data.named import check_named
+
+        check = lambda path, what: check_named(path, data.named, what=what, max_classes=max_classes)  # noqa: E731
+    else:
+        check = lambda path, what: check_dataset(path, data.features, label, what=what, **checks)  # noqa: E731
+    train_info = check(data.train, "data.train")
     val_info = None
     if data.val is not None:
-        val_info = check_dataset(data.val, data.features, label, what="data.val", **checks)
-        if (val_info.feature_shape, val_info.label_kind) != (
+        val_info = check(data.val, "data.val")
+        if (val_info.feature_shape, val_info.label_kind, val_info.columns) != (
             train_info.feature_shape,
             train_info.label_kind,
+            train_info.columns,
         ):
             raise ConfigError(
                 f"data.val has {describe_shape(val_info, data.features)} and "
@@ -65,6 +72,9 @@ def prepare(config: Config) -> tuple[Plan, DatasetInfo, DatasetInfo | None]:
             "or checkpoint.metric=train_loss"
         )
     inputs = input_shape(data, _task(config, train_info), train_info.feature_shape)
+    if data.named is not None:
+        named_shapes = tuple((name, shape) for name, shape, _ in train_info.columns)
+        inputs = dataclasses.replace(inputs, columns=named_shapes)
     check_zero_padding(data.augment, inputs.shape)
     _check_model_fits(config, inputs, train_info)
     found = manifest(data.train)
@@ -114,7 +124,25 @@ def _task(config: Config, info: DatasetInfo) -> str:
     task, label = config.data.task, config.data.label
     if task == "lm":
         return task
-    kind = "classify" if info.label_kind == "int" else "regress"
+    bce = config.loss.name == "bce"
+    own = ":" in config.loss.name  # a loss of your own reads its targets as it likes
+    if info.label_kind == "multi" and not bce and not own:
+        raise ConfigError(
+            f'data.label {label!r} is a list column (multi-label): set loss.name = "bce" '
+            "(binary cross-entropy with logits), or use a loss of your own"
+        )
+    if bce and info.label_kind == "int":
+        raise ConfigError(
+            f'loss.name = "bce" needs 0/1 targets as floats or a fixed-length list of them; '
+            f"data.label {label!r} holds integer classes: use cross_entropy"
+        )
+    kind = "classify" if info.label_kind in ("int", "multi") else "regress"
+    if config.loss.name == "mse" and kind == "classify":
+        raise ConfigError(f'loss.name = "mse" needs a floating label; {label!r} holds classes')
+    if config.loss.name == "cross_entropy" and kind == "regress":
+        raise ConfigError(
+            f'loss.name = "cross_entropy" needs integer classes; {label!r} is floating'
+        )
     if task not in ("auto", kind):
         wanted = "an integer" if task == "classify" else "a floating"
         raise ConfigError(
@@ -131,8 +159,10 @@ def _out_features(
 ) -> int:
     """Classes (model.num_classes, or max label + 1, or the prepared folder's count: a class
     may have no row in these splits), the vocabulary (lm), or 1."""
-    if task == "regress":
-        return 1
+    if train.label_kind == "multi":
+        return train.num_classes  # one logit per target of the list
+    if task == "regress" or config.loss.name == "bce":
+        return config.model.num_classes or 1
     if task == "lm":
         seen = max(i.value_range[1] for i in (train, val) if i is not None and i.value_range) + 1
         vocab = config.model.num_classes or manifest.get("vocab_size") or seen
@@ -151,6 +181,13 @@ def _out_features(
 def _check_model_fits(config: Config, inputs: InputShape, info: DatasetInfo) -> None:
     """The built-in models against the data's shape and task, in one line before Ray starts."""
     name, shape, rows = config.model.name, inputs.shape, describe_shape(info, config.data.features)
+    if inputs.columns is not None:
+        if name in ("linear", "mlp", "cnn", "gpt"):
+            raise ConfigError(
+                f"model.name = {name} takes one tensor (data.features), not data.inputs: use "
+                'package.module:factory, model.name = "transformers", or data.features'
+            )
+        return
     if inputs.task == "lm" and (len(shape) != 1 or shape[0] < 2):
         raise ConfigError(
             f'data.task = "lm" needs blocks of at least 2 token ids; data.train has {rows}'

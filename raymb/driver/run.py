@@ -20,6 +20,7 @@ progress, the stop, the closing sequence and the run directory are the same.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -71,9 +72,14 @@ def train(
     verbose: bool = False,
     callbacks: Sequence[Any] = (),
     stream: TextIO | None = None,
+    model: Any = None,
+    loss: Any = None,
+    metrics: Any = None,
 ) -> Result:
     """Train as configured and return the run's summary (also written to summary.json).
     Ray's own lines go to <run dir>/logs/ray.log; `verbose` shows them on the terminal.
+    `model`, `loss`, `metrics`: your own, from Python (a module or factory, callables,
+    closures; raymb.driver.custom), in place of model.name, loss.name and metrics.name.
 
     A trial of `raymb tune` (raymb.driver.tune) runs it inside the sweep's Ray session: its
     `callbacks` (Ray Train UserCallbacks) go to the trainer's RunConfig, and `stream` takes
@@ -87,6 +93,9 @@ def train(
         check_local(config)
     run_dir = check_run_dir(config)  # before the data checks: no torch needed
     plan, train_info, val_info = prepare(config)
+    from raymb.driver.custom import custom_code
+
+    code = custom_code(config, plan, train_info, model=model, loss=loss, metrics=metrics)
     shown = progress.Watch(run_dir / "metrics.csv", plan.total_steps, stream)
 
     def start(stop_file: Location) -> tuple[Callable, Any]:
@@ -94,7 +103,7 @@ def train(
             from raymb.driver.local import local_spec
 
             shown.say(_data_line(config, plan, train_info))
-            return None, local_spec(config, (plan, train_info, val_info), run_dir)
+            return None, local_spec(config, (plan, train_info, val_info), run_dir, code)
         from raymb.driver.cluster import use_cache
 
         # A fold of cross-validation is an index into the cached rows.
@@ -103,6 +112,7 @@ def train(
         if cached:
             shown.phase("reading data")  # submitting the read tasks; the workers wait on them
         spec = epochs_spec(config, plan, run_dir, train_info, val_info, cached)
+        spec = dataclasses.replace(spec, code=code)
         from raymb.worker.epochs import train_loop  # imported while Ray started and read
 
         return train_loop, spec

@@ -50,6 +50,8 @@ class Progress:
     """Steps dropped on every worker for a non-finite loss (train.on_nan = "skip")."""
     val_loss: float | None = None
     val_accuracy: float | None = None
+    val_metrics: dict[str, float | None] = field(default_factory=dict)
+    """metrics.name's metrics at the last validation, as val_<metric>."""
     best: float | None = None
     """Best checkpoint.metric so far, and validations since it improved (early stopping)."""
     since_best: int = 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from raymb.config import Config
+from raymb.core import batch
 from raymb.core.order import rank_rows
 from raymb.core.plan import Plan
 from raymb.core.rng import RowKeys, row_keys
@@ -28,7 +29,7 @@ from raymb.data.augment import Augment
 from raymb.timeline import process_started, stamp
 from raymb.worker.checkpointer import Progress
 from raymb.worker.drills import with_drills
-from raymb.worker.feed import train_source, val_batches
+from raymb.worker.feed import Batch, train_source, val_batches
 from raymb.worker.session import RaySession, Session
 from raymb.worker.spec import EpochsSpec, Shape
 from raymb.worker.stopping import STOP_FILE, EarlyStopper
@@ -45,7 +46,7 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
     stamp("worker process", rank, t=process_started())
     stamp("loop", rank)  # Ray Train has set up the process group
     plan = spec.plan.for_world(world)  # elastic: as many workers as the cluster gave
-    features = config.data.features
+    features = config.data.reads  # data.features, or the named columns
     label = config.data.label_column
     fetch = session.fetch
     val = val_batches(spec.val, fetch, features, label, rank, world, max(plan.microbatch, 1024))
@@ -61,6 +62,7 @@ def train_loop(payload: dict[str, EpochsSpec], session: Session | None = None) -
         val=val,
         epoch_steps=plan.steps_per_epoch,
         stop_file=run_dir / STOP_FILE,
+        code=spec.code,
     ) as worker:  # its local files go when the loop ends (Worker.close)
         stamp("model", rank)  # and data.val, and the checkpoint a resumed run starts from
         progress, device = worker.progress, worker.device
@@ -133,19 +135,17 @@ class StepBatches:
         inputs = plan.input_shape
         return cls(plan, inputs, config.train.seed, Augment.of(config.data.augment), rank, device)
 
-    def __call__(
-        self, batch: tuple[torch.Tensor, torch.Tensor], step_in_epoch: int, epoch: int
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], RowKeys]:
+    def __call__(self, rows: Batch, step_in_epoch: int, epoch: int) -> tuple[list[Batch], RowKeys]:
         """The microbatches, and the rows' keys (dropout draws from them)."""
-        x, y = batch
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x, y = batch.to(rows[0], self.device), batch.to(rows[1], self.device)
         ids = row_ids(self.plan, step_in_epoch, self.rank, self.device)
         keys = RowKeys(self.seed, epoch, ids)
         x, y = self.inputs.collate(x, y, self.augment, keys)
         # A worker without a row in a short last step still takes part (an empty batch): the
         # gradient all-reduce needs every worker's backward.
-        m = self.plan.microbatch
-        return [(x[i : i + m], y[i : i + m]) for i in range(0, len(y), m)] or [(x, y)], keys
+        m, n = self.plan.microbatch, batch.rows(y)
+        cut = [(batch.part(x, i, i + m), batch.part(y, i, i + m)) for i in range(0, n, m)]
+        return cut or [(x, y)], keys
 
 
 def row_ids(plan: Plan, step_in_epoch: int, rank: int, device) -> torch.Tensor:

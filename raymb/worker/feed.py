@@ -23,8 +23,9 @@ from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
+from raymb.core import batch
+from raymb.core.batch import Columns
 from raymb.core.order import epoch_order, epoch_seed, fold_rows, rank_rows, worker_rows
 from raymb.core.plan import Plan
 from raymb.data.checks import check_values
@@ -32,7 +33,8 @@ from raymb.data.columns import table_to_tensors
 from raymb.errors import DataError
 from raymb.worker.spec import DataSpec
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[Columns, Columns]
+"""(the model's inputs, the loss's targets): tensors, or dicts of them by column name."""
 Fetch = Callable[[list], list]
 """A session's fetch: a cached spec's blocks as pyarrow Tables (raymb.worker.session)."""
 PATH = "path"
@@ -47,7 +49,7 @@ class CachedSource:
         self.file_rows = spec.file_rows
         if spec.folds:  # the fold's training rows, a data set of their own in file order
             self.x, self.y = _fold(spec, self.x, self.y)
-            self.file_rows = (len(self.y),)
+            self.file_rows = (batch.rows(self.y),)
         self.shuffle, self.seed = spec.shuffle, spec.seed
         self.plan, self.rank, self.world = plan, rank, world
 
@@ -56,7 +58,7 @@ class CachedSource:
         plan = self.plan
         for s in range(start, plan.steps_per_epoch):
             rows = worker_rows(order, s, plan.step_total, plan.step_rows(s), self.rank, self.world)
-            yield self.x.index_select(0, rows), self.y.index_select(0, rows)
+            yield batch.index(self.x, rows), batch.index(self.y, rows)
 
 
 class StreamedSource:
@@ -110,8 +112,9 @@ def val_batches(
         x, y = _tensors(spec, fetch, features, label)
         if spec.folds:
             x, y = _fold(spec, x, y)
-        x, y = x[rank::world], y[rank::world]
-        return [(x[i : i + rows], y[i : i + rows]) for i in range(0, len(y), rows)]
+        x, y = batch.every(x, rank, world), batch.every(y, rank, world)
+        n = batch.rows(y)
+        return [(batch.part(x, i, i + rows), batch.part(y, i, i + rows)) for i in range(0, n, rows)]
     return _StreamedVal(spec, features, label, rank, world, rows)
 
 
@@ -133,11 +136,11 @@ class _StreamedVal:
                 yield table_to_tensors(table, self.features, self.label)
 
 
-def _fold(spec: DataSpec, x: torch.Tensor, y: torch.Tensor) -> Batch:
+def _fold(spec: DataSpec, x: Columns, y: Columns) -> Batch:
     """A cached set's rows of its fold: the training rows, or the held-out ones."""
-    train, held = fold_rows(spec.seed, len(y), spec.folds, spec.fold)
+    train, held = fold_rows(spec.seed, batch.rows(y), spec.folds, spec.fold)
     rows = held if spec.held_out else train
-    return x.index_select(0, rows), y.index_select(0, rows)
+    return batch.index(x, rows), batch.index(y, rows)
 
 
 def _stream(spec: DataSpec, files: list[str]):

@@ -39,10 +39,16 @@ def lr_find_loop(payload: dict[str, LrFindSpec], session: Session | None = None)
     inputs = plan.input_shape
     shape = Shape(inputs, plan.out_features, run.tokenizer)
     with Worker(
-        config, shape, run.run_dir, mode="lr-find", total_steps=len(spec.lrs), session=session
+        config,
+        shape,
+        run.run_dir,
+        mode="lr-find",
+        total_steps=len(spec.lrs),
+        session=session,
+        code=run.code,
     ) as worker:  # its local files go when the loop ends (Worker.close)
         device = worker.device
-        features, label = config.data.features, config.data.label_column
+        features, label = config.data.reads, config.data.label_column
         source = train_source(run.train, session.fetch, features, label, plan, rank, world)
         batches = StepBatches.of(config, plan, rank, device)
         curve = Curve()
@@ -68,8 +74,14 @@ def lr_find_loop(payload: dict[str, LrFindSpec], session: Session | None = None)
                 looked = time.monotonic()
                 asked = float(stop_file.exists())
             flag = torch.tensor([asked], dtype=torch.float64, device=device)
-            summed = all_sum(torch.cat([loss.detach().double().reshape(1).to(device), flag]))
-            mean = summed[0].item() / (plan.step_rows(s) * inputs.units_per_row)
+            # The step's count: its rows (tokens for lm), or a counted loss's, summed alike.
+            objective = worker.objective
+            count = plan.step_rows(s) * inputs.units_per_row / world
+            if objective.counted:
+                count = objective.step_count.double().reshape(()).to(device)
+            count = torch.as_tensor(count, dtype=torch.float64, device=device).reshape(1)
+            summed = all_sum(torch.cat([loss.detach().double().reshape(1).to(device), flag, count]))
+            mean = summed[0].item() / summed[2].item()
             s += 1
             stop = curve.add(lr, mean)
             done = len(curve.lrs)

@@ -74,6 +74,9 @@ class Entry:
     ended: float
     logged: bool
     units: int
+    count: torch.Tensor | None = None
+    """A counted loss's count of this worker's rows (raymb.core.objective): the row's units
+    are then all workers' counts, summed at the gather."""
     noise: tuple[torch.Tensor, tuple[float, float, float]] | None = None
     """train.noise_scale: this worker's NoiseProbe.take of the step (None: not measured)."""
 
@@ -91,10 +94,12 @@ class Ledger:
         window: int | None = None,
         recent: Iterable[list] = (),
         noise: NoiseScale | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
+        """`extra`: more columns of metrics.csv (metrics.name's val_<metric>)."""
         self.noise = noise
         """train.noise_scale: the moving averages, updated at each gather in step order."""
-        columns = COLUMNS + ((NOISE_COLUMN,) if noise is not None else ())
+        columns = COLUMNS + ((NOISE_COLUMN,) if noise is not None else ()) + tuple(extra)
         self.csv = MetricsCsv(csv_path, columns) if csv_path is not None else None
         self.world, self.device = world, device
         self.log_every = log_every
@@ -138,6 +143,12 @@ class Ledger:
                 _t(float(flag), self),
             ]
         )
+        counted = any(e.count is not None for e in entries)
+        if counted:  # a counted loss's counts: in the same message
+            counts = [
+                zero if e.count is None else e.count.double().to(self.device) for e in entries
+            ]
+            values = torch.cat([values, torch.stack(counts)])
         measured = self._measured(entries)
         if measured is not None:  # train.noise_scale: in the same message
             values = torch.cat([values, measured])
@@ -145,6 +156,10 @@ class Ledger:
             dist.all_reduce(values)
         values = values.tolist()
         noise = values[len(entries) + 2 :]
+        if counted:
+            counts, noise = noise[: len(entries)], noise[len(entries) :]
+            for entry, count in zip(entries, counts):
+                entry.units = count
         *losses, elapsed, flagged = values[: len(entries) + 2]
         # The next gather after about FLUSH_S, judged by the workers' mean time: all agree.
         per_step = elapsed / self.world / len(entries)

@@ -37,6 +37,27 @@ class Shape:
         return self.inputs.classify
 
 
+@dataclass(frozen=True)
+class Code:
+    """What raymb.train(model=..., loss=..., metrics=...) was given from Python, cloudpickled
+    on the driver (closures too, as Ray carries a training function; the --local launcher's
+    processes unpickle them alike), and the metric names the driver's dry run found."""
+
+    model: bytes | None = None
+    loss: bytes | None = None
+    metrics: bytes | None = None
+    metric_names: tuple[str, ...] = ()
+
+    def load(self, which: str) -> Any:
+        """The callable (or module) given as `which`, or None."""
+        data = getattr(self, which)
+        if data is None:
+            return None
+        import cloudpickle
+
+        return cloudpickle.loads(data)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataSpec:
     """How a worker reads one dataset (raymb.worker.feed): cached blocks, or files to stream."""
@@ -74,7 +95,8 @@ class DataSpec:
     ) -> DataSpec:
         """The spec of a checked dataset; `blocks`: its cached blocks (None: streamed)."""
         label = config.data.label_column
-        columns = tuple(column_names(config.data.features, label))
+        named = config.data.named
+        columns = tuple(column_names(config.data.reads, label))
         G = config.train.global_batch_size
         step_rows = info.num_rows if G == "all" else G
         return cls(
@@ -83,7 +105,9 @@ class DataSpec:
             file_rows=tuple(info.file_rows),
             filesystem=info.filesystem,
             columns=columns,
-            scan=columns[: len(columns) - (label is not None)],
+            scan=columns[: len(columns) - (label is not None)]
+            if named is None
+            else tuple(c for c in columns if c != named.label),
             what=what,
             shuffle=config.data.shuffle,
             seed=config.train.seed,
@@ -112,6 +136,8 @@ class EpochsSpec:
     val: DataSpec | None = None
     tokenizer: dict | None = None
     """lm: the tokenizer's spec (raymb.data.tokenizer), kept with the model for sampling."""
+    code: Code = field(default_factory=Code)
+    """The model, loss and metrics given from Python, and the metrics' names."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,10 +19,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from raymb.code import load_callable
 from raymb.config import Config
-from raymb.core.loss import batch_sums, lm_metrics
+from raymb.core import batch
+from raymb.core.loss import lm_metrics
 from raymb.core.noise import NoiseScale
 from raymb.core.noise_probe import Measured, NoiseProbe
+from raymb.core.objective import Objective
 from raymb.core.optim import build_optimizer, build_scheduler
 from raymb.core.step import train_step
 from raymb.core.sync import build_sync
@@ -32,7 +35,7 @@ from raymb.worker.checkpointer import Checkpointer, Progress, restore
 from raymb.worker.feed import Batch
 from raymb.worker.metrics import Entry, Ledger
 from raymb.worker.session import Session
-from raymb.worker.spec import Shape
+from raymb.worker.spec import Code, Shape
 from raymb.worker.stopping import STOP_FILE, STOP_LOOK_S, StopRequest
 
 __all__ = ["POLL_ENV", "POLL_S", "STOP_FILE", "STOP_LOOK_S", "Progress", "Worker", "all_sum"]
@@ -57,10 +60,13 @@ class Worker:
         val: Any = None,
         epoch_steps: int | None = None,
         stop_file: Location | None = None,
+        code: Code | None = None,
     ) -> None:
         """`epoch_steps`: an epoch's steps, when fewer than train.log_every the window of the
         reports' train_loss (raymb.worker.metrics); `stop_file`: where rank 0 looks for the
-        driver's stop request at each gather (raymb.worker.stopping.StopRequest)."""
+        driver's stop request at each gather (raymb.worker.stopping.StopRequest); `code`: the
+        model, loss and metrics given from Python (raymb.train), and the metrics' names."""
+        code = code or Code()
         self.config, self.shape, self.mode, self.val = config, shape, mode, val
         self.session = session
         self.rank, self.world = session.rank, session.world
@@ -69,8 +75,15 @@ class Worker:
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.train.seed)
-        self.model = build_model(config.model, shape.inputs.model_shape, shape.out_features)
+        self.model = build_run_model(config, shape, code.load("model"))
         self.model.to(device)
+        self.objective = Objective.of(
+            config,
+            shape.classify,
+            loss=code.load("loss"),
+            metrics=code.load("metrics"),
+            metric_names=code.metric_names,
+        )
         self.optimizer = build_optimizer(config.optim, self.model.parameters())
         self.scheduler = build_scheduler(config.optim, self.optimizer, total_steps)
         self.probe = NoiseProbe(self.world) if config.train.noise_scale else None
@@ -91,7 +104,8 @@ class Worker:
         if saved_sync is not None:
             self.sync.load_state_dict(saved_sync)
         self.sync.comm.bytes = self.progress.bytes_allreduced
-        self.ledger = _ledger(config, self.progress, run_dir, session, epoch_steps)
+        extra = tuple(f"val_{name}" for name in code.metric_names)
+        self.ledger = _ledger(config, self.progress, run_dir, session, epoch_steps, extra)
         # Skipping a step needs every worker's verdict each step; aborting is decided from the
         # losses when they are gathered (StopRequest.heard), before any checkpoint.
         self.check_each_step = config.train.on_nan == "skip"
@@ -128,7 +142,7 @@ class Worker:
             microbatches,
             rows * self.shape.inputs.units_per_row,  # the loss is a mean over tokens for lm
             sync=self.sync,
-            classify=self.shape.classify,
+            objective=self.objective,
             grad_clip=self.config.optim.grad_clip,
             bf16=self.config.train.precision == "bf16",
             check_finite=self.check_each_step,
@@ -152,12 +166,14 @@ class Worker:
         progress = self.progress
         progress.samples += rows
         progress.train_seconds += step_s + wait_s
+        counted = self.objective.step_count if self.objective.counted else None
         self.ledger.add(
             Entry(
                 row=self._row(),
                 loss=loss if taken else None,
                 rows=rows,
                 units=rows * self.shape.inputs.units_per_row,
+                count=counted,
                 step_s=step_s,
                 wait_s=wait_s,
                 ended=time.perf_counter(),
@@ -196,23 +212,31 @@ class Worker:
 
     @torch.no_grad()
     def validate(self) -> None:
-        """data.val's mean loss (and accuracy for classifiers; per token for lm), all workers,
-        into progress: "best by val_loss" needs a val_loss at every checkpoint."""
+        """data.val's loss (sum / count over every row), accuracy for classifiers (per token for
+        lm) and metrics.name's metrics, all workers, into progress: "best by val_loss" needs a
+        val_loss at every checkpoint."""
         if self.val is None:
             return
-        model, device, classify = self.model, self.device, self.shape.classify
+        model, device, objective = self.model, self.device, self.objective
         model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        sums = None
         for x, y in self.val:
-            x, y = self.shape.inputs.collate(x.to(device), y.to(device))
-            sums += batch_sums(model, x, y, classify)
+            x, y = self.shape.inputs.collate(batch.to(x, device), batch.to(y, device))
+            part = objective.sums(model, x, y)
+            sums = part if sums is None else sums + part
         model.train()
-        loss, hits, rows = all_sum(sums).tolist()
-        if rows == 0:
-            self.progress.val_loss, self.progress.val_accuracy = None, None
-            return
-        self.progress.val_loss = loss / rows
-        self.progress.val_accuracy = hits / rows if classify else None
+        if sums is None:  # no validation row on this worker: zeros of the same length
+            sums = torch.zeros(
+                4 + 2 * len(objective.metric_names), dtype=torch.float64, device=device
+            )
+        loss, count, hits, predicted, *metrics = all_sum(sums).tolist()
+        progress = self.progress
+        progress.val_loss = loss / count if count else None
+        progress.val_accuracy = hits / predicted if predicted else None
+        progress.val_metrics = {
+            f"val_{name}": (total / n if n else None)
+            for name, total, n in zip(objective.metric_names, metrics[0::2], metrics[1::2])
+        }
 
     def _row(self) -> dict:
         """The counters of a metrics row, as they stand after a step."""
@@ -222,6 +246,7 @@ class Worker:
             "epoch": p.epoch,
             "val_loss": p.val_loss,
             "val_accuracy": p.val_accuracy,
+            **p.val_metrics,
             **lm_metrics(p.val_loss, self.shape.inputs.task, self.shape.tokenizer),
             "lr": self.scheduler.get_last_lr()[0],
             "samples": p.samples,
@@ -231,6 +256,22 @@ class Worker:
         }
 
 
+def build_run_model(config: Config, shape: Shape, given: Any) -> torch.nn.Module:
+    """The model: config.model's, or the one raymb.train(model=...) was given: a module (a
+    copy of it: every worker starts from its values) or a factory called as model.name's is."""
+    model_shape = shape.inputs.model_shape
+    if given is None and isinstance(model_shape, dict) and ":" in config.model.name:
+        given = load_callable(config.model.name, "model.name", "factory")  # by column names
+    if given is None:
+        return build_model(config.model, model_shape, shape.out_features)
+    if isinstance(given, torch.nn.Module):
+        return given
+    model = given(model_shape, shape.out_features)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model= returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
@@ -238,7 +279,12 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _ledger(
-    config: Config, progress: Progress, run_dir: Location, session: Session, epoch_steps: int | None
+    config: Config,
+    progress: Progress,
+    run_dir: Location,
+    session: Session,
+    epoch_steps: int | None,
+    extra: tuple[str, ...] = (),
 ) -> Ledger:
     """metrics.csv's rows to come (rank 0 writes them), carrying on from a resumed run's."""
     csv_path = run_dir / "metrics.csv" if session.rank == 0 else None
@@ -251,6 +297,7 @@ def _ledger(
         window=epoch_steps,
         recent=progress.recent_losses,
         noise=noise,
+        extra=extra,
     )
     if ledger.csv is not None:
         ledger.csv.truncate_after(progress.step)  # rows a resume writes again

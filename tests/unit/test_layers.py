@@ -12,7 +12,7 @@ PACKAGE = ROOT / "raymb"
 
 FLOORS = [
     # the ground floor: what every other floor may use
-    ("errors", "files", "version", "timeline", "storage"),
+    ("errors", "files", "version", "timeline", "storage", "code"),
     ("config",),  # TOML in, frozen sections out
     ("core",),  # pure torch: plan arithmetic, order, step, sync, loss, optim, rng, noise
     ("models",),

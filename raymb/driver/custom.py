@@ -1,0 +1,142 @@
+"""Your model, loss and metrics, checked on a few rows before Ray starts (the dry run), and what
+came from Python (raymb.train(model=, loss=, metrics=)) cloudpickled for the workers.
+
+The dry run builds the model on this machine's CPU, reads the first rows of data.train, and
+runs the forward, the loss and the metrics once: a column the model does not take, a loss of
+the wrong shape, a negative count or a metrics function that returns no (sum, count) is one
+line here, not a worker's traceback after Ray started. It also names the metrics, so that
+every worker sums the same vector.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raymb.config import Config
+from raymb.data.checks import DatasetInfo
+from raymb.errors import ConfigError
+
+DRY_RUN_ROWS = 4
+"""Rows of data.train the dry run takes through the model, the loss and the metrics."""
+
+
+def custom_code(
+    config: Config,
+    plan: Any,
+    info: DatasetInfo,
+    *,
+    model: Any = None,
+    loss: Any = None,
+    metrics: Any = None,
+):
+    """The workers' Code (raymb.worker.spec): the Python callables, cloudpickled (one that
+    cannot be is a ConfigError), and the metrics' names from a dry run. Nothing of your own
+    in the run (the built-in model and loss, no metrics): no dry run."""
+    from raymb.worker.spec import Code
+
+    given = {"model": model, "loss": loss, "metrics": metrics}
+    pickled = {key: _pickled(key, value) for key, value in given.items() if value is not None}
+    own = (
+        any(v is not None for v in given.values())
+        or config.data.named is not None
+        or not config.loss.builtin_default
+        or config.metrics.name is not None
+        or ":" in config.model.name
+    )
+    names = dry_run(config, plan, info, **given) if own else ()
+    return Code(**pickled, metric_names=names)
+
+
+def _pickled(key: str, value: Any) -> bytes:
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(value)
+    except Exception as e:  # any failure of pickling is the user's object's
+        raise ConfigError(
+            f"{key}= cannot be pickled for the workers ({_one_line(e)}): define it in a module, "
+            "or close over values that pickle (no open files, locks or sockets)"
+        ) from None
+
+
+def dry_run(
+    config: Config, plan: Any, info: DatasetInfo, *, model=None, loss=None, metrics=None
+) -> tuple[str, ...]:
+    """The model, loss and metrics on the first DRY_RUN_ROWS rows of data.train, on the CPU;
+    the metrics' names (sorted). A failure is a one-line ConfigError naming the part."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from raymb.core.objective import LossError, Objective
+    from raymb.data.columns import column_names, table_to_tensors
+    from raymb.worker.spec import Shape
+    from raymb.worker.worker import build_run_model
+
+    data = config.data
+    columns = column_names(data.reads, data.label_column)
+    with info.filesystem.open_input_file(info.files[0]) as f:
+        first = next(pq.ParquetFile(f).iter_batches(batch_size=DRY_RUN_ROWS, columns=columns))
+    import pyarrow as pa
+
+    x, y = table_to_tensors(pa.Table.from_batches([first]), data.reads, data.label_column)
+    inputs = plan.input_shape
+    x, y = inputs.collate(x, y)
+    shape = Shape(inputs, plan.out_features)
+    torch.manual_seed(config.train.seed)
+    try:
+        net = build_run_model(config, shape, model)
+    except (ConfigError, LossError):
+        raise
+    except Exception as e:  # the user's factory
+        raise ConfigError(f"{_what_model(config, model)} failed to build: {_one_line(e)}") from None
+    objective = Objective.of(config, shape.classify, loss=loss, metrics=metrics)
+    net.eval()
+    try:
+        return _once(config, net, objective, x, y, model=model, loss=loss, metrics=metrics)
+    finally:
+        net.train()  # a module given from Python is the caller's own
+
+
+def _once(config, net, objective, x, y, *, model, loss, metrics) -> tuple[str, ...]:
+    import torch
+
+    from raymb.core import batch
+    from raymb.core.objective import LossError, Objective, metric_names
+
+    shape_classify = objective.classify or objective.bce
+    with torch.no_grad():
+        try:
+            out = batch.forward(net, x)
+        except Exception as e:
+            took = ", ".join(x) if isinstance(x, dict) else "one tensor (data.features)"
+            raise ConfigError(
+                f"{_what_model(config, model)} failed on {batch.rows(y)} rows of data.train, "
+                f"given {took}: {_one_line(e)}"
+            ) from None
+        try:
+            objective(out, y)
+        except LossError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"the loss ({objective.loss_name}) failed: {_one_line(e)}") from None
+        if objective.metrics is None:
+            return ()
+        key = "metrics=" if metrics is not None else "metrics.name"
+        try:
+            names = metric_names(objective.metrics, out, y, key)
+            Objective.of(
+                config, shape_classify, loss=loss, metrics=metrics, metric_names=names
+            )._metric_values(out, y, torch.device("cpu"))
+        except LossError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"{key} failed: {_one_line(e)}") from None
+    return names
+
+
+def _what_model(config: Config, model: Any) -> str:
+    return "model=" if model is not None else f"model.name {config.model.name!r}"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
