@@ -113,8 +113,13 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         _safetensors_header(f, path)  # a clear refusal before safetensors' own
         f.seek(0)
         data = f.read()
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+    except ImportError:
+        raise ConfigError(
+            f"{KEY} {path}: reading it needs safetensors: pip install safetensors"
+        ) from None
 
     try:
         return load(data)
