@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from annotated_types import Interval
-from pydantic.types import PositiveFloat
 
 from raymb.config.build import require, section
 
@@ -35,7 +34,7 @@ class LossSection:
     a fixed-length 0/1 label column), or package.module:function: a loss of your own, called
     as function(outputs, targets) and returning each row's loss, or (each row's summed loss,
     each row's count of counted elements): docs/your-model.md."""
-    class_weights: list[PositiveFloat] | None = None
+    class_weights: list[float] | None = None
     """cross_entropy: one weight per class; the loss is divided by the summed weights of the
     step's labels, as torch's weighted mean."""
     label_smoothing: Annotated[float, Interval(ge=0, lt=1)] = 0.0
@@ -52,7 +51,9 @@ class LossSection:
         if on and name not in ("auto", "cross_entropy"):
             require(False, f"loss.{on[0]}", 'used with loss.name = "cross_entropy"', name)
         weights = self.class_weights
-        require(weights is None or len(weights) >= 2, "loss.class_weights", "2 or more", weights)
+        what = "2 or more positive weights, one per class"
+        ok = weights is None or (len(weights) >= 2 and all(w > 0 for w in weights))
+        require(ok, "loss.class_weights", what, weights)
 
     @property
     def builtin_default(self) -> bool:

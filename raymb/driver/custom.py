@@ -44,7 +44,24 @@ def custom_code(
         or ":" in config.model.name
     )
     names = dry_run(config, plan, info, **given) if own else ()
+    section = config.model
+    if model is None and (getattr(section, "init_from", None) or getattr(section, "freeze", None)):
+        check_pretrained(config, plan)
     return Code(**pickled, metric_names=names)
+
+
+def check_pretrained(config: Config, plan: Any) -> None:
+    """model.init_from's names and shapes and model.freeze's patterns against the model, built
+    on the meta device (no memory, no values): one line before Ray starts."""
+    import torch
+
+    from raymb.models.init_from import check_init
+    from raymb.worker.spec import Shape
+    from raymb.worker.worker import build_run_model
+
+    with torch.device("meta"):
+        probe = build_run_model(config, Shape(plan.input_shape, plan.out_features), None)
+    check_init(probe, config.model)
 
 
 def _pickled(key: str, value: Any) -> bytes:

@@ -30,6 +30,7 @@ from raymb.core.optim import build_optimizer, build_scheduler
 from raymb.core.step import train_step
 from raymb.core.sync import build_sync
 from raymb.models import build_model
+from raymb.models.init_from import apply_init
 from raymb.storage import Location
 from raymb.worker.checkpointer import Checkpointer, Progress, restore
 from raymb.worker.feed import Batch
@@ -76,6 +77,9 @@ class Worker:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(config.train.seed)
         self.model = build_run_model(config, shape, code.load("model"))
+        # model.init_from, read by rank 0 alone (the wrap's broadcast gives the others its
+        # values); model.freeze on every rank.
+        apply_init(self.model, config.model, load=self.rank == 0)
         self.model.to(device)
         self.objective = Objective.of(
             config,
@@ -84,7 +88,8 @@ class Worker:
             metrics=code.load("metrics"),
             metric_names=code.metric_names,
         )
-        self.optimizer = build_optimizer(config.optim, self.model.parameters())
+        trained = [p for p in self.model.parameters() if p.requires_grad]  # not model.freeze's
+        self.optimizer = build_optimizer(config.optim, trained)
         self.scheduler = build_scheduler(config.optim, self.optimizer, total_steps)
         self.probe = NoiseProbe(self.world) if config.train.noise_scale else None
         """train.noise_scale: watches each step's gradients (raymb.core.noise_probe)."""
@@ -263,6 +268,8 @@ def build_run_model(config: Config, shape: Shape, given: Any) -> torch.nn.Module
     if given is None and isinstance(model_shape, dict) and ":" in config.model.name:
         given = load_callable(config.model.name, "model.name", "factory")  # by column names
     if given is None:
+        if isinstance(model_shape, dict):  # a transformers model reads rows of input_ids
+            model_shape = model_shape.get("input_ids", next(iter(model_shape.values())))
         return build_model(config.model, model_shape, shape.out_features)
     if isinstance(given, torch.nn.Module):
         return given
