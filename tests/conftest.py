@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -149,11 +152,13 @@ def tree(root) -> dict[str, bytes | None]:
 
 @dataclass(frozen=True)
 class Refusal:
-    """What one `raymb` command printed and how long it took: `line` is its one stderr line."""
+    """What one `raymb` command printed and how long it took: `line` is its one stderr line.
+    `modules`: which of torch and Ray it imported (known for a warm run only)."""
 
     returncode: int
     stderr: str
     seconds: float
+    modules: tuple[str, ...] | None = None
 
     @property
     def line(self) -> str:
@@ -162,18 +167,69 @@ class Refusal:
         return lines[0]
 
 
-def run_raymb(args: list[str], cwd, env: dict[str, str] | None = None) -> Refusal:
-    """`raymb ARGS` as a new process in `cwd` (so its refusal time counts the imports)."""
-    from pathlib import Path
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    root = Path(__file__).resolve().parents[1]
+
+def _env(env: dict[str, str] | None) -> dict[str, str]:
     full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join([str(root), full_env.get("PYTHONPATH", "")])
+    full_env["PYTHONPATH"] = os.pathsep.join([ROOT, full_env.get("PYTHONPATH", "")])
+    return full_env
+
+
+_server: subprocess.Popen | None = None
+
+
+def _warm_server() -> subprocess.Popen:
+    """tests/cli_server.py, started on first use and stopped when pytest exits."""
+    global _server
+    if _server is None or _server.poll() is not None:
+        script = os.path.join(ROOT, "tests", "cli_server.py")
+        _server = subprocess.Popen(
+            [sys.executable, script],
+            env=_env(None),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        atexit.register(_stop_server, _server)
+    return _server
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    server.stdin.close()  # its loop ends
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def run_raymb(
+    args: list[str], cwd, env: dict[str, str] | None = None, *, warm: bool = False
+) -> Refusal:
+    """`raymb ARGS` as a new process in `cwd`. Cold (the default): `python -m raymb.cli`, so
+    its time counts every import. Warm: forked from tests/cli_server.py, which imported
+    raymb.cli once (its time counts what the command imports beyond that: torch, Ray)."""
     start = time.monotonic()
+    if warm:
+        server = _warm_server()
+        request = {"args": list(args), "cwd": str(cwd), "env": _env(env)}
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        ready, _, _ = select.select([server.stdout], [], [], 300)
+        assert ready, f"raymb {args} did not end in 300 s"
+        reply = json.loads(server.stdout.readline())
+        modules = reply["modules"]
+        return Refusal(
+            reply["returncode"],
+            reply["stderr"],
+            time.monotonic() - start,
+            None if modules is None else tuple(modules),
+        )
     proc = subprocess.run(
         [sys.executable, "-m", "raymb.cli", *args],
         cwd=cwd,
-        env=full_env,
+        env=_env(env),
         capture_output=True,
         text=True,
         timeout=300,
@@ -182,17 +238,23 @@ def run_raymb(args: list[str], cwd, env: dict[str, str] | None = None) -> Refusa
     return Refusal(proc.returncode, proc.stderr, time.monotonic() - start)
 
 
-def assert_refused(args: list[str], cwd, *words: str, env: dict[str, str] | None = None) -> str:
+def assert_refused(
+    args: list[str], cwd, *words: str, env: dict[str, str] | None = None, cold: bool = False
+) -> str:
     """`raymb ARGS` in `cwd` is refused: exit 2, one line holding every word, nothing written
-    under `cwd`, in under 2 s (issue 20's bar for a refusal; imports counted). Returns the line."""
+    under `cwd`, in under 2 s (issue 20's bar for a refusal, imports counted). Returns the line.
+    Warm (the default): the process is forked from one that imported raymb.cli already, and
+    neither torch nor Ray may be imported (the checks run before them, docs/refusals.md).
+    `cold`: a new interpreter, its time counting every import (test_cli_errors.py has some)."""
     before = tree(cwd)
-    result = run_raymb(args, cwd, env)
+    result = run_raymb(args, cwd, env, warm=not cold)
     assert result.returncode == 2, result.stderr[-2000:]
     line = result.line
     for w in words:
         assert w in line, (w, line)
     assert tree(cwd) == before, "a refusal writes nothing"
     assert result.seconds < 2.0, f"refused in {result.seconds:.2f} s: {line}"
+    assert not result.modules, f"imported {result.modules} before refusing: {line}"
     return line
 
 
