@@ -65,8 +65,14 @@ def check_pretrained(config: Config, plan: Any) -> None:
 
 
 def _pickled(key: str, value: Any) -> bytes:
+    """`value` cloudpickled, the functions and classes of your own modules (those not installed:
+    a script's, a folder's beside it) by value, so that Ray's workers, which may not import
+    them, need not; installed packages and raymb travel by reference."""
     import cloudpickle
 
+    own = list(_own_modules())
+    for module in own:
+        cloudpickle.register_pickle_by_value(module)
     try:
         return cloudpickle.dumps(value)
     except Exception as e:  # any failure of pickling is the user's object's
@@ -74,6 +80,26 @@ def _pickled(key: str, value: Any) -> bytes:
             f"{key}= cannot be pickled for the workers ({_one_line(e)}): define it in a module, "
             "or close over values that pickle (no open files, locks or sockets)"
         ) from None
+    finally:
+        for module in own:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def _own_modules():
+    """Imported modules from files outside the interpreter's and its packages' folders."""
+    import os
+    import site
+    import sys
+
+    installed = {sys.prefix, sys.base_prefix, sys.exec_prefix, *site.getsitepackages()}
+    installed.add(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # raymb's own
+    installed = tuple(os.path.join(os.path.realpath(p), "") for p in installed if p)
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not path or name == "__main__" or "." in name:
+            continue  # __main__ travels by value anyway; a package's modules with it
+        if not os.path.realpath(path).startswith(installed):
+            yield module
 
 
 def dry_run(

@@ -182,12 +182,7 @@ def _check_model_fits(config: Config, inputs: InputShape, info: DatasetInfo) -> 
     """The built-in models against the data's shape and task, in one line before Ray starts."""
     name, shape, rows = config.model.name, inputs.shape, describe_shape(info, config.data.features)
     if inputs.columns is not None:
-        if name in ("linear", "mlp", "cnn", "gpt"):
-            raise ConfigError(
-                f"model.name = {name} takes one tensor (data.features), not data.inputs: use "
-                'package.module:factory, model.name = "transformers", or data.features'
-            )
-        return
+        return  # the model given for named inputs: raymb.driver.custom
     if inputs.task == "lm" and (len(shape) != 1 or shape[0] < 2):
         raise ConfigError(
             f'data.task = "lm" needs blocks of at least 2 token ids; data.train has {rows}'

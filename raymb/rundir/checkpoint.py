@@ -224,7 +224,16 @@ def claim_run(run_dir: Path | Location, config: Config) -> None:
 # Keys besides the model's that a run's checkpoints depend on: the columns decide the
 # model's inputs and what it learns; the sync strategy and the optimizer decide what
 # state.pt and the workers' files hold. (scale.workers may change: raymb.plan.)
-_RUN_KEYS = ("data.features", "data.label", "data.task", "train.sync", "optim.name")
+_RUN_KEYS = (
+    "data.features",
+    "data.label",
+    "data.task",
+    "data.inputs",
+    "data.targets",
+    "loss.name",
+    "train.sync",
+    "optim.name",
+)
 # The keys that shape each built-in model (the others ignore them).
 _MODEL_SHAPE_KEYS = {
     "mlp": ("model.hidden",),

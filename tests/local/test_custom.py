@@ -146,3 +146,40 @@ def test_masked_token_loss_is_divided_by_the_steps_tokens(data, tmp_path) -> Non
         for k, v in wrong.state_dict().items()
     )
     assert differs
+
+
+def test_resumed_and_resized_runs_end_as_the_straight_one(data, tmp_path) -> None:
+    """2 workers to step 3, then 1 worker to step 6, then 2 to the end (8 steps): the
+    parameters of one process on the whole steps, with the weighted (counted) loss."""
+    legs = [
+        ("W2k2", "train.max_steps=3"),
+        ("W1k4", "train.max_steps=6"),
+        ("W2k2", "train.max_steps=8"),
+    ]
+    for split, stop in legs:
+        config = load_config(
+            None,
+            [
+                f"data.train={data / 'two' / 'train'}",
+                'data.val=""',
+                f"run.storage_path={tmp_path}",
+                "run.name=resized",
+                "data.shuffle=none",
+                f"train.epochs={EPOCHS}",
+                f"train.global_batch_size={G}",
+                f"train.seed={SEED}",
+                "optim.name=sgd",
+                f"optim.lr={LR}",
+                "optim.momentum=0.5",
+                "checkpoint.every_steps=1",
+                stop,
+                *SPLITS[split],
+                *TWO[:4],
+            ],
+        )
+        run = train_local(config)
+    assert run.summary["resumed_from_steps"] == [3, 6]
+    train = columns(data / "two" / "train")
+    shapes = {"tab": (3,), "ids": (6,)}
+    model = _reference(lambda: two_inputs(shapes, 3), weighted_loss, train, ["tab", "ids"])
+    _assert_params(read(run.checkpoint)["state_dict"], model)
