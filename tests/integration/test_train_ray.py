@@ -1,10 +1,11 @@
 """Ray integration: real Ray Train workers and Ray Data, one local Ray session for the module.
 
 What Ray does here: the two-worker run with its summary.json and TensorBoard events, a killed
-worker replaced, failures exhausted and the run resumed by name, a resume on other numbers of
-workers, streamed reads killed and resumed, bad values found by the workers' first read, the
-local cluster, early stopping's best checkpoint. raymb's numbers and loop without Ray (param
-sync, bytes all-reduced, non-finite losses, full-batch splits) are in tests/local/.
+worker replaced while streamed reads are killed and resumed, a resume on other numbers of
+workers, bad values found by the workers' first read, the local cluster. raymb's numbers and
+loop without Ray (param sync, bytes all-reduced, non-finite losses, full-batch splits, early
+stopping's best checkpoint) are in tests/local/; failures exhausted and the run resumed by
+name, in tests/integration/test_local.py's launches.
 
 Runs share a data set and a configuration (2 workers, 16 steps an epoch, a checkpoint every
 5 steps) so the straight runs serve as references for the interrupted ones; where a reference
@@ -22,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from raymb import RaymbError, load_config
+from raymb import load_config
 from raymb.driver.local import train_torch
 from raymb.errors import DataError
 from raymb.rundir.checkpoint import STATE_FILE, read
@@ -43,6 +44,7 @@ COMMON = (
     "optim.momentum=0.5",
 )
 PARAM = ("train.sync=param", "train.average_every=4")
+LOCAL = "scale.launcher=local"  # raymb train --local: the torch session, no Ray
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +83,6 @@ def _on_torch(runs: Path, data: Path, *overrides: str) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def straight_grad(ray_session, linear_data, runs):
     return _train(runs, linear_data, "run.name=straight-grad", "log.tensorboard=true", *COMMON)
-
-
-@pytest.fixture(scope="module")
-def straight_param(linear_data, runs):
-    """The reference of the killed param run, on the torch session."""
-    return _on_torch(runs, linear_data, "run.name=straight-param", *COMMON, *PARAM)
 
 
 def _same_model(a, b, rtol=1e-6) -> None:
@@ -142,87 +138,21 @@ def test_a_session_this_process_started_is_a_local_cluster(straight_grad):
     assert "TrainController" in started and "PreemptionWatcher" not in started, started
 
 
-def test_killed_worker_is_replaced_and_the_run_ends_as_if_never_killed(
-    ray_session, linear_data, runs, straight_param
+def test_a_killed_worker_is_replaced_and_streamed_reads_resume_as_if_never_killed(
+    ray_session, linear_data, runs
 ):
-    # Rank 1 dies before step 13, mid-epoch and mid-period (4 steps) of param sync: training
-    # resumes from the checkpoint at step 10 with each worker's own optimizer state. (A kill
-    # under grad: the exhausted-failures test below, the streamed kill, and a whole node lost
-    # in tests/system/test_multinode.py.)
-    straight = straight_param
-    killed = _train(
-        runs,
-        linear_data,
-        "run.name=killed-param",
-        *COMMON,
-        *PARAM,
-        "fault.kill_worker_at_step=13",
-        "fault.rank=1",
-        "scale.max_failures=1",
-    )
-    assert killed.summary["resumed_from_steps"] == [10]
-    assert killed.summary["steps"] == 32
-    _same_model(killed, straight)
-    assert killed.summary["val_loss"] == pytest.approx(straight.summary["val_loss"], rel=1e-6)
-    want, got = _losses(straight), _losses(killed)
-    assert sorted(got) == list(range(1, 33))
-    for step in range(1, 33):  # rows 1-10 from before the kill, the rest from after
-        assert got[step] == pytest.approx(want[step], rel=1e-6), step
-    assert killed.summary["train_loss"] == pytest.approx(straight.summary["train_loss"], rel=1e-6)
-
-
-def test_exhausted_failures_keep_the_checkpoint_and_the_run_resumes_by_name(
-    linear_data, runs, straight_grad
-):
-    args = ("run.name=exhausted", *COMMON, "fault.kill_worker_at_step=13")
-    with pytest.raises(RaymbError) as info:
-        _train(runs, linear_data, *args)  # scale.max_failures=0
-    message = str(info.value)
-    assert "training failed" in message and "\n" not in message
-    assert "latest checkpoint:" in message and "run.name='exhausted'" in message
-    latest = Path(message.split("latest checkpoint: ")[1].split(" (run again")[0])
-    model, payload = load_model(latest)  # intact and loadable
-    assert payload["config"]["run"]["name"] == "exhausted"
-    assert not (runs / "exhausted" / "summary.json").exists()
-
-    # Started again with the same name: resumes at step 10 and ends like the straight run.
-    resumed = _train(runs, linear_data, *args)
-    assert resumed.summary["resumed_from_steps"] == [10]
-    _same_model(resumed, straight_grad)
-
-
-def test_a_run_resumed_with_other_numbers_of_workers_ends_as_the_straight_run(
-    linear_data, runs, straight_grad
-):
-    # Steps 1-10 on 2 workers (k=2), 11-20 on 1 (k=4), the rest on 4 (k=1): every step takes
-    # the same 64 rows whatever W (raymb.core.plan), so the end is the straight 2-worker run's.
-    name = "run.name=resized"
-    first = _train(runs, linear_data, name, *COMMON, "train.max_steps=10")
-    assert first.summary["steps"] == 10
-    second = _train(runs, linear_data, name, *COMMON, "scale.workers=1", "train.max_steps=20")
-    assert second.summary["steps"] == 20
-    last = _train(runs, linear_data, name, *COMMON, "scale.workers=4")
-    assert last.summary["steps"] == straight_grad.summary["steps"] == 32
-    assert last.summary["resumed_from_steps"] == [10, 20]
-    _same_model(last, straight_grad, rtol=1e-5)
-    # metrics.csv and summary.json are the training's, not the invocations': row for row.
-    want, got = _losses(straight_grad), _losses(last)
-    assert sorted(got) == sorted(want) == list(range(1, 33))
-    for step, loss in want.items():
-        assert got[step] == pytest.approx(loss, rel=1e-5), step
-    assert last.summary["train_loss"] == pytest.approx(
-        straight_grad.summary["train_loss"], rel=1e-5
-    )
-
-
-def test_streamed_data_killed_and_resumed_ends_as_the_cached_run(ray_session, linear_data, runs):
-    # data.cache=false streams every epoch through Ray Data; shuffle "files" draws the same
-    # file order as the cached path, so the rows, and the numbers, are the same. One epoch,
-    # checkpoints at 10 and 16: each streamed pass starts Ray Data reads in the workers
-    # (seconds each on this machine). The cached run, the reference, is on the torch session
-    # (its cache is the driver's read, as train_torch's).
+    # Rank 1 dies before step 13, mid-period (4 steps) of param sync: training resumes from
+    # the checkpoint at step 10 with each worker's own optimizer state. data.cache=false
+    # streams the epoch through Ray Data; shuffle "files" draws the same file order as the
+    # cached path, so the rows, and the numbers, are the same. One epoch, checkpoints at 10
+    # and 16: each streamed pass starts Ray Data reads in the workers (seconds each on this
+    # machine). The reference, the cached run never killed, is on the torch session (its
+    # cache is the driver's read, as train_torch's). (A kill under grad sync: the Ray launch
+    # of tests/integration/test_local.py, and a whole node lost in
+    # tests/system/test_multinode.py.)
     files = (
         *COMMON,
+        *PARAM,
         "data.shuffle=files",
         "train.epochs=1",
         "checkpoint.every_steps=10",
@@ -241,11 +171,38 @@ def test_streamed_data_killed_and_resumed_ends_as_the_cached_run(ray_session, li
         "scale.max_failures=1",
     )
     assert streamed.summary["resumed_from_steps"] == [10]
+    assert streamed.summary["steps"] == 16
     _same_model(streamed, cached)
     want, got = _losses(cached), _losses(streamed)
     assert sorted(got) == list(range(1, 17))
-    for step in range(1, 17):
+    for step in range(1, 17):  # rows 1-10 from before the kill, the rest from after
         assert got[step] == pytest.approx(want[step], rel=1e-6), step
+    assert streamed.summary["train_loss"] == pytest.approx(cached.summary["train_loss"], rel=1e-6)
+
+
+def test_a_run_resumed_with_other_numbers_of_workers_ends_as_the_straight_run(
+    linear_data, runs, straight_grad
+):
+    # Steps 1-10 on 1 worker (k=4, `raymb train --local`), the rest on Ray on 4 workers (k=1):
+    # every step takes the same 64 rows whatever W (raymb.core.plan), so the end is the
+    # straight 2-worker run's. (Resumed twice, 2 -> 1 -> 4 workers, on the torch session:
+    # tests/unit/worker/test_resumed_metrics.py; on Ray from --local and back:
+    # tests/integration/test_local.py.)
+    name = "run.name=resized"
+    first = _train(runs, linear_data, name, *COMMON, "scale.workers=1", "train.max_steps=10", LOCAL)
+    assert first.summary["steps"] == 10
+    last = _train(runs, linear_data, name, *COMMON, "scale.workers=4")
+    assert last.summary["steps"] == straight_grad.summary["steps"] == 32
+    assert last.summary["resumed_from_steps"] == [10]
+    _same_model(last, straight_grad, rtol=1e-5)
+    # metrics.csv and summary.json are the training's, not the invocations': row for row.
+    want, got = _losses(straight_grad), _losses(last)
+    assert sorted(got) == sorted(want) == list(range(1, 33))
+    for step, loss in want.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+    assert last.summary["train_loss"] == pytest.approx(
+        straight_grad.summary["train_loss"], rel=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -295,53 +252,3 @@ def test_bad_feature_values_stop_the_first_read_with_one_line(
     message = str(info.value)
     assert expected in message and message.startswith("data.train: ") and "\n" not in message
     assert not (storage / "bad").exists()  # a fresh run that found bad data leaves nothing
-
-
-def _overfitting_data(out: Path) -> Path:
-    """32 noisy rows of a 16-feature regression, repeated 40 times (each step sees the same
-    rows again, as in 40 epochs), and 256 fresh validation rows from the same distribution."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rng = np.random.default_rng(5)
-    w = rng.standard_normal(16)
-    for split, rows, repeat in (("train", 32, 40), ("val", 256, 1)):
-        x = rng.standard_normal((rows, 16)).astype(np.float32)
-        y = (x @ w + 2 * rng.standard_normal(rows)).astype(np.float32)
-        x, y = np.tile(x, (repeat, 1)), np.tile(y, repeat)
-        features = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 16)
-        (out / split).mkdir(parents=True)
-        pq.write_table(pa.table({"features": features, "label": y}), out / split / "0.parquet")
-    return out
-
-
-def test_early_stopping_reports_the_best_checkpoint(ray_session, runs, tmp_path):
-    data = _overfitting_data(tmp_path / "overfit")
-    result = _train(
-        runs,
-        data,
-        "run.name=early",
-        "scale.workers=2",
-        "train.epochs=1",
-        "train.global_batch_size=32",
-        "model.name=mlp",
-        "model.hidden=[128, 128]",
-        "optim.name=adam",
-        "optim.lr=0.01",
-        "checkpoint.every_steps=1",
-        "checkpoint.keep=1",
-        "train.early_stopping.patience=3",
-    )
-    val = {}
-    for row in csv.DictReader(open(result.run_dir / "metrics.csv")):
-        val[int(row["step"])] = float(row["val_loss"])
-    best = min(val, key=val.get)
-    assert result.summary["stopped_early"] is True
-    # It stops at the third validation without a new best, long before the 40 steps.
-    assert result.summary["steps"] == max(val) == best + 3 < 40
-    assert result.summary["checkpoint"] == result.summary["best_checkpoint"]
-    state = torch.load(
-        Path(result.checkpoint).parent / "state.pt", map_location="cpu", weights_only=True
-    )
-    assert state["progress"]["step"] == best

@@ -1,10 +1,10 @@
 """raymb's loop and numbers on the torch session: the regression learned under param sync,
 the bytes all-reduced, a non-finite loss aborted or skipped on every worker, full-batch
-equality for an uneven split. The runs are the real epoch loop on a gloo group of local
-processes (`train_local`, raymb.driver.local.train_torch; no Ray); what only Ray or the Ray
-driver does (workers killed and replaced, resumes on another W, streaming, summary.json,
-the driver's one-line error, the best checkpoint Ray Train keeps) is in
-tests/integration/test_train_ray.py, with the same configuration.
+equality for an uneven split, early stopping's best checkpoint (`raymb train --local`). The
+runs are the real epoch loop on a gloo group of local processes (`train_local`,
+raymb.driver.local.train_torch; no Ray); what only Ray or the Ray driver does (workers killed
+and replaced, resumes on another W, streaming, the driver's one-line error) is in
+tests/integration/test_train_ray.py and test_local.py, with the same configuration.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _loop_noting_errors(spec: EpochsSpec, out: Path, *, session_factory) -> None
 
 def test_non_finite_loss_aborts_every_worker(runs, linear_data, tmp_path):
     # Only rank 1's loss is NaN at step 3: both workers learn it at the same gather and stop.
-    # (The driver's one-line error for a failed run: test_train_ray.py's exhausted failures.)
+    # (The driver's one-line error for a failed run: tests/integration/test_local.py.)
     config = _config(
         runs,
         linear_data,
@@ -176,3 +176,62 @@ def test_full_batch_is_the_same_for_any_split(train, linear_data):
     for model in models:
         torch.testing.assert_close(model.weight.detach(), w, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model.bias.detach(), b, rtol=1e-5, atol=1e-6)
+
+
+def _overfitting_data(out: Path) -> Path:
+    """32 noisy rows of a 16-feature regression, repeated 40 times (each step sees the same
+    rows again, as in 40 epochs), and 256 fresh validation rows from the same distribution."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(16)
+    for split, rows, repeat in (("train", 32, 40), ("val", 256, 1)):
+        x = rng.standard_normal((rows, 16)).astype(np.float32)
+        y = (x @ w + 2 * rng.standard_normal(rows)).astype(np.float32)
+        x, y = np.tile(x, (repeat, 1)), np.tile(y, repeat)
+        features = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 16)
+        (out / split).mkdir(parents=True)
+        pq.write_table(pa.table({"features": features, "label": y}), out / split / "0.parquet")
+    return out
+
+
+def test_early_stopping_reports_the_best_checkpoint(runs, tmp_path):
+    # `raymb train --local`: the driver's summary.json and status, from the checkpoints the
+    # workers kept (checkpoint.keep=1: the best by val_loss, and the latest).
+    import raymb
+
+    data = _overfitting_data(tmp_path / "overfit")
+    result = raymb.train(
+        _config(
+            runs,
+            data,
+            "run.name=early",
+            "scale.launcher=local",
+            "scale.workers=2",
+            "train.epochs=1",
+            "train.global_batch_size=32",
+            "model.name=mlp",
+            "model.hidden=[128, 128]",
+            "optim.name=adam",
+            "optim.lr=0.01",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep=1",
+            "train.early_stopping.patience=3",
+        )
+    )
+    val = {}
+    for row in csv.DictReader(open(Path(result.run_dir.path) / "metrics.csv")):
+        val[int(row["step"])] = float(row["val_loss"])
+    best = min(val, key=val.get)
+    assert result.summary["stopped_early"] is True
+    # It stops at the third validation without a new best, long before the 40 steps.
+    assert result.summary["steps"] == max(val) == best + 3 < 40
+    assert result.summary["checkpoint"] == result.summary["best_checkpoint"]
+    state = torch.load(
+        Path(result.summary["checkpoint"]).parent / "state.pt",
+        map_location="cpu",
+        weights_only=True,
+    )
+    assert state["progress"]["step"] == best
