@@ -1,7 +1,8 @@
 """Issue 24 on real Ray Tune, in one local Ray session: a grid whose trials equal plain runs
 (the loop on a torch.distributed group, raymb.driver.local.train_torch), read back by Ray
-Tune's own ExperimentAnalysis; ASHA stopping diverging trials; and k-fold cross-validation
-whose trial metric is the mean of its folds, a fold being an ordinary run."""
+Tune's own ExperimentAnalysis; ASHA stopping a diverging trial; and an Optuna draw
+cross-validated on k folds, its trial metric the mean of its folds, a fold being an ordinary
+run."""
 
 from __future__ import annotations
 
@@ -97,10 +98,10 @@ def test_a_grid_of_two_equals_two_plain_runs(ray_session, linear_data, tmp_path)
 def test_asha_stops_the_diverging_trials_early(ray_session, linear_data, tmp_path):
     import raymb
 
-    # 2 and 4 grow the loss each epoch. Run in this order (max_concurrent 1), ASHA keeps the
-    # first at the rung, then stops a trial whose loss is worse than the rung's cutoff: the
-    # percentile (1 - 1/3) of the losses recorded there before it.
-    good, diverging = [0.1], [2.0, 4.0]
+    # 4 grows the loss each epoch. Run in this order (max_concurrent 1), ASHA keeps the first
+    # at the rung, then stops a trial whose loss is worse than the rung's cutoff: the
+    # percentile (1 - 1/3) of the losses recorded there before it (the first's, here).
+    good, diverging = [0.1], [4.0]
     tune = (
         '[tune]\nscheduler = "asha"\ngrace_epochs = 1\nreduction_factor = 3\nmax_concurrent = 1\n'
         f'[tune.space]\n"optim.lr" = {good + diverging}'
@@ -129,14 +130,22 @@ def test_asha_stops_the_diverging_trials_early(ray_session, linear_data, tmp_pat
     assert free == pytest.approx(ray.cluster_resources()["CPU"])
 
 
-def test_cross_validation_reports_the_mean_of_its_folds(ray_session, linear_data, tmp_path):
+def test_optuna_draws_a_trial_whose_metric_is_the_mean_of_its_folds(
+    ray_session, linear_data, tmp_path
+):
+    pytest.importorskip("optuna")
     import raymb
 
-    tune = '[tune]\ncv_folds = 2\n[tune.space]\n"optim.lr" = [0.1]\n'
+    # One trial, Optuna's draw, cross-validated on 2 folds (each fold a Ray Train fit).
+    tune = (
+        '[tune]\nsearch = "optuna"\nsamples = 1\ncv_folds = 2\n[tune.space]\n'
+        '"optim.lr" = { loguniform = [0.01, 0.3] }\n"optim.name" = ["sgd", "adam"]\n'
+    )
     path = _sweep_file(tmp_path, linear_data, "cv", tune, workers=1)
     result = raymb.tune(path)
     (row,) = result.trials
     assert row["status"] == "finished"
+    assert 0.01 <= row["optim.lr"] <= 0.3 and row["optim.name"] in ("sgd", "adam")
     trial_dir = Path(row["run_dir"])
     folds = [json.loads((trial_dir / f"fold-{f}" / "summary.json").read_text()) for f in (0, 1)]
     losses = [s["val_loss"] for s in folds]
@@ -144,27 +153,10 @@ def test_cross_validation_reports_the_mean_of_its_folds(ray_session, linear_data
     assert row["val_loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / 2, rel=1e-9)
     assert losses[0] != losses[1]  # two different held-out halves
     assert folds[0]["steps"] == 2 * math.ceil(512 / 256)  # half of the 1024 rows train
-    # A fold is an ordinary run: its config, trained without Ray, gives its numbers.
+    # A fold is an ordinary run of the trial's draw: its config, trained without Ray, gives
+    # its numbers.
     saved = json.loads((trial_dir / "fold-0" / "run.json").read_text())["config"]
+    assert saved["optim"]["lr"] == row["optim.lr"] and saved["optim"]["name"] == row["optim.name"]
     saved["run"] = {"storage_path": str(tmp_path / "refs"), "name": "fold-0"}
     train_torch(Config.from_saved(saved))
     assert _last_val_loss(tmp_path / "refs" / "fold-0") == pytest.approx(losses[0], rel=1e-6)
-
-
-def test_optuna_draws_its_trials_within_the_space(ray_session, linear_data, tmp_path):
-    pytest.importorskip("optuna")
-    import raymb
-
-    tune = (
-        '[tune]\nsearch = "optuna"\nsamples = 2\n[tune.space]\n'
-        '"optim.lr" = { loguniform = [0.01, 0.3] }\n"optim.name" = ["sgd", "adam"]\n'
-    )
-    path = _sweep_file(tmp_path, linear_data, "optuna", tune, workers=1)
-    path.write_text(path.read_text().replace("epochs = 2", "epochs = 1"))
-    result = raymb.tune(path)
-    assert len(result.trials) == 2
-    for row in result.trials:
-        assert 0.01 <= row["optim.lr"] <= 0.3 and row["optim.name"] in ("sgd", "adam")
-        assert row["status"] == "finished" and row["val_loss"] > 0
-    saved = json.loads((Path(result.trials[0]["run_dir"]) / "run.json").read_text())["config"]
-    assert saved["optim"]["lr"] == result.trials[0]["optim.lr"]  # the trial ran its draw
