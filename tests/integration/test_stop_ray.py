@@ -1,6 +1,7 @@
 """Ctrl-C that saves: the first SIGINT (or SIGTERM) makes the workers checkpoint at the next step
-and the run ends `stopped`, saying how to resume; the same command then resumes it to the end of
-a straight run. A second signal abandons the run at once, `interrupted`.
+and the run ends `stopped`, saying how to resume; the same command (here with --local) then
+resumes it to the end of a straight run. A second signal abandons the run at once,
+`interrupted`.
 
 The real thing: `python -m raymb.cli train` in its own process, a real SIGINT, its own local
 Ray cluster. The straight reference trains on a plain gloo group (raymb.driver.local, no Ray),
@@ -95,9 +96,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def test_ctrl_c_checkpoints_and_the_same_command_resumes_to_the_straight_end(
-    linear_data, tmp_path
-) -> None:
+def test_ctrl_c_checkpoints_and_the_run_resumes_to_the_straight_end(linear_data, tmp_path) -> None:
     runs = tmp_path / "runs"
     sets = (
         f"data.train={linear_data / 'train'}",
@@ -156,8 +155,10 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes_to_the_straight_end(
     assert state["progress"]["step"] == stopped_at  # the checkpoint is the stop's own
     assert not (run_dir / "STOP").exists() and not (run_dir / ".lock").exists()
 
+    # Resumed on the torch session (`--local`, no second Ray cluster to start): a stopped run
+    # is an ordinary run to resume, whichever launcher (test_local.py resumes one on Ray).
     again = subprocess.run(
-        command,
+        [*command[:4], "--local", *command[4:]],
         cwd=tmp_path / "cwd",
         env=_env(),
         capture_output=True,
