@@ -21,6 +21,7 @@ __all__ = [
     "load_config",
     "train",
     "tune",
+    "lr_find",
     "RaymbError",
     "ConfigError",
     "DataError",
@@ -60,11 +61,50 @@ def train(
 
 
 def tune(
-    config: Sweep | str | Path, *, address: str | None = None, verbose: bool = False
+    config: Sweep | str | Path,
+    *,
+    model: Any = None,
+    loss: Any = None,
+    metrics: Any = None,
+    address: str | None = None,
+    verbose: bool = False,
 ) -> TuneResult:
     """Run (or resume) a sweep on Ray Tune: a sweep config file's path (an ordinary config
     with [tune] and [tune.space]), or raymb.config.tune.load_sweep's Sweep. Returns the
-    trials, the best trial's values, metric and config (docs/tune.md)."""
+    trials, the best trial's values, metric and config (docs/tune.md). `model`, `loss`,
+    `metrics`: your own, as `train` takes them, for every trial."""
     from raymb.driver.tune_preflight import tune as _tune
 
-    return _tune(config, address=address, verbose=verbose)
+    code = dict(model=model, loss=loss, metrics=metrics)
+    return _tune(config, address=address, verbose=verbose, **code)
+
+
+def lr_find(
+    config: Config,
+    *,
+    low: float = 1e-7,
+    high: float = 10.0,
+    steps: int = 100,
+    model: Any = None,
+    loss: Any = None,
+    metrics: Any = None,
+    address: str | None = None,
+    local: bool = False,
+) -> Any:
+    """The learning-rate range test (`raymb lr-find`): `steps` steps at rates growing from
+    `low` to `high`, on Ray (or, `local`, on processes of this machine); returns the curve and
+    the suggested rate (docs/lr-find.md). `model`, `loss`, `metrics`: as `train` takes them."""
+    from raymb.core.lr_find import check_range
+    from raymb.driver.local import backend_of
+    from raymb.driver.lr_find import lr_find as _lr_find
+
+    problem = check_range(low, high, steps)
+    if problem is not None:
+        raise ConfigError(
+            problem.replace("--min", "low").replace("--max", "high").replace("--steps", "steps")
+        )
+    backend = backend_of(config) if local else None
+    code = dict(model=model, loss=loss, metrics=metrics)
+    return _lr_find(
+        config, low=low, high=high, steps=steps, address=address, backend=backend, **code
+    )

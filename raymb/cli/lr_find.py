@@ -12,11 +12,10 @@ from raymb.cli.train import (
     add_verbose_argument,
     local_overrides,
 )
-from raymb.core.lr_find import MAX_STEPS, check_range
+from raymb.core.lr_find import HIGH, LOW, MAX_STEPS, STEPS, check_range
 from raymb.errors import RaymbError
 from raymb.load import load_config
 
-LOW, HIGH, STEPS = 1e-7, 10.0, 100
 INTERRUPTED = 130
 
 

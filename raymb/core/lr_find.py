@@ -93,6 +93,10 @@ def _gradient(points: list[tuple[float, float]]) -> list[float]:
     return out
 
 
+LOW, HIGH, STEPS = 1e-7, 10.0, 100
+"""The range test's defaults: --min, --max and --steps."""
+
+
 def check_range(low: float, high: float, steps: int) -> str | None:
     """Why --min, --max and --steps do not make a range test, in one line, or None. Checked
     before anything is built (the schedule is a list of `steps` rates)."""

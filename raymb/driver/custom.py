@@ -34,8 +34,15 @@ def custom_code(
     in the run (the built-in model and loss, no metrics): no dry run."""
     from raymb.worker.spec import Code
 
+    name = config.model.name
+    if config.data.named is not None and model is None and name in ("linear", "mlp", "cnn", "gpt"):
+        raise ConfigError(
+            f"model.name = {name} takes one tensor (data.features), not data.inputs: use "
+            'package.module:factory, model.name = "transformers", model= from Python, or '
+            "data.features"
+        )
     given = {"model": model, "loss": loss, "metrics": metrics}
-    pickled = {key: _pickled(key, value) for key, value in given.items() if value is not None}
+    carried = {key: pickled(key, value) for key, value in given.items() if value is not None}
     own = (
         any(v is not None for v in given.values())
         or config.data.named is not None
@@ -47,7 +54,7 @@ def custom_code(
     section = config.model
     if model is None and (getattr(section, "init_from", None) or getattr(section, "freeze", None)):
         check_pretrained(config, plan)
-    return Code(**pickled, metric_names=names)
+    return Code(**carried, metric_names=names)
 
 
 def check_pretrained(config: Config, plan: Any) -> None:
@@ -64,7 +71,7 @@ def check_pretrained(config: Config, plan: Any) -> None:
     check_init(probe, config.model)
 
 
-def _pickled(key: str, value: Any) -> bytes:
+def pickled(key: str, value: Any) -> bytes:
     """`value` cloudpickled, the functions and classes of your own modules (those not installed:
     a script's, a folder's beside it) by value, so that Ray's workers, which may not import
     them, need not; installed packages and raymb travel by reference."""

@@ -90,23 +90,31 @@ def lr_find(
     address: str | None = None,
     verbose: bool = False,
     backend: str | None = None,
+    model: Any = None,
+    loss: Any = None,
+    metrics: Any = None,
 ) -> LrFindResult:
     """Run the range test; write lr_find.csv and lr_find.png and return the curve and the
     suggestion. On a Ray cluster (started here, or the one at `address`); with `backend`
     ("gloo", "nccl") on scale.workers local processes of a plain torch.distributed group
-    instead, no Ray (raymb.driver.local). Interrupted when stopped by a signal."""
+    instead, no Ray (raymb.driver.local). Interrupted when stopped by a signal. `model`,
+    `loss`, `metrics`: your own, from Python, as raymb.train takes them."""
+    from raymb.driver.custom import custom_code
+
     name = config.run.name
     config = finder_config(config)
     out_dir = check_run_dir(config)  # no other driver holds it: before the data checks
     check_own_folder(out_dir)
     plan, train_info, _ = prepare(config)
+    code = custom_code(config, plan, train_info, model=model, loss=loss, metrics=metrics)
     lrs = tuple(schedule(low, high, steps))
     with _sigterm_interrupts():
         record = {"run": name, "min": low, "max": high, "steps": steps}
-        return _locked(config, record, out_dir, plan, train_info, lrs, address, verbose, backend)
+        found = (plan, train_info, code)
+        return _locked(config, record, out_dir, found, lrs, address, verbose, backend)
 
 
-def _locked(config, record, out_dir, plan, train_info, lrs, address, verbose, backend):
+def _locked(config, record, out_dir, found, lrs, address, verbose, backend):
     """The test in its folder, under the folder's lock from before the first removal to the
     end; the folder's lr_find.json says how it ended (`record`: what it names the test by)."""
     steps = len(lrs)
@@ -118,9 +126,9 @@ def _locked(config, record, out_dir, plan, train_info, lrs, address, verbose, ba
         stop_file = out_dir / STOP_FILE
         try:
             if backend is None:
-                _on_ray(config, plan, train_info, lrs, out_dir, address, verbose, stop_file)
+                _on_ray(config, found, lrs, out_dir, address, verbose, stop_file)
             else:
-                _on_torch(config, lrs, backend, stop_file)
+                _on_torch(config, found, lrs, backend, stop_file)
         except BaseException as e:
             asked = stop_file.exists()
             if asked or isinstance(e, KeyboardInterrupt | SystemExit):
@@ -141,11 +149,12 @@ def _locked(config, record, out_dir, plan, train_info, lrs, address, verbose, ba
         lock.release()
 
 
-def _on_ray(config, plan, train_info, lrs, out_dir, address, verbose, stop_file) -> None:
+def _on_ray(config, found, lrs, out_dir, address, verbose, stop_file) -> None:
     """The test's workers under Ray Train, started as `raymb train` starts its own
     (raymb.driver.run: Ray's log, Ray, the epoch loop's spec)."""
     from raymb.driver.run import epochs_spec, ray_log_of, start_ray
 
+    plan, train_info, code = found
     with ray_log_of(out_dir, verbose, print) as ray_log:
         cpus = start_ray(config, address, ray_log)
         from raymb.driver.cluster import make_trainer, use_cache
@@ -155,19 +164,20 @@ def _on_ray(config, plan, train_info, lrs, out_dir, address, verbose, stop_file)
         # A fold of cross-validation is an index into the cached rows, as in raymb train.
         cached = use_cache(config, [train_info]) or bool(config.data.folds)
         run = epochs_spec(config, plan, out_dir, train_info, None, cached)
-        spec = LrFindSpec(run=run, lrs=lrs)
+        spec = LrFindSpec(run=dataclasses.replace(run, code=code), lrs=lrs)
         trainer = make_trainer(config, lr_find_loop, {"spec": spec}, cpus, out_dir)
         _say_start(lrs, out_dir)
         _until_stopped(trainer.fit, stop_file)
 
 
-def _on_torch(config: Config, lrs: tuple[float, ...], backend: str, stop_file: Location) -> None:
+def _on_torch(config: Config, found, lrs: tuple[float, ...], backend: str, stop_file) -> None:
     """The test's workers on a plain torch.distributed group of local processes (no Ray)."""
     from raymb.driver.launch import run_torch
     from raymb.driver.local import local_spec
     from raymb.worker.spec import LrFindSpec
 
-    spec = LrFindSpec(run=local_spec(config), lrs=lrs)
+    plan, train_info, code = found
+    spec = LrFindSpec(run=local_spec(config, (plan, train_info, None), code=code), lrs=lrs)
     _say_start(lrs, spec.run.run_dir)
     world = config.scale.max_workers
     _until_stopped(lambda: run_torch(_torch_loop, (spec,), world, backend=backend), stop_file)

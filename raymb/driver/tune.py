@@ -53,16 +53,24 @@ DRIVER_CPU = 0.01
 """CPUs a trial's driver holds (its workers hold the rest of the trial's share)."""
 
 
-def run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: bool):
+def run_sweep(
+    sweep: Sweep,
+    sweep_dir: Path,
+    *,
+    address: str | None,
+    verbose: bool,
+    code: dict[str, bytes] | None = None,
+):
     """Run (or resume) the sweep in `sweep_dir`; write its outputs; return a TuneResult.
     A sweep that fails (or is interrupted) before any trial started leaves `sweep_dir` as it
-    found it, so that its name stays free."""
+    found it, so that its name stays free. `code`: raymb.tune(model=, loss=, metrics=)'s,
+    cloudpickled (raymb.driver.custom.pickled), for every trial."""
     with out.removed_unless_started(sweep_dir):
         out.write_record(sweep, sweep_dir)
-        return _run_sweep(sweep, sweep_dir, address=address, verbose=verbose)
+        return _run_sweep(sweep, sweep_dir, address=address, verbose=verbose, code=code or {})
 
 
-def _run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: bool):
+def _run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: bool, code):
     config = sweep.config
     sweep = _absolute(sweep)  # a trial runs in Tune's trial directory
     # Tune's own output engine prints tables and trial events on the driver's terminal:
@@ -81,7 +89,11 @@ def _run_sweep(sweep: Sweep, sweep_dir: Path, *, address: str | None, verbose: b
         concurrent = sweep.tune.max_concurrent or max(1, int((total - 1 + 1e-9) // (W * cpus)))
         trainable = tune.with_resources(
             tune.with_parameters(
-                _trial, sweep=sweep, trials_dir=str(sweep_dir / out.TRIALS_DIR), cpus=worker_cpus
+                _trial,
+                sweep=sweep,
+                trials_dir=str(sweep_dir / out.TRIALS_DIR),
+                cpus=worker_cpus,
+                code=code,
             ),
             {"cpu": DRIVER_CPU},
         )
@@ -167,9 +179,24 @@ def _absolute(sweep: Sweep) -> Sweep:
     return dataclasses.replace(sweep, raw={**sweep.raw, "data": data})
 
 
-def _trial(values: dict[str, Any], *, sweep: Sweep, trials_dir: str, cpus: float | None) -> None:
-    """One trial, in its Tune actor: an ordinary raymb run (or one per fold)."""
+def _trial(
+    values: dict[str, Any],
+    *,
+    sweep: Sweep,
+    trials_dir: str,
+    cpus: float | None,
+    code: dict[str, bytes],
+) -> None:
+    """One trial, in its Tune actor: an ordinary raymb run (or one per fold); `code`: your
+    own model, loss and metrics given from Python, cloudpickled."""
+    import functools
+
+    import cloudpickle
+
     from raymb.driver.run import train
+
+    own = {k: cloudpickle.loads(v) for k, v in code.items()}
+    train = functools.partial(train, **own)
 
     name = tune.get_context().get_trial_name()
     values = {k: values[k] for k in sweep.keys}

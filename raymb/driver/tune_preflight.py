@@ -14,9 +14,18 @@ from raymb.errors import ConfigError, DataError
 from raymb.load import load_sweep
 
 
-def tune(sweep: Sweep | str | Path, *, address: str | None = None, verbose: bool = False) -> Any:
+def tune(
+    sweep: Sweep | str | Path,
+    *,
+    address: str | None = None,
+    verbose: bool = False,
+    model: Any = None,
+    loss: Any = None,
+    metrics: Any = None,
+) -> Any:
     """Run (or resume) a sweep: a Sweep or a config file's path. Checks everything before
-    Ray starts; returns raymb.rundir.sweep.TuneResult."""
+    Ray starts; returns raymb.rundir.sweep.TuneResult. `model`, `loss`, `metrics`: your own,
+    from Python, as raymb.train takes them (every trial trains with them)."""
     if not isinstance(sweep, Sweep):
         sweep = load_sweep(sweep)
     from raymb import storage
@@ -27,9 +36,13 @@ def tune(sweep: Sweep | str | Path, *, address: str | None = None, verbose: bool
 
     check_record(sweep, sweep_dir)  # a resumed sweep: the one that started
     check_data(sweep, sweep_dir)
+    from raymb.driver.custom import pickled
+
+    given = {"model": model, "loss": loss, "metrics": metrics}
+    code = {k: pickled(k, v) for k, v in given.items() if v is not None}
     from raymb.driver.tune import run_sweep
 
-    return run_sweep(sweep, sweep_dir, address=address, verbose=verbose)
+    return run_sweep(sweep, sweep_dir, address=address, verbose=verbose, code=code)
 
 
 def check_data(sweep: Sweep, sweep_dir: Path) -> None:

@@ -183,3 +183,38 @@ def test_resumed_and_resized_runs_end_as_the_straight_one(data, tmp_path) -> Non
     shapes = {"tab": (3,), "ids": (6,)}
     model = _reference(lambda: two_inputs(shapes, 3), weighted_loss, train, ["tab", "ids"])
     _assert_params(read(run.checkpoint)["state_dict"], model)
+
+
+def test_lr_find_divides_by_the_counted_loss_count(data, tmp_path) -> None:
+    """raymb.lr_find(config, loss=<closure>) on local processes: the first step's loss in
+    lr_find.csv is the initial model's sum(loss) / sum(count) over the step's rows."""
+    import csv
+
+    import raymb
+
+    def loss(outputs, targets):  # a closure, as raymb.train takes one
+        return weighted_loss(outputs, targets)
+
+    config = load_config(
+        None,
+        [
+            f"data.train={data / 'two' / 'train'}",
+            'data.val=""',
+            f"run.storage_path={tmp_path}",
+            "data.shuffle=none",
+            f"train.global_batch_size={G}",
+            f"train.seed={SEED}",
+            *SPLITS["W2k2"],
+            *TWO[:3],
+        ],
+    )
+    result = raymb.lr_find(config, loss=loss, steps=10, local=True)
+    assert len(result.lrs) >= 1
+    with open(tmp_path / "default-lr-find" / "lr_find.csv", newline="") as f:
+        first = float(next(csv.DictReader(f))["loss"])
+    torch.manual_seed(SEED)
+    model = two_inputs({"tab": (3,), "ids": (6,)}, 3)
+    rows = {k: v[:G] for k, v in columns(data / "two" / "train").items()}
+    with torch.no_grad():
+        sums, counts = weighted_loss(model(tab=rows["tab"], ids=rows["ids"]), rows)
+    assert first == pytest.approx((sums.sum() / counts.sum()).item(), rel=1e-5)
