@@ -124,3 +124,19 @@ def columns(folder) -> dict[str, torch.Tensor]:
         values = values.astype(np.int64) if values.dtype.kind in "iu" else values.astype(np.float32)
         out[name] = torch.from_numpy(values)
     return out
+
+
+def mean_loss(outputs: torch.Tensor, targets: dict) -> torch.Tensor:
+    """Wrong: one number for the batch, not one a row."""
+    return nn.functional.cross_entropy(outputs, targets["label"])
+
+
+def negative_count(outputs: torch.Tensor, targets: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wrong: a count below zero."""
+    ce = nn.functional.cross_entropy(outputs, targets["label"], reduction="none")
+    return ce, -torch.ones_like(ce)
+
+
+def not_a_dict(outputs: torch.Tensor, targets: dict) -> float:
+    """Wrong: metrics must be {name: (sum, count)}."""
+    return 0.5
