@@ -21,4 +21,4 @@ def capped_loss(cap: float):
 if __name__ == "__main__":  # the local launcher starts its workers as new processes
     config = raymb.load_config("config.toml", ["run.name=my-model-py", "scale.launcher=local"])
     result = raymb.train(config, model=two_inputs, loss=capped_loss(1.5), metrics=accuracy)
-    print(result.summary["val_accuracy"], result.summary["steps"])
+    print(result.summary["val_acc"], result.summary["val_wacc"], result.summary["steps"])
