@@ -280,7 +280,8 @@ def _init_worker(rank: int, port: int, results) -> None:
         ),
         (
             ["model.name=my.models:make", "model.init=xavier"],
-            "model.init is not a key of model.name = 'my.models:make' (its keys: num_classes)",
+            "model.init is not a key of model.name = 'my.models:make' (its keys: num_classes, "
+            "init_from, init_allow_missing, init_allow_unexpected, freeze)",
         ),
     ],
 )
