@@ -10,6 +10,7 @@ plot).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import NamedTuple, NoReturn
@@ -107,6 +108,7 @@ TABLE = (
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _current_folder_importable()
     try:
         return args.run(args)
     except RaymbError as e:
@@ -119,6 +121,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+def _current_folder_importable() -> None:
+    """model.name, loss.name and metrics.name may name a module of the current folder
+    ("my_parts:loss"), as `python -m` would import it: the folder joins sys.path (last: it
+    never hides an installed package) and PYTHONPATH, which the processes raymb starts inherit
+    (a local Ray cluster's workers, --local's). A cluster joined with --address imports what
+    its own workers can: ray job submit --working-dir ships the folder (docs/cluster.md)."""
+    folder = os.getcwd()
+    if folder not in sys.path:
+        sys.path.append(folder)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if folder not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [*paths, folder] if p)
 
 
 class Parser(argparse.ArgumentParser):
