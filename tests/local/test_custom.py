@@ -218,3 +218,53 @@ def test_lr_find_divides_by_the_counted_loss_count(data, tmp_path) -> None:
     with torch.no_grad():
         sums, counts = weighted_loss(model(tab=rows["tab"], ids=rows["ids"]), rows)
     assert first == pytest.approx((sums.sum() / counts.sum()).item(), rel=1e-5)
+
+
+def test_param_sync_divides_each_workers_steps_by_its_own_count(data, tmp_path) -> None:
+    """Local SGD (train.sync = "param", the mean every 2 steps) with the masked token loss: each
+    worker steps on its own rows' sum / its own count, then the parameters are averaged. The
+    reference: two models stepped by hand on each half of every step, averaged alike."""
+    W, every = 2, 2
+    sets = ("train.sync=param", f"train.average_every={every}", "train.epochs=1", *TOKENS)
+    config = load_config(
+        None,
+        [
+            f"data.train={data / 'tokens' / 'train'}",
+            'data.val=""',
+            f"run.storage_path={tmp_path}",
+            "data.shuffle=none",
+            f"train.global_batch_size={G}",
+            f"train.seed={SEED}",
+            "optim.name=sgd",
+            f"optim.lr={LR}",
+            "optim.momentum=0.5",
+            "scale.workers=2",
+            "train.microbatch_size=8",
+            *sets,
+        ],
+    )
+    got = read(train_local(config).checkpoint)["state_dict"]
+    rows = columns(data / "tokens" / "train")
+    torch.manual_seed(SEED)
+    first = tagger({}, 3)
+    models = [first, tagger({}, 3)]
+    models[1].load_state_dict(first.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=0.5) for m in models]
+    steps = 0
+    for start in range(0, ROWS, G):
+        n = min(G, ROWS - start)
+        for r, (model, opt) in enumerate(zip(models, opts)):
+            a, b = start + r * n // W, start + (r + 1) * n // W  # rank r's contiguous part
+            part = {k: v[a:b] for k, v in rows.items()}
+            sums, counts = masked_tokens(model(ids=part["ids"]), part)
+            opt.zero_grad()
+            (sums.sum() / counts.sum()).backward()
+            opt.step()
+        steps += 1
+        if steps % every == 0 or start + G >= ROWS:
+            with torch.no_grad():
+                for p, q in zip(models[0].parameters(), models[1].parameters()):
+                    mean = (p + q) / 2
+                    p.copy_(mean)
+                    q.copy_(mean)
+    _assert_params(got, models[0])
