@@ -102,3 +102,32 @@ def test_validation_sums_hold_the_metrics_as_sums_and_counts() -> None:
     assert loss / count == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-6)
     assert (hits, predicted) == ((out.argmax(1) == y).sum().item(), 10)
     assert (pos, pos_count) == ((out.argmax(1) == 1).sum().item(), 10)
+
+
+def test_a_counted_step_takes_the_steps_of_the_rows_rule() -> None:
+    """A loss of your own counting one a row is divided after the step (by its all-reduced
+    count), the built-in before (by the rows): the same gradient, step and noise-scale
+    measurement (W = 1, k = 2: the step's halves)."""
+    from raymb.core.noise_probe import NoiseProbe
+    from raymb.core.step import train_step
+    from raymb.core.sync import GradSync
+
+    torch.manual_seed(5)
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    micro = [(x[:5], y[:5]), (x[5:], y[5:])]  # a short second microbatch
+    per_row = Objective(
+        classify=True, loss=lambda o, t: F.cross_entropy(o, t, reduction="none"), loss_name="ce"
+    )
+    results = []
+    for objective in (Objective(classify=True), per_row):
+        torch.manual_seed(6)
+        model = nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        probe = NoiseProbe(1)
+        train_step(model, opt, micro, 12, sync=GradSync(1), objective=objective, observer=probe)
+        results.append((model.state_dict(), probe.pop()))
+    (state_a, (sq_a, floats_a)), (state_b, (sq_b, floats_b)) = results
+    for key in state_a:
+        torch.testing.assert_close(state_a[key], state_b[key])
+    torch.testing.assert_close(sq_a, sq_b)
+    assert floats_a == pytest.approx(floats_b)
