@@ -1,9 +1,10 @@
 """Many epochs over data that fits in memory: `raymb train` against a hand-written DDP script.
 
-Part 1: both programs launched as a user would (`python -m raymb.cli train --config FILE`
-and `torch.distributed.run` on bench/ddp_baseline.py), the same mlp, Adam, G, seed and
-epochs on a 1,536-row, 64-feature, 10-class set, 2 workers (gloo): wall time from launch to
-exit, time to the first step, and steady samples/s after the first epoch.
+Part 1: the programs launched as a user would (`python -m raymb.cli train --config FILE` on
+Ray, the same with `--local`, and `torch.distributed.run` on bench/ddp_baseline.py), the same
+mlp, Adam, G, seed and epochs on a 1,536-row, 64-feature, 10-class set, 2 workers (gloo):
+wall time from launch to exit, time to the first step, and steady samples/s after the first
+epoch.
 
 Part 2: raymb's per-epoch overhead with its defaults (2 workers, G = 64) on a 1,024-row
 set: (wall of N epochs - wall of N/9 epochs) / (extra epochs) - the steps' own compute;
@@ -24,6 +25,8 @@ from bench.harness import alternate, dataset, median, ray_session, target, train
 HERE = Path(__file__).resolve().parent
 WORKERS, GLOBAL_BATCH, LR = 2, 64, 0.001
 STEADY_TARGET, WALL_TARGET, OVERHEAD_TARGET, LOG_TARGET = 0.95, 2.0, 0.1, 0.05
+LOCAL_WALL_TARGET, LOCAL_STEADY_TARGET = 1.3, 0.97
+"""raymb train --local against the script (issue 37)."""
 
 
 def run(quick: bool) -> dict:
@@ -32,16 +35,21 @@ def run(quick: bool) -> dict:
     if ray.is_initialized():
         raise RuntimeError("bench epochs starts Ray in subprocesses: run it without a session")
     epochs, reps = (3, 1) if quick else (20, 2)
-    runs: dict[str, list[dict]] = {"ddp": [], "raymb": []}
+    runs: dict[str, list[dict]] = {"ddp": [], "raymb": [], "local": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = dataset(tmp / "data", 1536, features=64, classes=10, shards=4, val_fraction=0)
-        for rep, which in alternate(("ddp", "raymb"), reps):
+        for rep, which in alternate(("ddp", "raymb", "local"), reps):
             runs[which].append(_launch(which, data / "train", tmp / f"{which}-{rep}", epochs))
         overhead = _overhead(tmp, quick)
 
     rows = []
-    for which, label in (("ddp", "hand-written DDP script"), ("raymb", "raymb train")):
+    programs = (
+        ("ddp", "hand-written DDP script"),
+        ("raymb", "raymb train"),
+        ("local", "raymb train --local"),
+    )
+    for which, label in programs:
         rs = runs[which]
         rows.append(
             {
@@ -55,6 +63,9 @@ def run(quick: bool) -> dict:
     rows[1]["steady_ratio"] = ratio
     wall_ratio = rows[1]["wall_s"] / rows[0]["wall_s"]
     rows[1]["wall_ratio"] = wall_ratio
+    local_steady = rows[2]["steady_samples_per_s"] / rows[0]["steady_samples_per_s"]
+    local_wall = rows[2]["wall_s"] / rows[0]["wall_s"]
+    rows[2]["steady_ratio"], rows[2]["wall_ratio"] = local_steady, local_wall
     rows.append({"program": "raymb per-epoch overhead (s)", "overhead_s": overhead["per_epoch"]})
     rows.append(
         {
@@ -94,6 +105,18 @@ def run(quick: bool) -> dict:
                 ratio >= STEADY_TARGET,
             ),
             target(
+                "launch to exit, raymb --local / DDP script",
+                local_wall,
+                f"<= {LOCAL_WALL_TARGET}",
+                local_wall <= LOCAL_WALL_TARGET,
+            ),
+            target(
+                "steady samples/s, raymb --local / DDP script",
+                local_steady,
+                f">= {LOCAL_STEADY_TARGET}",
+                local_steady >= LOCAL_STEADY_TARGET,
+            ),
+            target(
                 "per-epoch overhead (s), 2 workers, 1,024 rows",
                 overhead["per_epoch"],
                 f"<= {OVERHEAD_TARGET}",
@@ -110,8 +133,9 @@ def run(quick: bool) -> dict:
             "raymb also checks the config and data before Ray starts, checkpoints (the last "
             "step, and epoch ends at least checkpoint.min_interval_s apart) and writes "
             "metrics.csv, summary.json and loss.png; the script does none of that.",
-            "Both start their processes from nothing: raymb a local Ray cluster, the script "
-            "torch.distributed.run's two processes.",
+            "All start their processes from nothing: raymb a local Ray cluster, raymb --local "
+            "two spawned processes in a gloo group (no Ray), the script torch.distributed.run's "
+            "two processes.",
         ],
     }
 
@@ -120,7 +144,7 @@ def _launch(which: str, data: Path, work: Path, epochs: int) -> dict:
     """Run one program to its end: wall time, first step, steady samples/s."""
     work.mkdir(parents=True)
     times = work / "times.jsonl"
-    if which == "raymb":
+    if which in ("raymb", "local"):
         config = work / "bench.toml"
         config.write_text(
             f'[run]\nname = "epochs"\nstorage_path = {json.dumps(str(work / "runs"))}\n'
@@ -132,6 +156,8 @@ def _launch(which: str, data: Path, work: Path, epochs: int) -> dict:
             '[checkpoint]\nmetric = "train_loss"\n'
         )
         command = [sys.executable, "-m", "raymb.cli", "train", "--config", str(config)]
+        if which == "local":
+            command.append("--local")
     else:
         command = [
             *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORKERS)),
@@ -145,13 +171,13 @@ def _launch(which: str, data: Path, work: Path, epochs: int) -> dict:
     with open(work / "log.txt", "wb") as log:
         proc = subprocess.Popen(command, cwd=work, stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None:
-            if seen is None and which == "raymb" and first_row.exists():
+            if seen is None and which != "ddp" and first_row.exists():
                 seen = time.time()  # the first gather writes the first row after step 1
             time.sleep(0.02)
     wall = time.time() - launched
     if proc.returncode != 0:
         raise RuntimeError(f"{which} exited {proc.returncode}; see {work / 'log.txt'}")
-    if which == "raymb":
+    if which != "ddp":
         return {"wall_s": wall, "first_step_s": seen - launched, "steady": _steady(first_row)}
     first, steady = _script_times(times, launched)
     return {"wall_s": wall, "first_step_s": first, "steady": steady}
