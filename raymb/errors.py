@@ -24,3 +24,11 @@ class StorageError(RaymbError):
     def __init__(self, where: str, reason: str) -> None:
         super().__init__(f"{where}: {reason}")
         self.reason = reason
+
+
+def one_line(error: BaseException, limit: int | None = None) -> str:
+    """An error's message on one line (its whitespace runs made one space), cut at `limit`
+    characters; its type's name when it has no message: what a refusal quotes of a library's
+    error."""
+    text = " ".join(str(error).split())
+    return (text if limit is None else text[:limit]) or type(error).__name__

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from raymb.data.columns import ShapeError, feature_shape, flat_values
 from raymb.data.listing import resolve_files
-from raymb.errors import ConfigError, DataError
+from raymb.errors import ConfigError, DataError, one_line
 
 _SCAN_ROWS = 1 << 16  # rows per batch when scanning a file's columns
 # Classes inferred from the labels (max label + 1) above this are refused unless
@@ -308,7 +308,7 @@ def _scan(pf: pq.ParquetFile, cols: list[str], prefix: str) -> dict[str, _Column
             for c in cols:
                 scans[c].add(batch.column(c))
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{prefix}: cannot read the file ({_one_line(e)})") from None
+        raise DataError(f"{prefix}: cannot read the file ({one_line(e)})") from None
     return scans
 
 
@@ -320,7 +320,7 @@ def _open(fs: pafs.FileSystem, f: str, what: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(f, filesystem=fs)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{what}: not a parquet file: {f} ({_one_line(e)})") from None
+        raise DataError(f"{what}: not a parquet file: {f} ({one_line(e)})") from None
 
 
 def read_file(path: str, columns: tuple[str, ...], filesystem, what: str) -> pa.Table:
@@ -330,7 +330,7 @@ def read_file(path: str, columns: tuple[str, ...], filesystem, what: str) -> pa.
     try:
         return pq.read_table(path, columns=list(columns), filesystem=filesystem)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{what}: could not read {path} ({_one_line(e)})") from None
+        raise DataError(f"{what}: could not read {path} ({one_line(e)})") from None
 
 
 def read_blocks(
@@ -386,7 +386,3 @@ def _row_of(values: pa.Array, flat_index: np.ndarray) -> np.ndarray:
         return flat_index // (len(flat_values(values)) // max(len(values), 1))
     parents = pc.list_parent_indices(values).to_numpy()
     return parents[flat_index]
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raymb import storage
-from raymb.errors import DataError, StorageError
+from raymb.errors import DataError, StorageError, one_line
 from raymb.files import InputError, check_input
 
 PARQUET_SUFFIX = ".parquet"
@@ -34,7 +34,7 @@ def resolve_files(path: str, *, what: str = "data.train") -> tuple[list[str], pa
     except StorageError as e:
         raise DataError(f"{what}: cannot open {path}: {e.reason}") from None
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{what}: cannot open {path}: {_one_line(e)}") from None
+        raise DataError(f"{what}: cannot open {path}: {one_line(e)}") from None
 
     if info.type == pafs.FileType.NotFound and _GLOB_CHARS & set(root):
         if location.local:
@@ -73,7 +73,7 @@ def _files_below(fs: pafs.FileSystem, root: str, local: bool, what: str, path: s
         try:
             found = fs.get_file_info(selector)
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{what}: cannot list {path}: {_one_line(e)}") from None
+            raise DataError(f"{what}: cannot list {path}: {one_line(e)}") from None
         return [
             f.path
             for f in found
@@ -203,7 +203,7 @@ def _glob_remote(fs: pafs.FileSystem, pattern: str, what: str, path: str) -> lis
     try:
         found = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{what}: cannot list {path}: {_one_line(e)}") from None
+        raise DataError(f"{what}: cannot list {path}: {one_line(e)}") from None
     return [
         f.path
         for f in found
@@ -240,7 +240,3 @@ def _is_metadata(relative: str) -> bool:
     # Hidden files and Spark/Hadoop markers (_SUCCESS, _metadata, .crc) are not data; as in
     # a shell glob, '*' does not pick them up either.
     return any(p.startswith((".", "_")) for p in relative.split("/") if p)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())

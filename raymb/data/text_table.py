@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from raymb.errors import ConfigError, DataError
+from raymb.errors import ConfigError, DataError, one_line
 from raymb.files import check_input, kind_of
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -169,7 +169,7 @@ def _read_csv(f: BinaryIO, path: str | Path, *names: str) -> dict[str, list]:
     try:
         table = csv.read_csv(f, convert_options=convert)
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a CSV file pyarrow reads ({_one_line(e)})") from None
+        raise DataError(f"{path}: not a CSV file pyarrow reads ({one_line(e, 200)})") from None
     return {name: table.column(name).to_pylist() for name in table.column_names}
 
 
@@ -182,7 +182,7 @@ def _read_parquet(f: BinaryIO, path: str | Path, text: str, label: str) -> dict[
         found = pf.schema_arrow.names
         table = pf.read(columns=[n for n in (text, label) if n in found])
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: not a parquet file pyarrow reads ({_one_line(e)})") from None
+        raise DataError(f"{path}: not a parquet file pyarrow reads ({one_line(e, 200)})") from None
     kind = table.schema.field(text).type if text in table.column_names else pa.string()
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise DataError(f"{path}: text column {text!r} holds {kind}, not strings")
@@ -219,8 +219,4 @@ def _loads(text: str, path: str | Path, where: str) -> Any:
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as e:
-        raise DataError(f"{path}:{where} not JSON ({_one_line(e)})") from None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200]
+        raise DataError(f"{path}:{where} not JSON ({one_line(e, 200)})") from None

@@ -14,7 +14,7 @@ from typing import Any
 
 from raymb.config import Config
 from raymb.data.checks import DatasetInfo
-from raymb.errors import ConfigError
+from raymb.errors import ConfigError, one_line
 
 DRY_RUN_ROWS = 4
 """Rows of data.train the dry run takes through the model, the loss and the metrics."""
@@ -84,8 +84,8 @@ def pickled(key: str, value: Any) -> bytes:
         return cloudpickle.dumps(value)
     except Exception as e:  # any failure of pickling is the user's object's
         raise ConfigError(
-            f"{key}= cannot be pickled for the workers ({_one_line(e)}): define it in a module, "
-            "or close over values that pickle (no open files, locks or sockets)"
+            f"{key}= cannot be pickled for the workers ({one_line(e, 300)}): define it in a "
+            "module, or close over values that pickle (no open files, locks or sockets)"
         ) from None
     finally:
         for module in own:
@@ -138,7 +138,9 @@ def dry_run(
     except (ConfigError, LossError):
         raise
     except Exception as e:  # the user's factory
-        raise ConfigError(f"{_what_model(config, model)} failed to build: {_one_line(e)}") from None
+        raise ConfigError(
+            f"{_what_model(config, model)} failed to build: {one_line(e, 300)}"
+        ) from None
     objective = Objective.of(config, shape.classify, loss=loss, metrics=metrics)
     net.eval()
     try:
@@ -161,14 +163,16 @@ def _once(config, net, objective, x, y, *, model, loss, metrics) -> tuple[str, .
             took = ", ".join(x) if isinstance(x, dict) else "one tensor (data.features)"
             raise ConfigError(
                 f"{_what_model(config, model)} failed on {batch.rows(y)} rows of data.train, "
-                f"given {took}: {_one_line(e)}"
+                f"given {took}: {one_line(e, 300)}"
             ) from None
         try:
             objective(out, y)
         except LossError:
             raise
         except Exception as e:
-            raise ConfigError(f"the loss ({objective.loss_name}) failed: {_one_line(e)}") from None
+            raise ConfigError(
+                f"the loss ({objective.loss_name}) failed: {one_line(e, 300)}"
+            ) from None
         if objective.metrics is None:
             return ()
         key = "metrics=" if metrics is not None else "metrics.name"
@@ -180,13 +184,9 @@ def _once(config, net, objective, x, y, *, model, loss, metrics) -> tuple[str, .
         except LossError:
             raise
         except Exception as e:
-            raise ConfigError(f"{key} failed: {_one_line(e)}") from None
+            raise ConfigError(f"{key} failed: {one_line(e, 300)}") from None
     return names
 
 
 def _what_model(config: Config, model: Any) -> str:
     return "model=" if model is not None else f"model.name {config.model.name!r}"
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
