@@ -29,8 +29,11 @@ def load_callable(name: str, key: str, what: str = "function") -> Callable[..., 
     if not callable(found):
         raise ConfigError(f"{key} {name!r}: {module_name} has no callable {attr!r}")
     if inspect.isbuiltin(found):
-        raise ConfigError(
-            f"{key} {name!r}: {attr} is a builtin function, not a {what} (a Python function "
-            "or class)"
-        )
+        raise ConfigError(f"{key} {name!r}: {attr} is a builtin function, not {KINDS[what]}")
     return found
+
+
+KINDS = {
+    "factory": "a model factory (a Python function or class that returns a torch.nn.Module)",
+    "function": "a loss or metrics function (a Python function)",
+}

@@ -8,12 +8,11 @@ raymb.core.loss.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Sequence
 
 from torch import nn
 
+from raymb.code import load_callable
 from raymb.config import Model
 from raymb.errors import ConfigError
 from raymb.models import cnn, gpt, hf, mlp
@@ -81,27 +80,6 @@ def initialise(model: nn.Module, how: str) -> None:
 
 
 def load_factory(name: str):
-    """Import `package.module:factory`, with an error naming model.name when it fails.
-
-    Anything but a dotted module path and an identifier is refused before importing, and a
-    builtin (os:kill, os:system) after: a factory is Python code that builds a model.
-    """
-    module_name, _, attr = name.partition(":")
-    if not (all(part.isidentifier() for part in module_name.split(".")) and attr.isidentifier()):
-        raise ConfigError(
-            f"model.name {name!r}: expected package.module:factory (a dotted module path, "
-            "a colon, a function or class name)"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"model.name {name!r}: cannot import {module_name!r} ({e})") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"model.name {name!r}: {module_name} has no callable {attr!r}")
-    if inspect.isbuiltin(factory):
-        raise ConfigError(
-            f"model.name {name!r}: {attr} is a builtin function, not a model factory (a Python "
-            "function or class that returns a torch.nn.Module)"
-        )
-    return factory
+    """Import `package.module:factory`, with an error naming model.name when it fails
+    (raymb.code.load_callable: a factory is Python code that builds a model)."""
+    return load_callable(name, "model.name", "factory")
