@@ -77,6 +77,8 @@ def with_manifest(raw: dict[str, Any]) -> dict[str, Any]:
     # realpath, not Path.resolve: a link loop on the way is not a RuntimeError here
     if real(table["train"]) == real(folder / "train") and val.is_dir():
         defaults["val"] = str(val)  # the folder's own validation split
+    if "features" in table or "inputs" in table:
+        defaults.pop("inputs", None)  # the config says how the model reads the rows
     return {**raw, "data": {**defaults, **table}}
 
 

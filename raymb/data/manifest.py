@@ -88,6 +88,8 @@ def data_defaults(manifest: dict[str, Any]) -> dict[str, Any]:
         keys["label"] = manifest["label"]
     if manifest.get("scale") is not None:
         keys["scale"] = float(manifest["scale"])
+    if isinstance(manifest.get("inputs"), list):  # a tokenized table: input_ids, attention_mask
+        keys["inputs"] = [str(c) for c in manifest["inputs"]]
     return {k: v for k, v in keys.items() if v is not None}
 
 

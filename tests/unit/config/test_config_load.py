@@ -40,6 +40,19 @@ def test_load_config_takes_the_manifests_keys(prepared: Path) -> None:
     assert mine.data.features == "pixels"
 
 
+def test_a_tokenized_tables_inputs_come_from_its_manifest(tmp_path: Path) -> None:
+    """`raymb prepare text --tokenizer ... --text-column ...` records the columns a model reads
+    by name: a config that names neither data.features nor data.inputs reads them."""
+    folder = tmp_path / "reviews"
+    (folder / "train").mkdir(parents=True)
+    manifest = {"task": "classify", "features": "input_ids", "label": "label"}
+    write_manifest(folder, {**manifest, "inputs": ["input_ids", "attention_mask"]})
+    config = load_config(None, [f"data.train={folder / 'train'}"])
+    assert config.data.inputs == ["input_ids", "attention_mask"]
+    one = load_config(None, [f"data.train={folder / 'train'}", "data.features=input_ids"])
+    assert (one.data.inputs, one.data.features) == (None, "input_ids")
+
+
 def test_print_config_shows_the_manifests_keys(prepared: Path, capsys) -> None:
     assert main(["train", "--print-config", "--set", f"data.train={prepared / 'train'}"]) == 0
     text = capsys.readouterr().out
