@@ -268,5 +268,16 @@ def spawn_gloo(worker, nprocs: int) -> dict:
         port = s.getsockname()[1]
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(worker, args=(port, results), nprocs=nprocs, join=True)
+        left = manager.Barrier(nprocs)
+        mp.spawn(_gloo_rank, args=(worker, port, results, left), nprocs=nprocs, join=True)
         return dict(results)
+
+
+def _gloo_rank(rank: int, worker, port: int, results, left) -> None:
+    """One rank of spawn_gloo: `worker`, then wait until every rank has returned from its
+    own. Rank 0 serves the group's store, and a rank that exits while a peer is still inside
+    destroy_process_group closes sockets under the peer's gloo threads, which abort it
+    (SIGABRT: "terminate called without an active exception"; raymb/driver/launch.py waits
+    alike since 48456a9). A rank that raised is not waited for: mp.spawn ends the others."""
+    worker(rank, port, results)
+    left.wait(timeout=60)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import assert_refused
+from conftest import assert_refused, spawn_gloo
 from torch import nn
 
 from raymb import ConfigError, load_config
@@ -197,13 +195,7 @@ def test_init_draws_from_the_seed_the_same_on_every_worker():
     """Two gloo processes seeded alike build the model: every parameter is the same (the
     init draws from torch's seeded generator, nothing of the rank), and differs from
     another seed's."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_init_worker, args=(port, results), nprocs=2, join=True)
-        results = dict(results)
+    results = spawn_gloo(_init_worker, 2)  # waits until both ranks are past their teardown
     for init in ("xavier", "kaiming", "orthogonal"):
         mine, theirs, other_seed = results[init]
         assert mine == theirs, init
