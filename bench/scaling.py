@@ -118,13 +118,15 @@ def _gloo_allreduce_s(world: int, numel: int, iters: int = 200) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
         out = Path(tmp) / "seconds"
-        mp.spawn(_allreduce_worker, args=(world, port, numel, iters, str(out)), nprocs=world)
+        left = manager.Barrier(world)
+        args = (world, port, numel, iters, str(out), left)
+        mp.spawn(_allreduce_worker, args=args, nprocs=world)
         return float(out.read_text())
 
 
-def _allreduce_worker(rank: int, world: int, port: int, numel: int, iters: int, out: str):
+def _allreduce_worker(rank: int, world: int, port: int, numel: int, iters: int, out: str, left):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -139,5 +141,7 @@ def _allreduce_worker(rank: int, world: int, port: int, numel: int, iters: int, 
                 times.append(time.perf_counter() - started)
         if rank == 0:
             Path(out).write_text(str(median(times)))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    left.wait(timeout=60)  # no rank exits while a peer is inside its teardown (bench/advice.py)
