@@ -1,7 +1,8 @@
 """A Hugging Face transformers model trains through raymb with its own inputs (input_ids and
-attention_mask, by name) and stays exact: W = 2 x k = 2 and W = 1 x k = 4 end with the
-parameters of one plain torch process. And model.init_from starts from the weights given: the
-first step's train_loss is the loaded model's loss, computed by hand. A 2-layer BERT built from
+attention_mask, by name) and stays exact: W = 2 x k = 2 (from the run's seed) and W = 1 x k = 4
+(from model.init_from's weights) end with the parameters of one plain torch process started
+from the same weights; the init_from run's first train_loss is the loaded model's loss, computed
+by hand. Two runs: each spawned process imports transformers. A 2-layer BERT built from
 a config alone (dropout 0: transformers' dropout draws from torch's generator, not the row)."""
 
 from __future__ import annotations
@@ -102,10 +103,8 @@ def _bert():
     return transformers.AutoModelForSequenceClassification.from_config(config)
 
 
-def test_a_transformers_model_is_exact_across_workers_and_microbatches(data, tmp_path) -> None:
-    got = {w: read(train_local(_config(data, tmp_path, f"w{w}", w)).checkpoint) for w in (2, 1)}
-    torch.manual_seed(SEED)
-    model = _bert()
+def _trained(model, data: Path):
+    """The reference: `model` stepped by one plain torch process on the whole steps."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     rows = _columns(data)
     for _ in range(2):
@@ -115,26 +114,36 @@ def test_a_transformers_model_is_exact_across_workers_and_microbatches(data, tmp
             opt.zero_grad()
             torch.nn.functional.cross_entropy(out.logits, step["label"]).backward()
             opt.step()
-    for payload in got.values():
-        for key, want in model.state_dict().items():
-            torch.testing.assert_close(
-                payload["state_dict"][key], want, rtol=1e-5, atol=1e-6, msg=key
-            )
+    return model
 
 
-def test_init_from_starts_from_the_given_weights(data, tmp_path) -> None:
+def _assert_params(payload: dict, model) -> None:
+    for key, want in model.state_dict().items():
+        torch.testing.assert_close(payload["state_dict"][key], want, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_exact_across_workers_and_microbatches_and_from_the_given_weights(data, tmp_path) -> None:
+    """W = 2 x k = 2 from the run's seed, and W = 1 x k = 4 from init_from's weights: each ends
+    with the parameters of one plain torch process started from the same weights, and the
+    init_from run's first train_loss is the loaded model's loss on the first step's rows."""
     from safetensors.torch import save_file
 
     torch.manual_seed(123)  # other weights than the run's seed would draw
     start = _bert()
     path = tmp_path / "start.safetensors"
     save_file({k: v.contiguous() for k, v in start.state_dict().items()}, str(path))
-    run = train_local(_config(data, tmp_path, "init", 1, init_from=str(path)))
-    with open(run.run_dir / "metrics.csv", newline="") as f:
-        first = next(csv.DictReader(f))
     rows = {k: v[:G] for k, v in _columns(data).items()}
     with torch.no_grad():
         out = start(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"])
         want = torch.nn.functional.cross_entropy(out.logits, rows["label"]).item()
+
+    seeded = train_local(_config(data, tmp_path, "w2", 2))
+    loaded = train_local(_config(data, tmp_path, "init", 1, init_from=str(path)))
+
+    torch.manual_seed(SEED)
+    _assert_params(read(seeded.checkpoint), _trained(_bert(), data))
+    _assert_params(read(loaded.checkpoint), _trained(start, data))
+    with open(loaded.run_dir / "metrics.csv", newline="") as f:
+        first = next(csv.DictReader(f))
     assert first["step"] == "1"
     assert float(first["train_loss"]) == pytest.approx(want, rel=1e-5)
