@@ -1,10 +1,12 @@
 """Config: the whole run configuration, one section per TOML table, and what follows from
-several of them together (the batch arithmetic G = W x m x k).
+several of them together (the batch arithmetic: G rows a step, near-equal shares of W
+workers, each cut into microbatches of m, the last short).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import field
 from typing import Any
 
@@ -64,19 +66,21 @@ class Config:
         if self.data.task == "lm" and self.loss.name not in ("auto", "cross_entropy"):
             lm = '"auto" or "cross_entropy" with data.task = "lm" (the next token)'
             require(False, "loss.name", lm, self.loss.name)
-        if G == "all" or m == "auto" or self.scale.elastic:
+        if G == "all" or self.scale.elastic:
             return  # elastic: a W that does not divide G splits steps unevenly (raymb.core.plan)
-        if m is None:
-            if G % W:
-                raise ConfigError(
-                    f"train.global_batch_size={G} is not divisible by scale.workers={W}"
-                )
-        elif G % (W * m):
-            valid = [d for d in range(1, G // W + 1) if G % (W * d) == 0]
+        # Any split is exact (each row's loss is divided by the step's rows, all-reduced when
+        # the workers' differ): W need not divide G, nor m a worker's share of it.
+        if G < W:
             raise ConfigError(
-                f"train.global_batch_size={G} is not divisible by scale.workers={W} x "
-                f"train.microbatch_size={m}; valid microbatch sizes: "
-                + (", ".join(map(str, valid)) if valid else f"none (G is not a multiple of W={W})")
+                f"train.global_batch_size={G} is smaller than scale.workers={W}: every worker "
+                "needs a row of every step"
+            )
+        share = math.ceil(G / W)
+        if isinstance(m, int) and m > share:
+            raise ConfigError(
+                f"train.microbatch_size={m} is larger than a worker's share of a step "
+                f"(train.global_batch_size={G} / scale.workers={W}, rounded up: {share}): "
+                f"lower train.microbatch_size to at most {share}"
             )
 
     def _check_lbfgs(self) -> None:
@@ -99,12 +103,13 @@ class Config:
         return None if G == "all" else -(-G // self.scale.max_workers)
 
     def accumulation_steps(self) -> int | None:
-        """k = G / (W·m); None for full batch, an automatic m or elastic workers, where it
-        depends on the data or the cluster."""
+        """k: the microbatches of a worker's share of a step, ceil(ceil(G / W) / m) (the last
+        may be short; a worker with a row fewer may take one fewer); None for full batch, an
+        automatic m or elastic workers, where it depends on the data or the cluster."""
         G, m = self.train.global_batch_size, self.microbatch()
         if G == "all" or m is None or self.scale.elastic:
             return None
-        return G // (self.scale.max_workers * m)
+        return math.ceil(math.ceil(G / self.scale.max_workers) / m)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -75,8 +75,9 @@ class OptimSection:
     RMSprop (optim.alpha, eps, momentum, centered) or L-BFGS with a strong-Wolfe line search
     (optim.max_iter, history_size; full batch only: train.global_batch_size = "all" under
     train.sync = "grad"; optim.lr = 1 is its usual step)."""
-    lr: PositiveFloat = 0.05
-    """Learning rate: the peak, reached after the warm-up."""
+    lr: PositiveFloat | None = None
+    """Learning rate: the peak, reached after the warm-up; unset: 0.05, or 1 for lbfgs
+    (torch's L-BFGS default; --print-config shows the value taken)."""
     momentum: Fraction = 0.9
     """SGD and RMSprop momentum (ignored by the other optimizers; 0 is torch's plain
     RMSprop)."""
@@ -115,6 +116,8 @@ class OptimSection:
     """Clip the global gradient norm to this value; unset for no clipping."""
 
     def __post_init__(self) -> None:
+        if self.lr is None:  # frozen: the default the optimizer calls for, set once here
+            object.__setattr__(self, "lr", 1.0 if self.name == "lbfgs" else 0.05)
         betas = self.betas
         ok = len(betas) == 2 and all(0 <= b < 1 for b in betas)
         require(ok, "optim.betas", "two values in [0, 1)", betas)
@@ -145,9 +148,12 @@ class TrainSection:
     global_batch_size: int | Literal["all"] = 64
     """G: samples per optimizer step across all workers; "all" is full-batch gradient descent."""
     microbatch_size: int | Literal["auto"] | None = None
-    """m: samples per forward/backward on one worker; unset: G / workers (no accumulation);
-    "auto": the largest that keeps k whole and whose estimated activations (a probe forward
-    of the model) fit train.memory_budget."""
+    """m: samples per forward/backward on one worker, at most a worker's share of a step
+    (G / workers, rounded up), which is cut into microbatches of m, the last short (exact
+    whatever the split); unset: the share (no accumulation; with G = "all", the share when
+    its estimated activations fit train.memory_budget, else "auto"); "auto": the fewest
+    microbatches, of near-equal size, whose estimated activations (a probe forward of the
+    model) fit train.memory_budget."""
     memory_budget: str = "1GiB"
     """Activation memory a microbatch may use when microbatch_size = "auto" (e.g. 512MiB)."""
     epochs: Annotated[int, Gt(0), Le(MAX_EPOCHS)] = 5
@@ -198,8 +204,6 @@ class TrainSection:
             raise ConfigError(
                 f"train.microbatch_size={m} is larger than train.global_batch_size={G}"
             )
-        what = 'set (a number or "auto") when train.global_batch_size = "all"'
-        require(G != "all" or m is not None, "train.microbatch_size", what, m)
 
     def memory_budget_bytes(self) -> int:
         return parse_bytes(self.memory_budget)

@@ -30,7 +30,8 @@ class Plan:
     step_total: int
     """G: rows of a full step on all workers (N for full batch)."""
     microbatch: int
-    """m: rows per forward/backward."""
+    """m: rows per forward/backward; a worker's rows of a step are cut into microbatches of
+    m, the last short (raymb.worker.epochs.StepBatches): exact whatever the split."""
     epochs: int
     max_steps: int | None
     out_features: int
@@ -58,12 +59,12 @@ class Plan:
             raise DataError(
                 f"data.train has {num_rows} rows, fewer than scale.workers={W}: lower scale.workers"
             )
-        m = microbatch
-        if m > rows:
+        m, shard = microbatch, -(-num_rows // W)  # a worker's most rows of data.train
+        if m > shard:
             raise DataError(
                 f"train.microbatch_size={m} is larger than a worker's shard of data.train "
-                f"({rows} rows = {num_rows} rows // {W} workers): lower train.microbatch_size "
-                "or scale.workers"
+                f"({shard} rows = {num_rows} rows / {W} workers, rounded up): lower "
+                "train.microbatch_size or scale.workers"
             )
         if G != "all" and G > num_rows:
             raise DataError(

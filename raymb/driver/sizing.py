@@ -30,14 +30,16 @@ def build_plan(config: Config, *, num_rows: int, inputs: InputShape, out_feature
 
 def microbatch_size(config: Config, num_rows: int, inputs: InputShape, out_features: int) -> int:
     """m: config.microbatch(), or where that depends on the memory ("auto", full batch
-    without m) the one `auto_microbatch` measures on a worker's shard of `num_rows`."""
+    without m) the one `auto_microbatch` measures on a worker's share of a step."""
     m = config.microbatch()
     if m is not None:
         return m
-    rows = num_rows // config.scale.max_workers
-    if rows == 0:
+    W = config.scale.max_workers
+    if num_rows < W:
         return 1  # fewer rows than workers: Plan.build refuses it, no probe needed
-    return auto_microbatch(config, rows, inputs, out_features)
+    G = config.train.global_batch_size
+    share = -(-(num_rows if G == "all" else G) // W)  # a worker's most rows in a step
+    return auto_microbatch(config, share, inputs, out_features)
 
 
 def activation_bytes_per_sample(config: Config, inputs: InputShape, out_features: int) -> int:
@@ -64,16 +66,14 @@ def activation_bytes_per_sample(config: Config, inputs: InputShape, out_features
     return 2 * 4 * sum(elements)
 
 
-def auto_microbatch(config: Config, rows: int, inputs: InputShape, out_features: int) -> int:
-    """train.microbatch_size = "auto" on a CPU: the largest m whose activations fit
-    train.memory_budget and that keeps the step exact (k = G / (W·m) whole)."""
+def auto_microbatch(config: Config, share: int, inputs: InputShape, out_features: int) -> int:
+    """train.microbatch_size = "auto" (and full batch without it) on a CPU: a worker's
+    `share` of a step in the fewest microbatches whose activations fit train.memory_budget,
+    of near-equal size (any split is exact): the share itself when it fits."""
     fits = max(
         1,
         config.train.memory_budget_bytes()
         // activation_bytes_per_sample(config, inputs, out_features),
     )
-    G = config.train.global_batch_size
-    if G == "all":
-        return min(rows, fits)
-    per_worker = G // config.scale.max_workers
-    return max(d for d in range(1, per_worker + 1) if per_worker % d == 0 and d <= fits)
+    k = -(-share // fits)
+    return -(-share // k)

@@ -84,40 +84,24 @@ BAD_OVERRIDES = [
         "scale.workers must be a number > 0 or [min, max] with 0 < min <= max (got [4, 2])",
         id="workers-range-reversed",
     ),
-    # k = G / (W m) = 64 / (2 x 5) is not an integer. m must divide G / W = 32:
-    # the valid sizes are the divisors of 32.
+    # A worker's share of a step is ceil(G / W) = 32 rows: a microbatch of 33 has no rows to take.
     pytest.param(
-        ["train.microbatch_size=5"],
-        "train.global_batch_size=64 is not divisible by scale.workers=2 x "
-        "train.microbatch_size=5; valid microbatch sizes: 1, 2, 4, 8, 16, 32",
-        id="k-not-integer",
+        ["train.microbatch_size=33"],
+        "train.microbatch_size=33 is larger than a worker's share of a step "
+        "(train.global_batch_size=64 / scale.workers=2, rounded up: 32): lower "
+        "train.microbatch_size to at most 32",
+        id="microbatch-larger-than-share",
     ),
-    # G / W = 96 / 4 = 24, whose divisors are 1, 2, 3, 4, 6, 8, 12, 24.
+    # 3 rows a step cannot give each of 4 workers one.
     pytest.param(
-        ["train.global_batch_size=96", "scale.workers=4", "train.microbatch_size=5"],
-        "valid microbatch sizes: 1, 2, 3, 4, 6, 8, 12, 24",
-        id="k-not-integer-96",
-    ),
-    # 10 samples cannot be shared by 4 workers at all.
-    pytest.param(
-        ["train.global_batch_size=10", "scale.workers=4", "train.microbatch_size=1"],
-        "valid microbatch sizes: none",
-        id="G-not-multiple-of-W",
-    ),
-    pytest.param(
-        ["train.global_batch_size=10", "scale.workers=4"],
-        "train.global_batch_size=10 is not divisible by scale.workers=4",
-        id="G-not-multiple-of-W-no-m",
+        ["train.global_batch_size=3", "scale.workers=4"],
+        "train.global_batch_size=3 is smaller than scale.workers=4",
+        id="G-smaller-than-W",
     ),
     pytest.param(
         ["train.microbatch_size=128"],
         "train.microbatch_size=128 is larger than train.global_batch_size=64",
         id="microbatch-larger-than-batch",
-    ),
-    pytest.param(
-        ["train.global_batch_size=all"],
-        "train.microbatch_size must be set",
-        id="all-without-microbatch",
     ),
     pytest.param(["foo"], "--set 'foo': expected section.key=value", id="set-without-equals"),
     pytest.param(["train=3"], "--set 'train=3': the key must be section.key", id="set-no-section"),
@@ -286,6 +270,33 @@ def test_all_is_full_batch() -> None:
     assert config.train.global_batch_size == "all"
     assert config.microbatch() == 16
     assert config.accumulation_steps() is None  # depends on the data
+
+
+def test_uneven_splits_are_accepted() -> None:
+    # G = 64, W = 2: shares of 32, cut into microbatches of 5: 6 of 5 and one of 2, k = 7.
+    config = load_config(None, ["train.microbatch_size=5"])
+    assert config.accumulation_steps() == 7
+    # G = 10, W = 4: shares of 3, 3, 2, 2 rows; m = 2: k = ceil(3 / 2) = 2 on the largest.
+    config = load_config(
+        None, ["train.global_batch_size=10", "scale.workers=4", "train.microbatch_size=2"]
+    )
+    assert config.accumulation_steps() == 2
+    # G = 10, W = 4, m unset: m = the largest share, 3 rows, one microbatch each.
+    config = load_config(None, ["train.global_batch_size=10", "scale.workers=4"])
+    assert (config.microbatch(), config.accumulation_steps()) == (3, 1)
+
+
+def test_full_batch_and_lbfgs_need_no_more_keys() -> None:
+    config = load_config(None, ["train.global_batch_size=all", "optim.name=lbfgs"])
+    assert config.microbatch() is None  # the share, or "auto": raymb.driver.sizing
+    assert config.optim.lr == 1.0  # torch's L-BFGS default, not SGD's 0.05
+    assert load_config(None).optim.lr == 0.05
+    assert (
+        load_config(
+            None, ["optim.name=lbfgs", "optim.lr=0.5", "train.global_batch_size=all"]
+        ).optim.lr
+        == 0.5
+    )
 
 
 def test_accumulation_steps() -> None:

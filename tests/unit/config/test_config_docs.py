@@ -50,5 +50,5 @@ def test_every_section_and_key_is_documented() -> None:
             assert f.description or key == "name" and name == "model", f"{name}.{key}"
     for tag in ("linear", "mlp", "cnn", "gpt", "package.module:factory"):
         assert f'\n### name = "{tag}"\n' in text
-    assert "\n- `lr` = `0.05` (a number > 0): Learning rate" in text
+    assert "\n- `lr` = unset (a number > 0): Learning rate" in text
     assert "\n- `dropout` = `0.0` (a number in [0, 1)): Dropout rate" in text

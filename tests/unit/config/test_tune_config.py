@@ -47,12 +47,12 @@ def _write(tmp_path: Path, tune: str, base: str = BASE) -> Path:
         ),
         (
             '[tune.space]\n"train.global_batch_size" = [64, 24]',
-            ["train.global_batch_size=24", "not divisible"],
+            ["train.global_batch_size=24", "larger than a worker's share"],
         ),
         (
             '[tune]\nsearch = "random"\n[tune.space]\n'
-            '"train.global_batch_size" = { randint = [32, 100] }',
-            ["train.global_batch_size", "not divisible"],
+            '"train.global_batch_size" = { randint = [20, 30] }',
+            ["train.global_batch_size", "larger than a worker's share"],
         ),
         ('[tune.space]\n"optim.lr" = { uniform = [0.1, 1] }', ['needs tune.search = "random"']),
         ('[tune.space]\n"run.name" = ["a", "b"]', ["a sweep sets run.name itself"]),
