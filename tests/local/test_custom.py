@@ -59,14 +59,14 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def _run(data: Path, tmp: Path, kind: str, split: str, *sets: str) -> dict:
+def _run(data: Path, tmp: Path, kind: str, split: str, *sets: str, name: str = "") -> dict:
     config = load_config(
         None,
         [
             f"data.train={data / kind / 'train'}",
             f"data.val={data / kind / 'val'}" if (data / kind / "val").exists() else 'data.val=""',
             f"run.storage_path={tmp}",
-            f"run.name={kind}-{split}",
+            f"run.name={name or f'{kind}-{split}'}",
             "data.shuffle=none",
             f"train.epochs={EPOCHS}",
             f"train.global_batch_size={G}",
@@ -106,7 +106,16 @@ def _assert_params(got: dict, model: torch.nn.Module) -> None:
 
 
 def test_two_inputs_weighted_loss_and_metrics_equal_one_process(data, tmp_path) -> None:
-    runs = {split: _run(data, tmp_path, "two", split, *TWO) for split in SPLITS}
+    """W = 2 x k = 2 straight, and a run resized and resumed: W = 1 x k = 4 to step 3, 2 x 2 to
+    step 6, 1 x 4 to the end (8 steps). Both end with the parameters of one process on the
+    whole steps, and with its validation loss and metrics (on 2 workers and on 1)."""
+    runs = {"W2k2": _run(data, tmp_path, "two", "W2k2", *TWO)}
+    legs = [("W1k4", "train.max_steps=3"), ("W2k2", "train.max_steps=6"), ("W1k4", "")]
+    for split, stop in legs:
+        sets = ("checkpoint.every_steps=1", *TWO, *([stop] if stop else []))
+        runs["resized"] = _run(data, tmp_path, "two", split, *sets, name="resized")
+    assert runs["resized"]["progress"]["resumed_from_steps"] == [3, 6]
+    assert runs["resized"]["progress"]["step"] == runs["W2k2"]["progress"]["step"] == 8
     train = columns(data / "two" / "train")
     shapes = {"tab": (3,), "ids": (6,)}
     model = _reference(lambda: two_inputs(shapes, 3), weighted_loss, train, ["tab", "ids"])
@@ -127,7 +136,9 @@ def test_two_inputs_weighted_loss_and_metrics_equal_one_process(data, tmp_path) 
 
 
 def test_masked_token_loss_is_divided_by_the_steps_tokens(data, tmp_path) -> None:
-    runs = {split: _run(data, tmp_path, "tokens", split, *TOKENS) for split in SPLITS}
+    # W = 2 x k = 2: the step's tokens are counted across both workers and both microbatches
+    # (the two-input test's runs cover W = 1 x k = 4).
+    runs = {"W2k2": _run(data, tmp_path, "tokens", "W2k2", *TOKENS)}
     train = columns(data / "tokens" / "train")
     model = _reference(lambda: tagger({}, 3), masked_tokens, train, ["ids"])
     for run in runs.values():
@@ -146,43 +157,6 @@ def test_masked_token_loss_is_divided_by_the_steps_tokens(data, tmp_path) -> Non
         for k, v in wrong.state_dict().items()
     )
     assert differs
-
-
-def test_resumed_and_resized_runs_end_as_the_straight_one(data, tmp_path) -> None:
-    """2 workers to step 3, then 1 worker to step 6, then 2 to the end (8 steps): the
-    parameters of one process on the whole steps, with the weighted (counted) loss."""
-    legs = [
-        ("W2k2", "train.max_steps=3"),
-        ("W1k4", "train.max_steps=6"),
-        ("W2k2", "train.max_steps=8"),
-    ]
-    for split, stop in legs:
-        config = load_config(
-            None,
-            [
-                f"data.train={data / 'two' / 'train'}",
-                'data.val=""',
-                f"run.storage_path={tmp_path}",
-                "run.name=resized",
-                "data.shuffle=none",
-                f"train.epochs={EPOCHS}",
-                f"train.global_batch_size={G}",
-                f"train.seed={SEED}",
-                "optim.name=sgd",
-                f"optim.lr={LR}",
-                "optim.momentum=0.5",
-                "checkpoint.every_steps=1",
-                stop,
-                *SPLITS[split],
-                *TWO[:4],
-            ],
-        )
-        run = train_local(config)
-    assert run.summary["resumed_from_steps"] == [3, 6]
-    train = columns(data / "two" / "train")
-    shapes = {"tab": (3,), "ids": (6,)}
-    model = _reference(lambda: two_inputs(shapes, 3), weighted_loss, train, ["tab", "ids"])
-    _assert_params(read(run.checkpoint)["state_dict"], model)
 
 
 def test_lr_find_divides_by_the_counted_loss_count(data, tmp_path) -> None:
