@@ -1,8 +1,10 @@
 """Issue 24: a sweep SIGKILLed after its first trial finished resumes when started again.
 Every trial finishes once, the first trial's files are untouched, and no process of the
-killed sweep's local Ray cluster outlives it by more than 60 s. `python -m raymb.cli tune` runs
-as its own process, with its own local Ray cluster (about 1.5 minutes on 2 cores). Two trials:
-the first finished before the kill, the second trained by the resumed sweep alone.
+killed sweep's local Ray cluster outlives it by more than 10 s (raymb/driver/watchdog.py, which
+`raymb train` starts alike: this is the suite's test of a SIGKILLed driver's cluster).
+`python -m raymb.cli tune` runs as its own process, with its own local Ray cluster (about 1.5
+minutes on 2 cores). Two trials: the first finished before the kill, the second trained by the
+resumed sweep alone.
 
 Issue 34: a trial killed between its summary.json and its last mark is not trained again;
 a sweep interrupted by SIGINT says so, exits 130 and leaves tune.json "interrupted" and no
@@ -111,8 +113,8 @@ max_concurrent = 1
                     pass
             if not left:
                 break
-            assert time.monotonic() - killed < 60, f"{len(left)} processes outlived the sweep"
-            time.sleep(1)
+            assert time.monotonic() - killed < 10, f"{len(left)} processes outlived the sweep"
+            time.sleep(0.5)
     finally:
         driver.kill()
         for pid, created in seen.items():
