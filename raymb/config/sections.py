@@ -260,17 +260,47 @@ class CheckpointSection:
     """Also checkpoint every this many optimizer steps (always: each epoch's end, and the end)."""
     keep: PositiveInt = 2
     """Checkpoints kept: the best by `metric`; the latest is always kept too."""
-    metric: Literal["val_loss", "train_loss", "val_accuracy"] = "val_loss"
-    """The metric of the best checkpoint (and of early stopping); unset with no data.val:
+    metric: str = "val_loss"
+    """The metric of the best checkpoint (and of early stopping): val_loss, train_loss,
+    val_accuracy, or val_<name> of a metric of your own (metrics.name's, checked against
+    what it returns before Ray starts; needs checkpoint.mode); unset with no data.val:
     train_loss."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """Whether the best checkpoint has the least or the most of checkpoint.metric; auto: max
+    for val_accuracy, min for the losses (a metric of your own needs min or max)."""
     min_interval_s: NonNegativeFloat = 10.0
     """Skip an epoch-end checkpoint (and its validation) that comes sooner than this after the
     last checkpoint, under train.sync = "grad" (where skipping changes no number); every_steps
     and the last step always checkpoint. 0: every epoch's end."""
 
+    def __post_init__(self) -> None:
+        metric_order(self.metric, self.mode, "checkpoint")
+
     @property
-    def mode(self) -> str:
-        return "max" if self.metric == "val_accuracy" else "min"
+    def order(self) -> str:
+        """checkpoint.mode resolved: "min" or "max"."""
+        return metric_order(self.metric, self.mode, "checkpoint")
+
+
+BUILT_IN_METRICS = {"val_loss": "min", "train_loss": "min", "val_accuracy": "max"}
+"""The metrics every run can be judged by, and which way is better."""
+OWN_METRIC = "val_<name> of a metric of your own (metrics.name)"
+
+
+def metric_order(metric: str, mode: str | None, table: str) -> str:
+    """Which way `metric` is better: `mode` ("min", "max"; "auto" or None: the built-in
+    metric's way). A metric of your own must say; `table` names the keys (checkpoint, tune)."""
+    known = ", ".join(BUILT_IN_METRICS) + f" or {OWN_METRIC}"
+    own = metric.startswith("val_") and metric[4:].isidentifier()
+    require(metric in BUILT_IN_METRICS or own, f"{table}.metric", known, metric)
+    if mode in ("min", "max"):
+        return mode
+    if metric in BUILT_IN_METRICS:
+        return BUILT_IN_METRICS[metric]
+    raise ConfigError(
+        f'{table}.mode must be "min" or "max" with {table}.metric = "{metric}" (a metric of '
+        "your own: say whether less or more is better)"
+    )
 
 
 @section("log")

@@ -23,6 +23,7 @@ from pydantic.types import NonNegativeInt, PositiveInt
 
 from raymb.config.build import MAX_SEED, section
 from raymb.config.config import Config
+from raymb.config.sections import metric_order
 from raymb.config.tune_space import Dimension, parse_dimension
 from raymb.errors import ConfigError
 
@@ -39,11 +40,13 @@ class TuneSection:
     """`raymb tune`: a sweep over the keys of [tune.space], each trial an ordinary run in
     <run dir>/trials/<trial>/ (`raymb train` refuses a config with [tune])."""
 
-    metric: Literal["val_loss", "train_loss", "val_accuracy"] | None = None
-    """The metric trials are compared by; unset: checkpoint.metric."""
+    metric: str | None = None
+    """The metric trials are compared by: val_loss, train_loss, val_accuracy or val_<name> of
+    a metric of your own (metrics.name's; needs tune.mode, or checkpoint.mode when it is
+    checkpoint.metric too); unset: checkpoint.metric."""
     mode: Literal["min", "max"] | None = None
-    """Whether the best trial has the least or the most of the metric; unset: max for
-    val_accuracy, else min."""
+    """Whether the best trial has the least or the most of the metric; unset: checkpoint.mode
+    when the metric is checkpoint.metric, else max for val_accuracy, min for the losses."""
     search: Literal["grid", "random", "optuna"] = "grid"
     """grid: every combination of the lists in [tune.space]; random: `samples` seeded draws;
     optuna: `samples` trials chosen by Optuna's TPE sampler (pip install 'raymb[tune]')."""
@@ -201,7 +204,10 @@ def check_sweep(raw: dict[str, Any], config: Config, tune: TuneSection) -> Sweep
             '"train.seed" as well'
         )
     metric = tune.metric or config.checkpoint.metric
-    mode = tune.mode or ("max" if metric.endswith("accuracy") else "min")
+    mode = tune.mode
+    if mode is None and metric == config.checkpoint.metric:
+        mode = config.checkpoint.order  # checkpoint.mode says which way it is better
+    mode = metric_order(metric, mode, "tune")
     if metric.startswith("val_") and config.data.val is None and not tune.cv_folds:
         raise ConfigError(
             f"tune.metric={metric!r} needs data.val (or tune.cv_folds >= 2); "

@@ -105,7 +105,7 @@ def _best_checkpoint(result, config: Config, run_dir: Location) -> str | None:
     ]
     if not scored:
         return None
-    pick = min if config.checkpoint.mode == "min" else max
+    pick = min if config.checkpoint.order == "min" else max
     return f"{pick(scored)[1]}/{MODEL_FILE}"
 
 

@@ -284,7 +284,7 @@ def make_trainer(
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.checkpoint.keep,
                 checkpoint_score_attribute=config.checkpoint.metric,
-                checkpoint_score_order=config.checkpoint.mode,
+                checkpoint_score_order=config.checkpoint.order,
             ),
             callbacks=list(callbacks) or None,
         ),

@@ -173,7 +173,7 @@ def epochs_process(spec: Any, *, session_factory: Callable[..., Any]) -> dict[st
         device=_device(config.scale.use_gpu),
         keep=config.checkpoint.keep,
         metric=config.checkpoint.metric,
-        mode=config.checkpoint.mode,
+        mode=config.checkpoint.order,
     )
     train_loop({"spec": spec}, session)
     return session.reports[-1] if session.reports else None

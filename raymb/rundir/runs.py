@@ -235,10 +235,13 @@ def _best(
     """The best value of checkpoint.metric (train_loss where no value of it was logged, as
     with no data.val): among the checkpoints Ray Train kept, which hold the best one, else
     among metrics.csv's rows."""
-    metric = (config.get("checkpoint") or {}).get("metric") or "val_loss"
+    checkpoint = config.get("checkpoint") or {}
+    metric = checkpoint.get("metric") or "val_loss"
     kept = [r.get("metrics") or {} for r in snapshot.get("checkpoint_results") or []]
     for name in dict.fromkeys((metric, "train_loss")):
-        pick = max if name == "val_accuracy" else min
+        mode = checkpoint.get("mode") if name == metric else "min"  # checkpoint.mode
+        auto = "max" if name == "val_accuracy" else "min"
+        pick = max if (mode if mode in ("min", "max") else auto) == "max" else min
         for source in (kept, rows):
             values = [v for v in (_number(m.get(name)) for m in source) if v is not None]
             if values:

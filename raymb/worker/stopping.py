@@ -77,7 +77,7 @@ class EarlyStopper:
     @classmethod
     def of(cls, config: Config) -> EarlyStopper:
         rule = config.train.early_stopping
-        return cls(config.checkpoint.metric, config.checkpoint.mode, rule.patience, rule.min_delta)
+        return cls(config.checkpoint.metric, config.checkpoint.order, rule.patience, rule.min_delta)
 
     def update(self, progress: Progress, metrics: dict[str, Any]) -> None:
         """At a checkpoint: count it, and mark its metrics stopped_early if this is the last."""
