@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from raymb.config import Config
+from raymb.config.sections import BUILT_IN_METRICS
 from raymb.data.checks import DatasetInfo
 from raymb.errors import ConfigError, one_line
 
@@ -51,10 +52,21 @@ def custom_code(
         or ":" in config.model.name
     )
     names = dry_run(config, plan, info, **given) if own else ()
+    check_metric(config.checkpoint.metric, names, "checkpoint.metric")
     section = config.model
     if model is None and (getattr(section, "init_from", None) or getattr(section, "freeze", None)):
         check_pretrained(config, plan)
     return Code(**carried, metric_names=names)
+
+
+def check_metric(metric: str, names: tuple[str, ...], key: str) -> None:
+    """A val_<name> of checkpoint.metric or tune.metric must be one of the metrics that
+    metrics.name (or metrics= from Python) returns: `names`, the dry run's."""
+    if metric in BUILT_IN_METRICS or metric[len("val_") :] in names:
+        return
+    known = ", ".join([*BUILT_IN_METRICS, *(f"val_{name}" for name in names)])
+    why = "" if names else " (no metrics of your own: set metrics.name)"
+    raise ConfigError(f"{key}={metric!r} is not a metric of this run{why}; known: {known}")
 
 
 def check_pretrained(config: Config, plan: Any) -> None:

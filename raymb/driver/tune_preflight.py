@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from raymb.config.sections import BUILT_IN_METRICS
 from raymb.config.tune import Sweep
 from raymb.errors import ConfigError, DataError
 from raymb.load import load_sweep
@@ -35,20 +36,21 @@ def tune(
     from raymb.rundir.sweep import check_record
 
     check_record(sweep, sweep_dir)  # a resumed sweep: the one that started
-    check_data(sweep, sweep_dir)
+    given = {"model": model, "loss": loss, "metrics": metrics}
+    check_data(sweep, sweep_dir, given)
     from raymb.driver.custom import pickled
 
-    given = {"model": model, "loss": loss, "metrics": metrics}
     code = {k: pickled(k, v) for k, v in given.items() if v is not None}
     from raymb.driver.tune import run_sweep
 
     return run_sweep(sweep, sweep_dir, address=address, verbose=verbose, code=code)
 
 
-def check_data(sweep: Sweep, sweep_dir: Path) -> None:
+def check_data(sweep: Sweep, sweep_dir: Path, given: dict[str, Any] | None = None) -> None:
     """`raymb train`'s data checks for every distinct point of a grid (the base config for a
-    random space), and the sweep's own: its metric against the labels, cv_folds against the
-    rows. Nothing is started or written."""
+    random space), and the sweep's own: its metric against the labels (a metric of your own
+    against what the metrics return, on the first point's dry run, with `given`: the model,
+    loss and metrics from Python), cv_folds against the rows. Nothing is started or written."""
     from raymb.driver.preflight import prepare
 
     checked = set()
@@ -64,7 +66,7 @@ def check_data(sweep: Sweep, sweep_dir: Path) -> None:
             continue
         checked.add(key)
         try:
-            _, train_info, _ = prepare(config)  # the data against the trial's batch sizes
+            plan, train_info, _ = prepare(config)  # the data against the trial's batch sizes
         except (ConfigError, DataError) as e:
             if sweep.tune.cv_folds and str(e).startswith("data.folds="):  # the sweep's key
                 raise ConfigError(str(e).replace("data.folds", "tune.cv_folds")) from None
@@ -79,6 +81,11 @@ def check_data(sweep: Sweep, sweep_dir: Path) -> None:
                 f"tune.metric='val_accuracy' needs integer (class) labels; data.train's "
                 f"{config.data.label!r} is floating: use val_loss"
             )
+        if sweep.metric not in BUILT_IN_METRICS and len(checked) == 1:
+            from raymb.driver.custom import check_metric, custom_code
+
+            code = custom_code(config, plan, train_info, **(given or {}))
+            check_metric(sweep.metric, code.metric_names, "tune.metric")
         rows = train_info.num_rows
         if sweep.tune.cv_folds > rows:
             raise ConfigError(

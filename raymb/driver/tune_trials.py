@@ -39,7 +39,7 @@ def summary_if_finished(run_dir: Path) -> dict[str, Any] | None:
 
 def final_metrics(summary: dict[str, Any], config: Config) -> dict[str, Any]:
     """What the last report of a finished run said, from its summary.json."""
-    keep = ("train_loss", "val_loss", "val_accuracy")
+    keep = ("train_loss", *(k for k in summary if k.startswith("val_")))  # yours: val_<name>
     return {
         **{k: summary[k] for k in keep if summary.get(k) is not None},
         "step": summary.get("steps"),

@@ -94,3 +94,40 @@ def test_a_callable_that_cannot_be_pickled(data, tmp_path) -> None:
         raymb.train(config, loss=loss)
     assert str(info.value).startswith("loss= cannot be pickled")
     assert not os.path.exists(tmp_path / "runs" / "default")
+
+
+@pytest.mark.parametrize(
+    ("sets", "words"),
+    [
+        (
+            ['metrics.name="custom_parts:hits"'],
+            ("checkpoint.metric='val_f1' is not a metric of this run", "val_acc, val_werr"),
+        ),
+        ([], ("checkpoint.metric='val_f1'", "no metrics of your own: set metrics.name")),
+    ],
+    ids=["unknown-metric", "no-metrics"],
+)
+def test_checkpoint_metric_must_be_one_the_metrics_return(
+    data, tmp_path, sets, words, capsys
+) -> None:
+    own = ['checkpoint.metric="val_f1"', 'checkpoint.mode="max"', f"data.val={data / 'train'}"]
+    _refused(data, tmp_path, [*TWO, *own, *sets], *words, capsys=capsys)
+
+
+def test_tune_metric_must_be_one_the_metrics_return(data, tmp_path, capsys) -> None:
+    """raymb tune: the first point's dry run names the metrics, before Ray starts."""
+    work = tmp_path / "work"
+    work.mkdir()
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('[tune]\nmetric = "val_f1"\nmode = "max"\n[tune.space]\n"optim.lr" = [0.1]\n')
+    sets = [f"data.train={data / 'train'}", f"data.val={data / 'train'}"]
+    sets += [f"run.storage_path={work}", *TWO, 'metrics.name="custom_parts:hits"']
+    args = ["tune", "--config", str(sweep)]
+    for s in sets:
+        args += ["--set", s]
+    capsys.readouterr()
+    assert main(args) == 2
+    line = capsys.readouterr().err.strip()
+    assert "tune.metric='val_f1' is not a metric of this run" in line, line
+    assert "val_acc, val_werr" in line and len(line.splitlines()) == 1
+    assert not any(work.iterdir()), "a refusal writes nothing"
