@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from raymb import storage
 from raymb.driver.report import plot
+from raymb.driver.report.progress import BUILT_IN_VAL
 from raymb.driver.report.tracking import Tracker
 from raymb.errors import DataError, RaymbError, StorageError
 from raymb.rundir.checkpoint import MODEL_FILE
@@ -76,7 +77,7 @@ def summarize(result, wall_s: float, config: Config, run_dir: Location) -> dict[
         "val_loss": m.get("val_loss"),
         "val_accuracy": m.get("val_accuracy"),
         **{k: m[k] for k in ("val_perplexity", "val_bits_per_byte") if k in m},
-        **{k: v for k, v in m.items() if k.startswith("val_") and k not in _BUILT_IN_VAL},
+        **{k: v for k, v in m.items() if k.startswith("val_") and k not in BUILT_IN_VAL},
         "steps": m.get("step", 0),
         "samples": m.get("samples", 0),
         "samples_per_s": m["samples"] / m["train_seconds"] if m.get("train_seconds") else None,
@@ -91,10 +92,6 @@ def summarize(result, wall_s: float, config: Config, run_dir: Location) -> dict[
         "stopped_early": stopped_early,
         **_noise_summary(m, config),
     }
-
-
-_BUILT_IN_VAL = ("val_loss", "val_accuracy", "val_perplexity", "val_bits_per_byte")
-"""The validation keys every run may report; the others are metrics.name's val_<metric>."""
 
 
 def _best_checkpoint(result, config: Config, run_dir: Location) -> str | None:

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,6 +35,8 @@ from raymb.storage import Location
 BAR_WIDTH = 20
 RATE_WINDOW_S = 30.0
 """The ETA's step rate is measured over about this many seconds of the latest reads."""
+BUILT_IN_VAL = ("val_loss", "val_accuracy", "val_perplexity", "val_bits_per_byte")
+"""The validation columns every run may have; the others are metrics.name's val_<metric>."""
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Row:
     val_loss: float | None
     val_accuracy: float | None
     samples_per_s: float | None
+    own: dict[str, float | None] = field(default_factory=dict)
+    """metrics.name's val_<metric> columns, in metrics.csv's order."""
 
 
 class Display:
@@ -71,6 +75,8 @@ class Display:
         """What the run is doing before its first step, as the driver says."""
         self.last: Row | None = None
         self.val: tuple[float | None, float | None] = (None, None)
+        self.own: dict[str, float | None] = {}
+        """metrics.name's metrics at the last validation."""
         self.reads = 0
         self.samples: deque[tuple[float, int]] = deque()  # (time, step) of reads with new rows
         self.printed_at = -math.inf
@@ -110,7 +116,7 @@ class Display:
         parsed = [r for r in map(_row, rows) if r is not None]
         for row in parsed:
             if row.val_loss is not None:
-                self.val = (row.val_loss, row.val_accuracy)
+                self.val, self.own = (row.val_loss, row.val_accuracy), row.own
             self.last = row
             self.unprinted = True
         if not parsed or history or restarted:
@@ -161,6 +167,7 @@ class Display:
                 parts.append(f"val_loss {number(val_loss)}")
             if val_accuracy is not None:
                 parts.append(f"val_acc {val_accuracy:.4f}")
+            parts += [f"{k} {v:.4g}" for k, v in self.own.items() if v is not None]
             if row.samples_per_s is not None:
                 parts.append(f"{row.samples_per_s:,.0f} samples/s")
         parts.append(f"elapsed {duration(now - self.started)}")
@@ -331,6 +338,9 @@ def _row(raw: dict[str, str]) -> Row | None:
         val_loss=_float(raw.get("val_loss")),
         val_accuracy=_float(raw.get("val_accuracy")),
         samples_per_s=_float(raw.get("samples_per_s")),
+        own={
+            k: _float(v) for k, v in raw.items() if k.startswith("val_") and k not in BUILT_IN_VAL
+        },
     )
 
 

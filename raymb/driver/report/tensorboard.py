@@ -22,7 +22,8 @@ UPLOAD_S = 30.0
 ROLL_BYTES = 8 << 20
 """An uploaded event file this big is closed and a new one begun, so an upload stays small."""
 HPARAM_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_perplexity", "val_bits_per_byte")
-"""The scalars TensorBoard's HParams table shows next to the config."""
+"""The scalars TensorBoard's HParams table shows next to the config, and metrics.name's
+val_<metric> columns of metrics.csv."""
 _TB_STATUS = {"FINISHED": "STATUS_SUCCESS", "FAILED": "STATUS_FAILURE"}
 
 
@@ -45,8 +46,11 @@ class TensorBoard:
         self.sent: dict[str, int] = {}  # name -> size of each file uploaded
         self.sent_at = time.monotonic()
         self._open_writer()
-        experiment, session_start, _ = summary.hparams(flat, dict.fromkeys(HPARAM_METRICS))
-        self.writer.file_writer.add_summary(experiment)
+        self.flat = flat
+        self.declared = False
+        """Whether the HParams experiment (the metrics it shows) is written: at the first rows,
+        whose columns name metrics.name's metrics, or at finish."""
+        _, session_start, _ = summary.hparams(flat, dict.fromkeys(HPARAM_METRICS))
         self.writer.file_writer.add_summary(session_start)
         table = "\n".join(f"| {k} | {v} |" for k, v in flat.items())
         self.writer.add_text("config", f"| key | value |\n|---|---|\n{table}", 0)
@@ -60,7 +64,21 @@ class TensorBoard:
         self.suffix = f".{time.time_ns()}"
         self.writer = SummaryWriter(self.logdir, flush_secs=10, filename_suffix=self.suffix)
 
-    def log(self, new: list[Point]) -> None:
+    def declare(self, columns: tuple[str, ...] = ()) -> None:
+        """The HParams experiment: the config's keys and the metrics, the built-in ones and
+        the val_<metric> among metrics.csv's `columns`."""
+        from tensorboardX import summary
+
+        own = [c for c in columns if c.startswith("val_") and c not in HPARAM_METRICS]
+        metrics = dict.fromkeys((*HPARAM_METRICS, *own))
+        experiment, _, _ = summary.hparams(self.flat, metrics)
+        self.writer.file_writer.add_summary(experiment)
+        self.declared = True
+
+    def log(self, new: list[Point], columns: tuple[str, ...] = ()) -> None:
+        """`new` points; `columns`: metrics.csv's header (the HParams metrics)."""
+        if not self.declared:
+            self.declare(columns)
         for point in new:
             for name, value in point.values.items():
                 self.writer.add_scalar(name, value, point.step)
@@ -69,6 +87,8 @@ class TensorBoard:
             self._upload()
 
     def finish(self, summary: dict | None, status: str, files: dict[str, Location]) -> None:
+        if not self.declared:
+            self.declare()
         if summary is not None:
             text = json.dumps(summary, indent=2, default=str)
             self.writer.add_text("summary", "\n".join("    " + line for line in text.splitlines()))

@@ -1,7 +1,8 @@
 """Experiment tracking on the driver: the rows of metrics.csv, also in TensorBoard and MLflow.
 
 The driver tails metrics.csv and hands each batch of new rows to `Tracker.log_rows`; every
-column but `step` that holds a number becomes a metric of that step, under the column's name.
+column but `step` that holds a number becomes a metric of that step, under the column's name
+(metrics.name's val_<metric> as val_loss).
 
 - TensorBoard (`[log] tensorboard = true`): event files in `<run_dir>/tensorboard/` with the
   scalars, the flattened config as hparams and as a text table, the summary as text. A run
@@ -127,10 +128,11 @@ class Tracker:
     def log_rows(self, rows: list[dict[str, str]]) -> None:
         """Log new metrics.csv rows; does its I/O (an MLflow request, an upload) on this thread."""
         new = points(rows)
+        columns = tuple(rows[0]) if rows else ()
         with self.lock:
             for sink in list(self.sinks):
                 ahead = _after(new, sink.last_step)
-                if ahead and self._call(sink, sink.log, ahead):
+                if ahead and self._call(sink, sink.log, ahead, columns):
                     sink.last_step = ahead[-1].step
 
     def finish(self, *, summary: dict | None, status: str, files: dict[str, Location]) -> None:
@@ -206,7 +208,9 @@ class MLflow:
             raise
         return None if run.info.lifecycle_stage == "deleted" else run
 
-    def log(self, new: list[Point]) -> None:
+    def log(self, new: list[Point], columns: tuple[str, ...] = ()) -> None:
+        """`new` points, every number a metric (metrics.name's val_<metric> too); `columns`
+        is not needed here."""
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)

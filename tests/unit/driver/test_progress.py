@@ -128,3 +128,37 @@ def test_a_driver_line_on_a_terminal_blanks_the_bar_and_redraws_it(capsys) -> No
     drawn = out.getvalue()
     assert drawn.startswith("\rstarting Ray") and "\r" + " " * width + "\r" in drawn
     assert drawn.endswith("starting Ray  elapsed 0.0s")
+
+
+def test_your_metrics_follow_val_acc_from_metrics_csv(tmp_path) -> None:
+    """metrics.csv with metrics.name's columns (val_f1, val_werr): the line shows the last
+    validation's, after val_acc; rows without a validation leave them as they were."""
+    import csv
+
+    from raymb.driver.report.progress import Watch
+
+    columns = ["step", "train_loss", "val_loss", "val_accuracy", "val_perplexity", "val_f1"]
+    columns += ["val_werr", "samples_per_s"]
+    metrics_csv = tmp_path / "metrics.csv"
+    with open(metrics_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerow(
+            {
+                "step": 5,
+                "train_loss": 0.7,
+                "val_loss": 0.6,
+                "val_accuracy": 0.75,
+                "val_f1": 0.812345,
+                "val_werr": 12.5,
+                "samples_per_s": 100,
+            }
+        )
+        writer.writerow({"step": 6, "train_loss": 0.5, "samples_per_s": 100})  # no validation
+    stream = io.StringIO()
+    with Watch(metrics_csv, 10, stream, interval=60) as watch:
+        watch.follow_rows()
+    line = stream.getvalue().strip().splitlines()[-1]
+    assert "step 6/10" in line and "loss 0.5" in line
+    assert "val_loss 0.6  val_acc 0.7500  val_f1 0.8123  val_werr 12.5  100 samples/s" in line
+    assert "val_perplexity" not in line  # a built-in column, empty: not shown
