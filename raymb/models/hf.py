@@ -40,6 +40,15 @@ def build(section: TransformersModel, shape: tuple[int, ...], out_features: int)
     return getattr(transformers, HEADS[section.head]).from_config(config)
 
 
+def build_saved(section: TransformersModel, keys: dict[str, Any]) -> nn.Module:
+    """The model of `section.head` from the resolved config a checkpoint stores (its
+    config.to_dict()): the tools rebuild it without the folder model.config named."""
+    transformers = _import()
+    keys = dict(keys)
+    config = transformers.AutoConfig.for_model(keys.pop("model_type"), **keys)
+    return getattr(transformers, HEADS[section.head]).from_config(config)
+
+
 def hf_config(section: TransformersModel, out_features: int) -> Any:
     """The transformers config: config.json's keys, model.overrides over them, and a
     classifier's num_labels; ConfigError for an attribute the config does not have."""

@@ -143,10 +143,16 @@ def model_payload(
     *,
     inputs: dict | None = None,
     tokenizer: dict | None = None,
+    given: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """What model.pt holds: enough to rebuild and load the model without the run (and, for
-    a language model, to encode a prompt and decode its continuation)."""
-    return {
+    a language model, to encode a prompt and decode its continuation).
+
+    Optional keys (a checkpoint without them still loads): `given`, which of "model", "loss"
+    and "metrics" came from Python (raymb.train(model=...)), not from the config, so that the
+    tools say they cannot rebuild them; `transformers`, a transformers model's resolved config
+    (config.to_dict()), so that it rebuilds without the folder model.config named."""
+    payload = {
         "format": "raymb",
         "config": config,
         "in_features": in_features,
@@ -156,6 +162,12 @@ def model_payload(
         "tokenizer": tokenizer,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    if given:
+        payload["given"] = list(given)
+    hf = getattr(model, "config", None)
+    if config.get("model", {}).get("name") == "transformers" and hasattr(hf, "to_json_string"):
+        payload["transformers"] = json.loads(hf.to_json_string(use_diff=False))  # plain values
+    return payload
 
 
 def load_state(

@@ -34,27 +34,62 @@ def model_code_trusted(flag: bool = False) -> bool:
 
 
 def check_rebuild(
-    payload: dict[str, Any], path: str | Path, *, trust_model_code: bool = False
+    payload: dict[str, Any],
+    path: str | Path,
+    *,
+    trust_model_code: bool = False,
+    objective: bool = False,
 ) -> Config:
     """Every check of a payload that needs neither torch nor its tensors: its fields, its
-    config, and consent to run a custom factory. Returns the config."""
+    config, a model it cannot rebuild (one given from Python), and consent to run code the
+    file names (model.name; with `objective`, for raymb eval, loss.name and metrics.name too).
+    Returns the config."""
     from raymb.config import Config
+    from raymb.config.model import TRANSFORMERS
 
     check_payload(payload, path)
     try:
         config = Config.from_saved(payload["config"])
     except ConfigError as e:
         raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
+    given = payload.get("given") or ()
     name = config.model.name
+    named = isinstance(payload.get("inputs"), dict) and payload["inputs"].get("columns")
+    if "model" in given or (named and name in _builtin_models()):
+        # A built-in model takes one tensor: a run of named inputs with one had its model= given.
+        raise CheckpointError(
+            f"{path}: this checkpoint's model was given from Python (raymb.train(model=...)), "
+            "so it cannot be rebuilt from the file; load its state_dict into your model: "
+            f"model.load_state_dict(torch.load({str(path)!r})['state_dict'])"
+        )
     if name in _builtin_models():
         _check_model_sizes(config.model, len(payload["state_dict"]), path)
-    elif not model_code_trusted(trust_model_code):
-        raise CheckpointError(
-            f"{path}: cannot rebuild its model without running code the file names: "
-            f"model.name {name!r} is a custom factory, imported and called; pass "
-            f"--trust-model-code (or set {TRUST_ENV}=1) only if you trust this checkpoint"
-        )
+    elif name != TRANSFORMERS:  # transformers' models are built from a config: no code
+        _consent(path, trust_model_code, "rebuild its model", "model.name", name, "factory")
+    if not objective:
+        return config
+    for key in ("loss", "metrics"):
+        if key in given:
+            raise CheckpointError(
+                f"{path}: this checkpoint's {key} was given from Python (raymb.train({key}=...)),"
+                f" so raymb eval cannot compute it; evaluate in Python with your {key} and "
+                f"torch.load({str(path)!r})['state_dict']"
+            )
+    for key, value in (("loss.name", config.loss.name), ("metrics.name", config.metrics.name)):
+        if value is not None and ":" in value:
+            _consent(path, trust_model_code, "evaluate it", key, value, "function")
     return config
+
+
+def _consent(path: str | Path, trusted: bool, doing: str, key: str, name: str, what: str) -> None:
+    """Refuse to import and call the code `key` names without --trust-model-code."""
+    if model_code_trusted(trusted):
+        return
+    raise CheckpointError(
+        f"{path}: cannot {doing} without running code the file names: {key} {name!r} is a "
+        f"custom {what}, imported and called; pass --trust-model-code (or set {TRUST_ENV}=1) "
+        "only if you trust this checkpoint"
+    )
 
 
 def _builtin_models() -> tuple[str, ...]:
@@ -74,7 +109,7 @@ def check_payload(payload: dict[str, Any], path: str | Path) -> None:
             f"{path}: a raymb checkpoint without a model (no {', '.join(missing)}); "
             f"give the {MODEL_FILE} of a checkpoint directory"
         )
-    for key in ("config", "inputs", "tokenizer"):
+    for key in ("config", "inputs", "tokenizer", "given", "transformers"):
         if _count_values(payload.get(key)) > _MAX_VALUES:  # before anything walks or shows it
             raise CheckpointError(
                 f"{path}: malformed checkpoint: {key} holds more than {_MAX_VALUES} values"
@@ -90,6 +125,14 @@ def check_payload(payload: dict[str, Any], path: str | Path) -> None:
         _check_inputs(payload, path)
     if payload.get("tokenizer") is not None and not isinstance(payload["tokenizer"], dict):
         _malformed(path, "tokenizer", payload["tokenizer"], "a tokenizer spec (a table)")
+    given = payload.get("given")
+    if given is not None and (
+        not isinstance(given, (list, tuple)) or not set(given) <= {"model", "loss", "metrics"}
+    ):
+        _malformed(path, "given", given, "a list of model, loss, metrics")
+    hf = payload.get("transformers")
+    if hf is not None and not (isinstance(hf, dict) and isinstance(hf.get("model_type"), str)):
+        _malformed(path, "transformers", hf, "a transformers config (a table with model_type)")
     state_dict = payload["state_dict"]
     if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
         _malformed(path, "state_dict", state_dict, "a table of named tensors")
@@ -128,9 +171,10 @@ def _check_inputs(payload: dict[str, Any], path: str | Path) -> None:
     task, shape = inputs.get("task"), inputs.get("shape")
     if task not in TASKS:
         _malformed(path, "inputs.task", task, " or ".join(TASKS))
+    fewest = 0 if inputs.get("columns") else 1  # named inputs: their shapes are the columns'
     if (
         not isinstance(shape, (list, tuple))
-        or not 1 <= len(shape) <= MAX_ROW_DIMS
+        or not fewest <= len(shape) <= MAX_ROW_DIMS
         or not all(_is_int(n) and n >= 1 for n in shape)
     ):
         _malformed(path, "inputs.shape", shape, f"a list of 1 to {MAX_ROW_DIMS} positive integers")
@@ -143,6 +187,15 @@ def _check_inputs(payload: dict[str, Any], path: str | Path) -> None:
         _malformed(path, "in_features", payload["in_features"], f"{values}, as inputs.shape holds")
     if payload["classify"] != (task != "regress"):
         _malformed(path, "classify", payload["classify"], f"{task != 'regress'} for task {task}")
+    columns = inputs.get("columns")
+    if columns is not None and not (
+        isinstance(columns, (list, tuple))
+        and columns
+        and all(_is_column(c) for c in columns)
+        and len({c[0] for c in columns}) == len(columns)
+    ):
+        what = f"a list of distinct [name, shape] (shapes of 0 to {MAX_ROW_DIMS} positive sizes)"
+        _malformed(path, "inputs.columns", columns, what)
     scale = inputs.get("scale")
     if scale is not None and not _finite(scale):
         _malformed(path, "inputs.scale", scale, "a finite number")
@@ -159,6 +212,21 @@ def _check_inputs(payload: dict[str, Any], path: str | Path) -> None:
             _malformed(path, key, value, what)
     if len(mean) != len(std) or not all(s > 0 for s in std):
         _malformed(path, "inputs.std", std, f"{len(mean)} positive numbers, one per mean")
+
+
+def _is_column(column: Any) -> bool:
+    """[name, one row's shape] of a named input: an identifier, a shape within the bounds."""
+    if not (isinstance(column, (list, tuple)) and len(column) == 2):
+        return False
+    name, shape = column
+    return (
+        isinstance(name, str)
+        and name.isidentifier()
+        and isinstance(shape, (list, tuple))
+        and len(shape) <= MAX_ROW_DIMS
+        and all(_is_int(n) and n >= 1 for n in shape)
+        and math.prod(shape) <= MAX_ROW_VALUES
+    )
 
 
 def _check_count(payload: dict[str, Any], key: str, limit: int, path: str | Path) -> None:

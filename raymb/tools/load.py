@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raymb import storage
+from raymb.config.model import TRANSFORMERS
 from raymb.core.shape import InputShape
 from raymb.errors import CheckpointError, ConfigError
 from raymb.rundir.checkpoint import (
@@ -38,31 +39,42 @@ def payload_inputs(payload: dict[str, Any]) -> InputShape:
 
 
 def load_model(
-    path: str | Path, *, trust_model_code: bool = False
+    path: str | Path, *, trust_model_code: bool = False, objective: bool = False
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model saved in model.pt (a file, or a checkpoint directory holding one).
 
     A custom model.name (package.module:factory) is imported and called only when
-    `trust_model_code` or RAYMB_TRUST_MODEL_CODE=1 says so: the file chose the code.
+    `trust_model_code` or RAYMB_TRUST_MODEL_CODE=1 says so: the file chose the code. With
+    `objective` (raymb eval), loss.name and metrics.name of that kind ask for it too.
     """
-    if storage.resolve(path, what="--checkpoint").is_dir():
-        path = (
-            f"{str(path).rstrip('/')}/{MODEL_FILE}"
-            if storage.is_uri(path)
-            else Path(path) / MODEL_FILE
-        )
-    payload = read(path)
-    return build_from_payload(payload, path, trust_model_code=trust_model_code), payload
+    payload = read(model_file(path))
+    model = build_from_payload(
+        payload, path, trust_model_code=trust_model_code, objective=objective
+    )
+    return model, payload
+
+
+def model_file(path: str | Path) -> str | Path:
+    """The model.pt of --checkpoint: the file given, or the one in the directory given."""
+    if not storage.resolve(path, what="--checkpoint").is_dir():
+        return path
+    if storage.is_uri(path):
+        return f"{str(path).rstrip('/')}/{MODEL_FILE}"
+    return Path(path) / MODEL_FILE
 
 
 def build_from_payload(
-    payload: dict[str, Any], path: str | Path, *, trust_model_code: bool = False
+    payload: dict[str, Any],
+    path: str | Path,
+    *,
+    trust_model_code: bool = False,
+    objective: bool = False,
 ) -> torch.nn.Module:
     """The model a checked payload describes, its saved tensors loaded (see load_model)."""
     from raymb.config import BUILTIN_MODELS
     from raymb.models import build_model
 
-    config = check_rebuild(payload, path, trust_model_code=trust_model_code)
+    config = check_rebuild(payload, path, trust_model_code=trust_model_code, objective=objective)
     check_tensors(payload, path)
     name = config.model.name
     shape = payload_inputs(payload).model_shape
@@ -79,9 +91,15 @@ def build_from_payload(
         model = build_model(config.model, shape, payload["out_features"])
     else:
         try:
-            model = build_model(config.model, shape, payload["out_features"])
+            model = _build_own(config, payload, shape)
         except ConfigError as e:
-            raise CheckpointError(f"{path}: cannot rebuild its model: {e}") from None
+            hint = ""
+            if name == TRANSFORMERS:
+                hint = (
+                    " (this checkpoint holds no transformers config: model.config must be "
+                    "readable here)"
+                )
+            raise CheckpointError(f"{path}: cannot rebuild its model: {e}{hint}") from None
         except Exception as e:  # the factory is the user's code: any error, in one line
             raise CheckpointError(
                 f"{path}: cannot rebuild its model: {name!r} raised {type(e).__name__}: "
@@ -91,7 +109,35 @@ def build_from_payload(
     return model
 
 
-def preflight(path: str | Path, *, trust_model_code: bool = False) -> Path | None:
+def _build_own(config: Any, payload: dict[str, Any], shape: Any) -> torch.nn.Module:
+    """A transformers model (from the config the checkpoint stores, else from model.config)
+    or a factory of your own: called as factory({column: shape}, out_features) for named
+    inputs, as the run's workers called it (raymb.worker.worker.build_run_model)."""
+    from torch import nn
+
+    from raymb.models import build_model, hf, load_factory
+
+    out_features = payload["out_features"]
+    if config.model.name == TRANSFORMERS:
+        if payload.get("transformers") is not None:
+            return hf.build_saved(config.model, payload["transformers"])
+        if isinstance(shape, dict):  # the model reads rows of input_ids
+            shape = shape.get("input_ids", next(iter(shape.values())))
+        return build_model(config.model, shape, out_features)
+    if not isinstance(shape, dict):
+        return build_model(config.model, shape, out_features)
+    model = load_factory(config.model.name)(shape, out_features)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model.name {config.model.name!r} returned {type(model).__name__}, not a "
+            "torch.nn.Module"
+        )
+    return model
+
+
+def preflight(
+    path: str | Path, *, trust_model_code: bool = False, objective: bool = False
+) -> Path | None:
     """What load_model refuses before it builds, without importing torch: a local path that
     is missing, is no regular file (a FIFO, a device: never opened), or a folder without a
     model.pt that is one, or is larger than MAX_CHECKPOINT_BYTES; then the fields and the
@@ -107,7 +153,7 @@ def preflight(path: str | Path, *, trust_model_code: bool = False) -> Path | Non
         check_head(f.read(len(ZIP_MAGIC)), shown)
     payload = peek(model)
     if payload is not None:
-        check_rebuild(payload, shown, trust_model_code=trust_model_code)
+        check_rebuild(payload, shown, trust_model_code=trust_model_code, objective=objective)
     return model
 
 
