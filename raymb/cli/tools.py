@@ -13,9 +13,10 @@ from raymb.load import load_config
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Print, as one JSON line, the mean loss over every row of --data (and the "
-        "accuracy, for a classifier) of the model saved in --checkpoint. Runs in this "
-        "process, without Ray."
+        "Print, as one JSON line, the loss over every row of --data (sum / count, as the "
+        "run's validation: its loss.name, a mean per token for a language model), the "
+        'accuracy for a classifier, and metrics.name\'s metrics (under "metrics") of the '
+        "model saved in --checkpoint. Runs in this process, without Ray."
     )
     _add_model_arguments(parser)
 
@@ -23,7 +24,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from raymb.tools import checks
 
-    _preflight(args)
+    _preflight(args, objective=True)  # the run's loss and metrics are rebuilt too
     checks.check_data(args.data)
     from raymb.tools.evaluate import evaluate
 
@@ -36,8 +37,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Write one parquet file with the columns of --data other than the "
         "features (ids, the label if any) and `prediction`: the class id, plus "
-        "`probabilities`, for a classifier; the predicted value for a regressor. --data "
-        "needs no label column. Runs in this process, without Ray."
+        "`probabilities`, for a classifier (one per token for a token classifier); the "
+        "predicted value for a regressor. --data needs no label column; a model of named "
+        "inputs (data.inputs) reads those columns. Runs in this process, without Ray."
     )
     _add_model_arguments(parser)
     parser.add_argument(
@@ -126,10 +128,18 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "mode; input: what the model takes after normalisation, float rows or images, or "
         "int64 token ids, with a free batch axis). The written file is read back and run "
         "against the torch model on a few synthetic rows, and written under a temporary name, "
-        "then renamed. onnx needs onnx and onnxruntime, safetensors the safetensors package: "
+        "then renamed. A model of named inputs (data.inputs) takes its columns by name (the "
+        "ONNX input names), gives its logits, and is traced on the first rows of --data. "
+        "onnx needs onnx and onnxruntime, safetensors the safetensors package: "
         "pip install 'raymb[export]'. Runs in this process, without Ray."
     )
     _add_checkpoint_argument(parser)
+    parser.add_argument(
+        "--data",
+        metavar="PATH",
+        help="parquet file, directory or glob with the model's named input columns: their "
+        "first rows trace and check a model of data.inputs (which needs it)",
+    )
     parser.add_argument(
         "--format",
         required=True,
@@ -145,13 +155,14 @@ def run_export(args: argparse.Namespace) -> int:
     from raymb.tools.checks import check_export  # no torch: the checks come first
 
     _preflight(args)
-    check_export(args.checkpoint, args.format, args.out, force=args.force)
+    check_export(args.checkpoint, args.format, args.out, force=args.force, data=args.data)
     from raymb.tools.export import export, format_size
 
     written = export(
         args.checkpoint,
         args.format,
         args.out,
+        data=args.data,
         trust_model_code=args.trust_model_code,
         force=args.force,
     )
@@ -262,16 +273,17 @@ def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
         "--trust-model-code",
         action="store_true",
         help="let a checkpoint whose model.name is a custom package.module:factory import and "
-        "call that factory to rebuild its model (it runs code the file names: only for a "
-        "checkpoint you trust; built-in models never need it). For jobs: "
+        "call that factory to rebuild its model, and (raymb eval) its loss.name and "
+        "metrics.name functions (it runs code the file names: only for a checkpoint you "
+        "trust; built-in models and transformers never need it). For jobs: "
         "RAYMB_TRUST_MODEL_CODE=1",
     )
 
 
-def _preflight(args: argparse.Namespace) -> None:
+def _preflight(args: argparse.Namespace, *, objective: bool = False) -> None:
     """The checkpoint's refusals (not a regular file, too large, malformed, an untrusted
-    factory) before a tool imports torch, which alone takes a second or more: a refusal
-    comes at once."""
+    factory; with `objective`, an untrusted loss or metrics function) before a tool imports
+    torch, which alone takes a second or more: a refusal comes at once."""
     from raymb.tools.checks import check_checkpoint
 
-    check_checkpoint(args.checkpoint, trust_model_code=args.trust_model_code)
+    check_checkpoint(args.checkpoint, trust_model_code=args.trust_model_code, objective=objective)

@@ -29,10 +29,11 @@ MAX_SAMPLE_TOKENS = 100_000
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
-def check_checkpoint(checkpoint: str, *, trust_model_code: bool) -> None:
+def check_checkpoint(checkpoint: str, *, trust_model_code: bool, objective: bool = False) -> None:
     """--checkpoint: a regular model.pt (or a folder holding one) whose fields are sound and
-    whose custom model factory, if any, the user trusts (raymb.tools.load.preflight)."""
-    preflight(checkpoint, trust_model_code=trust_model_code)
+    whose custom model factory, if any, the user trusts; with `objective` (eval), its custom
+    loss and metrics too (raymb.tools.load.preflight)."""
+    preflight(checkpoint, trust_model_code=trust_model_code, objective=objective)
 
 
 def check_data(data: str, what: str = "--data") -> list[str]:
@@ -98,9 +99,11 @@ PACKAGES = {"safetensors": ("safetensors",), "onnx": ("onnx", "onnxruntime"), "t
 """What each export format needs installed."""
 
 
-def check_export(checkpoint: str | Path, fmt: str, out: str | Path, *, force: bool) -> None:
+def check_export(
+    checkpoint: str | Path, fmt: str, out: str | Path, *, force: bool, data: str | None = None
+) -> None:
     """export's --format (its packages installed, found without importing them: onnxruntime's
-    import alone leaves files in the temporary folder) and --out."""
+    import alone leaves files in the temporary folder), --data (if given) and --out."""
     if fmt not in FORMATS:
         raise RaymbError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     needed = PACKAGES[fmt]
@@ -111,7 +114,12 @@ def check_export(checkpoint: str | Path, fmt: str, out: str | Path, *, force: bo
             f"raymb export --format {fmt} needs the {names} {noun}: pip install 'raymb[export]'"
         )
     check_out(
-        out, force=force, checkpoint=str(checkpoint), example=f"model.{fmt}", make_parents=False
+        out,
+        force=force,
+        checkpoint=str(checkpoint),
+        data=() if data is None else check_data(data),
+        example=f"model.{fmt}",
+        make_parents=False,
     )
 
 

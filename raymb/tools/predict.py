@@ -24,6 +24,7 @@ from raymb.tools.load import load_model, payload_inputs
 if TYPE_CHECKING:
     import torch
 
+    from raymb.core.shape import InputShape
     from raymb.data.checks import DatasetInfo
 
 
@@ -49,8 +50,9 @@ def predict(
 def _predict(
     checkpoint: str, data: str, out: Path, batch_rows: int, trust_model_code: bool
 ) -> dict[str, Any]:
-    from raymb.data.columns import table_to_tensors
-    from raymb.tools.evaluate import check_fits, read_batches
+    from raymb.core import batch
+    from raymb.data.columns import named_tensors
+    from raymb.tools.evaluate import check_fits, check_named_inputs, read_batches
 
     model, payload = load_model(checkpoint, trust_model_code=trust_model_code)
     config = Config.from_saved(payload["config"])
@@ -61,10 +63,15 @@ def _predict(
             "it with raymb eval"
         )
     features, label = config.data.features, config.data.label
-    feature_cols = [features] if isinstance(features, str) else list(features)
-    info, labelled = _dataset(data, features, label)
+    if inputs.columns is not None:  # named inputs: the model reads them by name, as stored
+        named = check_named_inputs(data, inputs, label)
+        info, labelled, feature_cols = named[0], False, list(named[1].inputs)
+    else:
+        feature_cols = [features] if isinstance(features, str) else list(features)
+        info, labelled = _dataset(data, features, label)
     if labelled:
         check_fits(info, payload, data)
+    multilabel = config.loss.name == "bce"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out)  # unique: two predicts into one --out do not collide
     model.eval()
@@ -72,17 +79,14 @@ def _predict(
     writer: pq.ParquetWriter | None = None
     try:
         for path, table in read_batches(info, batch_rows):
-            source = table
-            if not labelled:  # table_to_tensors reads a label; predictions never look at it
-                source = table.append_column(label, pa.array(np.zeros(len(table), np.float32)))
-            x, _ = table_to_tensors(source, features, label)
-            if tuple(x.shape[1:]) != inputs.shape:
-                have, want = list(x.shape[1:]), list(inputs.shape)
-                if len(want) == 1:
-                    have, want = f"{x[0].numel()} features per row", want[0]
-                raise DataError(f"--data: {path}: {have}; the model takes {want}")
-            x, _ = inputs.collate(x, x)
-            result = _with_predictions(table, feature_cols, model(x), payload["classify"])
+            if inputs.columns is not None:
+                x, _ = named_tensors(table, named[1])
+            else:
+                x = _features(table, features, label, labelled, inputs, path)
+            output = batch.logits(batch.forward(model, x))
+            result = _with_predictions(
+                table, feature_cols, output, payload["classify"], multilabel=multilabel
+            )
             if writer is None:
                 writer = pq.ParquetWriter(tmp, result.schema)
             elif result.schema != writer.schema:
@@ -103,6 +107,30 @@ def _predict(
             writer.close()
         tmp.unlink(missing_ok=True)
     return {"rows": rows, "out": str(out), "classify": payload["classify"]}
+
+
+def _features(
+    table: pa.Table,
+    features: str | list[str],
+    label: str,
+    labelled: bool,
+    inputs: InputShape,
+    path: str,
+) -> torch.Tensor:
+    """data.features of a batch, as the model takes them (the rows' shape checked)."""
+    from raymb.data.columns import table_to_tensors
+
+    source = table
+    if not labelled:  # table_to_tensors reads a label; predictions never look at it
+        source = table.append_column(label, pa.array(np.zeros(len(table), np.float32)))
+    x, _ = table_to_tensors(source, features, label)
+    if tuple(x.shape[1:]) != inputs.shape:
+        have, want = list(x.shape[1:]), list(inputs.shape)
+        if len(want) == 1:
+            have, want = f"{x[0].numel()} features per row", want[0]
+        raise DataError(f"--data: {path}: {have}; the model takes {want}")
+    x, _ = inputs.collate(x, x)
+    return x
 
 
 def check_out(out: str | Path, data: str, checkpoint: str, *, force: bool = False) -> None:
@@ -145,19 +173,39 @@ def _dataset(data: str, features: str | list[str], label: str) -> tuple[DatasetI
 
 
 def _with_predictions(
-    table: pa.Table, feature_cols: list[str], output: torch.Tensor, classify: bool
+    table: pa.Table,
+    feature_cols: list[str],
+    output: torch.Tensor,
+    classify: bool,
+    *,
+    multilabel: bool = False,
 ) -> pa.Table:
+    """The table's other columns and `prediction`: the class id and `probabilities`
+    (softmax) for a classifier (one per token for a token classifier); 0/1 per label and
+    their sigmoid for multi-label (loss.name = "bce"); the value(s) for a regressor."""
     import torch
 
     columns: dict[str, Any] = {
         c: table.column(c) for c in table.column_names if c not in feature_cols
     }
-    if classify:
-        probabilities = torch.softmax(output.float(), dim=-1).numpy()
-        columns["prediction"] = pa.array(output.argmax(dim=-1).numpy())
-        columns["probabilities"] = pa.FixedSizeListArray.from_arrays(
-            pa.array(probabilities.reshape(-1), pa.float32()), probabilities.shape[1]
-        )
+    output = output.float()
+    if multilabel:
+        columns["prediction"] = _rows((output > 0).long())
+        columns["probabilities"] = _rows(torch.sigmoid(output))
+    elif classify:
+        columns["prediction"] = _rows(output.argmax(dim=-1))
+        columns["probabilities"] = _rows(torch.softmax(output, dim=-1))
+    elif output.shape[1:].numel() == 1:  # one value a row
+        columns["prediction"] = pa.array(output.reshape(-1).numpy())
     else:
-        columns["prediction"] = pa.array(output.float().reshape(-1).numpy())
+        columns["prediction"] = _rows(output)
     return pa.table(columns)
+
+
+def _rows(values: torch.Tensor) -> pa.Array:
+    """One value a row, or (nested) fixed-size lists of a row's values."""
+    array = values.numpy()
+    out = pa.array(array.reshape(-1))
+    for size in reversed(array.shape[1:]):
+        out = pa.FixedSizeListArray.from_arrays(out, size)
+    return out

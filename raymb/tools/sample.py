@@ -14,8 +14,10 @@ import torch
 
 from raymb.config import Config
 from raymb.errors import CheckpointError, RaymbError
+from raymb.rundir.checkpoint import read
+from raymb.tools.checkpoint_checks import check_payload
 from raymb.tools.checks import check_sample
-from raymb.tools.load import load_model, payload_inputs
+from raymb.tools.load import build_from_payload, model_file, payload_inputs
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,18 @@ def sample(
     from raymb.data.tokenizer import tokenizer_from_spec
 
     check_sample(tokens, temperature, top_k, seed, prompt)
-    model, payload = load_model(checkpoint, trust_model_code=trust_model_code)
+    payload = read(model_file(checkpoint))
+    check_payload(payload, checkpoint)
     inputs = payload_inputs(payload)
-    if inputs.task != "lm":
+    if inputs.task != "lm":  # before the model is built: it would not be used
+        what = f"trained for {inputs.task}"
+        if inputs.columns is not None:
+            what += f" on named inputs {', '.join(name for name, _ in inputs.columns)}"
         raise CheckpointError(
-            f"{checkpoint}: not a language model (trained for {inputs.task}); use raymb predict"
+            f"{checkpoint}: not a language model ({what}); raymb sample continues token blocks "
+            "(data.task = lm); use raymb predict"
         )
+    model = build_from_payload(payload, checkpoint, trust_model_code=trust_model_code)
     if payload.get("tokenizer") is None:
         raise CheckpointError(
             f"{checkpoint}: the model was trained on token ids without a tokenizer (data not "
