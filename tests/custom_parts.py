@@ -1,6 +1,6 @@
 """A model, losses and metrics of a user's own, as a config names them (custom_parts:name) and
 as the tests' single-process references compute them: the tests of raymb's open model, loss
-and metrics contract (tests/local/test_custom.py, tests/integration/test_custom_ray.py)."""
+and metrics contract (tests/local/test_custom.py, tests/integration/test_session_ray.py)."""
 
 from __future__ import annotations
 

@@ -58,6 +58,12 @@ class Config:
             require(self.train.sync == "grad", "train.sync", f'"grad" {why}', self.train.sync)
             what = "a first-order optimizer with train.noise_scale = true (L-BFGS: full batch)"
             require(self.optim.name != "lbfgs", "optim.name", what, self.optim.name)
+        if self.train.ema_decay is not None:
+            # Between averagings param and diloco workers hold different weights: no one
+            # worker's average is the run's, and an average of the averaged weights alone
+            # would move every train.average_every steps, another decay.
+            why = "with train.ema_decay (every worker holds the same weights after a step)"
+            require(self.train.sync == "grad", "train.sync", f'"grad" {why}', self.train.sync)
         if not self.loss.builtin_default:
             why = "with a counted loss (a step's count is known after its forward)"
             require(

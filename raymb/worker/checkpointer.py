@@ -108,16 +108,23 @@ class Checkpointer:
         optimizer states differ (param, diloco), its own."""
         shape, sync, optimizer = worker.shape, worker.sync, worker.optimizer
         if self.session.rank == 0:
-            model_payload = ckpt.model_payload(
-                worker.model,
-                self.config.to_dict(),
-                shape.in_features,
-                shape.out_features,
-                shape.classify,
-                inputs=shape.inputs.to_dict(),
-                tokenizer=shape.tokenizer,
-            )
-            ckpt.atomic_save(model_payload, directory / ckpt.MODEL_FILE)
+            ema = worker.ema
+            # train.ema_decay: model.pt holds the average (what eval, predict and export
+            # read), state.pt the weights training goes on from, and the average's state.
+            weights = None if ema is None else _copy(worker.model.state_dict())
+            with worker.averaged():
+                model_payload = ckpt.model_payload(
+                    worker.model,
+                    self.config.to_dict(),
+                    shape.in_features,
+                    shape.out_features,
+                    shape.classify,
+                    inputs=shape.inputs.to_dict(),
+                    tokenizer=shape.tokenizer,
+                )
+                if ema is not None:
+                    model_payload["ema_decay"] = ema.decay  # the weights are the average
+                ckpt.atomic_save(model_payload, directory / ckpt.MODEL_FILE)
             state = {
                 "format": "raymb",
                 "mode": self.mode,
@@ -126,6 +133,8 @@ class Checkpointer:
                 "scheduler": worker.scheduler.state_dict(),
                 "sync": sync.state_dict(),
                 "progress": asdict(worker.progress),
+                "weights": weights,
+                "ema": None if ema is None else ema.state_dict(),
             }
             ckpt.atomic_save(state, directory / ckpt.STATE_FILE)
         own = {
@@ -154,6 +163,10 @@ def restore(worker: Worker, directory: Path, mode: str) -> dict:
     name = payload["config"]["model"]["name"]
     ckpt.load_state(worker.model, payload["state_dict"], directory / ckpt.MODEL_FILE, name)
     state = ckpt.read(directory / ckpt.STATE_FILE)
+    if state.get("weights") is not None:  # model.pt held the EMA: train on from the weights
+        worker.model.load_state_dict(state["weights"])
+    if state.get("ema") is not None and worker.ema is not None:
+        worker.ema.load_state_dict(state["ema"], worker.device)
     if state.get("mode", "epochs") != mode:
         how = "with --follow" if state.get("mode") == "follow" else "without --follow"
         raise CheckpointError(f"{directory}: this run was started {how}; use another run.name")
@@ -178,6 +191,10 @@ def restore(worker: Worker, directory: Path, mode: str) -> dict:
             torch.cuda.set_rng_state(own["cuda_rng"])
         random.setstate(own["python_rng"])
     return state["sync"]
+
+
+def _copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state_dict.items()}
 
 
 def worker_file(rank: int) -> str:

@@ -12,6 +12,7 @@ torch.distributed group.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from typing import Any
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from raymb.code import load_callable
 from raymb.config import Config
 from raymb.core import batch
+from raymb.core.ema import EMA
 from raymb.core.loss import lm_metrics
 from raymb.core.noise import NoiseScale
 from raymb.core.noise_probe import Measured, NoiseProbe
@@ -96,6 +98,9 @@ class Worker:
         watch = self.probe.add_local if self.probe is not None else None
         self.sync = build_sync(config, self.world, device, before_all_reduce=watch)
         self.progress = Progress()
+        train = config.train
+        self.ema = EMA(train.ema_decay, train.ema_warmup_steps) if train.ema_decay else None
+        """train.ema_decay: the average of the weights that validation and model.pt use."""
         # Randomness after init (dropout, ...) differs between workers; a checkpoint carries
         # each worker's generator state, so a resumed run draws what an uninterrupted one would.
         torch.manual_seed(config.train.seed * 1000 + self.rank)
@@ -106,6 +111,14 @@ class Worker:
                 saved_sync = restore(self, directory, mode)
                 self.progress.resumed_from_steps.append(self.progress.step)
         self.net = self.sync.wrap(self.model)
+        if self.ema is not None and not self.ema.shadow:  # after the wrap: rank 0's weights
+            self.ema.start(self.model)
+            if self.rank == 0 and mode != "lr-find":
+                print(
+                    f"raymb: validation and model.pt use the EMA of the weights "
+                    f"(train.ema_decay={train.ema_decay})",
+                    flush=True,
+                )
         if saved_sync is not None:
             self.sync.load_state_dict(saved_sync)
         self.sync.comm.bytes = self.progress.bytes_allreduced
@@ -155,6 +168,8 @@ class Worker:
             l1=self.config.optim.l1,
             observer=self.probe,
         )
+        if taken and self.ema is not None:
+            self.ema.update(self.model)
         self.scheduler.step()
         self.measured = _take_noise(self.probe, self.shape.inputs.units_per_row)
         self.progress.skipped_steps += not taken
@@ -225,10 +240,11 @@ class Worker:
         model, device, objective = self.model, self.device, self.objective
         model.eval()
         sums = None
-        for x, y in self.val:
-            x, y = self.shape.inputs.collate(batch.to(x, device), batch.to(y, device))
-            part = objective.sums(model, x, y)
-            sums = part if sums is None else sums + part
+        with self.averaged():
+            for x, y in self.val:
+                x, y = self.shape.inputs.collate(batch.to(x, device), batch.to(y, device))
+                part = objective.sums(model, x, y)
+                sums = part if sums is None else sums + part
         model.train()
         if sums is None:  # no validation row on this worker: zeros of the same length
             sums = torch.zeros(
@@ -242,6 +258,11 @@ class Worker:
             f"val_{name}": (total / n if n else None)
             for name, total, n in zip(objective.metric_names, metrics[0::2], metrics[1::2])
         }
+
+    def averaged(self):
+        """The model holding the EMA of its weights for the block, when train.ema_decay is set
+        (validation, a checkpoint's model.pt)."""
+        return self.ema.swapped(self.model) if self.ema is not None else contextlib.nullcontext()
 
     def _row(self) -> dict:
         """The counters of a metrics row, as they stand after a step."""
