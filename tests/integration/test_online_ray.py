@@ -100,7 +100,7 @@ def test_arriving_files_are_trained_exactly_once_across_a_restart(ray_session, t
     # Restart with two more files: a name that sorts before every consumed one, and one after.
     write_file(incoming, "e.parquet", 23, seed=10)
     write_file(incoming, "0-late.parquet", 64, seed=11)
-    resumed = follow(config, incoming, idle_timeout=3)
+    resumed = follow(config, incoming, idle_timeout=1)
     s = resumed.summary
     assert s["stop_reason"] == "idle" and s["resumed_from_steps"] == [21]
     assert s["steps"] == 21 + 8 + 3 and s["samples"] == 152 + 64 + 23
@@ -160,7 +160,7 @@ def test_local_sgd_with_follow(ray_session, tmp_path):
             f"optim.lr={LR}",
         ],
     )
-    result = follow(config, incoming, idle_timeout=2)
+    result = follow(config, incoming, idle_timeout=1)
     assert result.summary["files_consumed"] == 2 and result.summary["steps"] == 5
     assert result.summary["val_loss"] is None
     model, _ = load_model(result.summary["checkpoint"])
