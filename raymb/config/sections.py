@@ -183,6 +183,16 @@ class TrainSection:
     """A non-finite loss on any worker: abort the run (the last checkpoint stays), or skip
     that step on every worker and count it."""
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    ema_decay: Annotated[float, Interval(gt=0, lt=1)] | None = None
+    """Keep an exponential moving average of the weights, in float32, updated after every
+    optimizer step: ema = d x ema + (1 - d) x weights, from the weights training starts from.
+    Validation and a checkpoint's model.pt (what eval, predict, export and model.init_from
+    read) use the average; state.pt keeps the weights training goes on from. train.sync =
+    "grad" only (docs/design.md). Unset: no average."""
+    ema_warmup_steps: NonNegativeInt = 0
+    """ema_decay: over the first this many updates the decay ramps linearly from 0 (update t
+    uses ema_decay x t / ema_warmup_steps), so the average does not cling to the initial
+    weights."""
     noise_scale: bool = False
     """Estimate the gradient noise scale B_simple (the critical batch, McCandlish et al. 2018)
     from the squared gradient norms of one worker's rows (before the gradient all-reduce)

@@ -92,6 +92,11 @@ BAD_OVERRIDES = [
         "train.microbatch_size to at most 32",
         id="microbatch-larger-than-share",
     ),
+    pytest.param(
+        ["train.ema_decay=0.99", "train.sync=diloco"],
+        'train.sync must be "grad" with train.ema_decay',
+        id="ema-under-diloco",
+    ),
     # 3 rows a step cannot give each of 4 workers one.
     pytest.param(
         ["train.global_batch_size=3", "scale.workers=4"],
