@@ -121,6 +121,7 @@ class Checkpointer:
                     shape.classify,
                     inputs=shape.inputs.to_dict(),
                     tokenizer=shape.tokenizer,
+                    given=worker.given,
                 )
                 if ema is not None:
                     model_payload["ema_decay"] = ema.decay  # the weights are the average

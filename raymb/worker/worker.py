@@ -70,6 +70,8 @@ class Worker:
         driver's stop request at each gather (raymb.worker.stopping.StopRequest); `code`: the
         model, loss and metrics given from Python (raymb.train), and the metrics' names."""
         code = code or Code()
+        self.given = tuple(k for k in ("model", "loss", "metrics") if getattr(code, k) is not None)
+        """What came from Python (raymb.train(model=, ...)): checkpoints say so, for the tools."""
         self.config, self.shape, self.mode, self.val = config, shape, mode, val
         self.session = session
         self.rank, self.world = session.rank, session.world

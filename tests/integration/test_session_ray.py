@@ -122,7 +122,9 @@ def test_closures_from_python_train_on_ray(ray_session, tmp_path) -> None:
         opt.zero_grad()
         (sums.sum() / counts.sum()).backward()
         opt.step()
-    got = read(result.checkpoint)["state_dict"]
+    payload = read(result.checkpoint)
+    assert tuple(payload["given"]) == ("model", "loss", "metrics")  # the tools say so
+    got = payload["state_dict"]
     for key, want in model.state_dict().items():
         torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6, msg=key)
     val = columns(tmp_path / "val")
