@@ -123,9 +123,7 @@ def test_export_of_a_named_inputs_model_takes_its_columns_by_name(two, tmp_path)
     assert [i.name for i in session.get_inputs()] == ["tab", "ids"]
     (got,) = session.run(["output"], {"tab": rows["tab"].numpy(), "ids": rows["ids"].numpy()})
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
-    export(
-        str(checkpoint), "torchscript", tmp_path / "m.pt", data=str(data), trust_model_code=True
-    )
+    export(str(checkpoint), "torchscript", tmp_path / "m.pt", data=str(data), trust_model_code=True)
     traced = torch.jit.load(str(tmp_path / "m.pt"))
     torch.testing.assert_close(traced(rows["tab"], rows["ids"]), want, rtol=1e-5, atol=1e-6)
 
@@ -142,8 +140,7 @@ def test_sample_refuses_a_model_that_is_not_a_language_model(two) -> None:
 def _linear_with(tmp_path: Path, **sections) -> Path:
     """A built-in linear model of data.features whose config names a loss or metrics."""
     config = Config.from_dict(
-        {"data": {"features": "features", "label": "label"}, "model": {"name": "linear"}}
-        | sections
+        {"data": {"features": "features", "label": "label"}, "model": {"name": "linear"}} | sections
     ).to_dict()
     directory = tmp_path / "ckpt"
     directory.mkdir()
