@@ -1,8 +1,8 @@
 """`raymb train --local` (scale.launcher = "local"): the same run without Ray, on processes of a
 gloo group on this machine (raymb.driver.local, raymb.driver.launch).
 
-- It equals the run on Ray: the default linear job (2 of its epochs) ends with the same
-  parameters and metrics.csv rows.
+- It equals the run on Ray: the default linear job ends with the same parameters and
+  metrics.csv rows.
 - One run, either launcher: a run started with --local resumes on Ray by name (on another W),
   and back, ending as a straight run; the Ray launch's failures exhausted say so in one line
   naming the latest checkpoint, which is intact.
@@ -33,9 +33,8 @@ from raymb.tools.load import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # raymb.worker.worker.POLL_ENV, POLL_S
-# Checkpoints by step only (not by the clock), so that every run has the same metrics rows;
-# 2 epochs of the default job (64 steps each): 128 steps, a checkpoint every 16.
-STEADY = ("train.epochs=2", "checkpoint.every_steps=16", "checkpoint.min_interval_s=1e9")
+# Checkpoints by step only (not by the clock), so that every run has the same metrics rows.
+STEADY = ("checkpoint.every_steps=40", "checkpoint.min_interval_s=1e9")
 TIMED = {"samples_per_s", "step_time_s", "data_wait_s"}
 """metrics.csv's columns measured by the clock: the only ones two runs may differ in."""
 
@@ -91,39 +90,39 @@ def test_local_equals_ray_and_a_run_resumes_across_launchers(
     on_ray = raymb.train(_config(default_data, runs, "ray", *STEADY))
     local = _config(default_data, runs, "local", *STEADY, "scale.launcher=local")
     on_local = raymb.train(local)
-    assert on_local.summary["steps"] == on_ray.summary["steps"] == 128
+    assert on_local.summary["steps"] == on_ray.summary["steps"] == 320
     assert on_local.summary["workers"] == 2
     _assert_same_model(on_local.checkpoint, on_ray.checkpoint)
     _assert_same_rows(_rows(runs / "local"), _rows(runs / "ray"))
     # checkpoint.keep = 2: the best by val_loss and the latest, as Ray Train keeps them.
     kept = sorted(p.name for p in (runs / "local").glob("checkpoint_*"))
-    assert len(kept) <= 3 and kept[-1] == "checkpoint_00000128", kept
+    assert len(kept) <= 3 and kept[-1] == "checkpoint_00000320", kept
 
-    # One run, three launches: --local on 2 workers, a worker killed at step 52 (the run
-    # fails; the latest checkpoint is step 48's); Ray on 1 worker resumes it, killed at step
-    # 100 (latest 96); --local on 2 workers ends it.
+    # One run, three launches: --local on 2 workers, a worker killed at step 130 (the run
+    # fails; the latest checkpoint is step 120's); Ray on 1 worker resumes it, killed at step
+    # 250 (latest 240); --local on 2 workers ends it.
     mixed = runs / "mixed"
 
     def launch(*sets: str):
         return raymb.train(_config(default_data, runs, "mixed", *STEADY, *sets))
 
     with pytest.raises(RaymbError, match="killed by SIGKILL"):
-        launch("scale.launcher=local", "fault.rank=1", "fault.kill_worker_at_step=52")
+        launch("scale.launcher=local", "fault.rank=1", "fault.kill_worker_at_step=130")
     assert json.loads((mixed / "status.json").read_text())["status"] == "failed"
     with pytest.raises(RaymbError) as info:  # scale.max_failures=0: failures exhausted
-        launch("scale.workers=1", "fault.kill_worker_at_step=100")
+        launch("scale.workers=1", "fault.kill_worker_at_step=250")
     message = str(info.value)
     assert "training failed" in message and "\n" not in message
     assert "latest checkpoint:" in message and "run.name='mixed'" in message
     latest = Path(message.split("latest checkpoint: ")[1].split(" (run again")[0])
-    assert read(latest / "state.pt")["progress"]["step"] == 96
+    assert read(latest / "state.pt")["progress"]["step"] == 240
     _, payload = load_model(latest)  # intact and loadable
     assert payload["config"]["run"]["name"] == "mixed"
     assert not (mixed / "summary.json").exists()
     assert (mixed / "checkpoint_manager_snapshot.json").exists()
     last = launch("scale.launcher=local")
-    assert last.summary["resumed_from_steps"] == [48, 96]
-    assert last.summary["steps"] == 128 and last.status == "finished"
+    assert last.summary["resumed_from_steps"] == [120, 240]
+    assert last.summary["steps"] == 320 and last.status == "finished"
     _assert_same_model(last.checkpoint, on_local.checkpoint)
     # Rows of the steps on 1 worker say so, and all-reduce nothing.
     _assert_same_rows(_rows(mixed), _rows(runs / "local"), skip={"workers", "bytes_allreduced"})
