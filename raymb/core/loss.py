@@ -2,9 +2,8 @@
 
 `summed_loss` is what a step adds up over its microbatches and divides by the step's rows (or
 tokens): the loss of a step is the mean over its rows however they are cut (docs/design.md,
-"Models and the loss"). `batch_sums` is the one
-definition of a validation batch's sums: the workers' validation pass (raymb.worker.worker)
-adds it up across workers, `raymb eval` (raymb.tools.evaluate) across the files of a dataset.
+"Models and the loss"). raymb.core.objective builds on them: the one definition of a
+step's loss and of a validation batch's sums (Objective.sums), for the workers and `raymb eval`.
 """
 
 from __future__ import annotations
@@ -32,23 +31,6 @@ def summed_loss(output: torch.Tensor, target: torch.Tensor, classify: bool) -> t
 def correct(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Number of argmax predictions equal to the label (of tokens, for (B, T, V) outputs)."""
     return (output.argmax(dim=-1) == target).sum()
-
-
-@torch.no_grad()
-def batch_sums(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classify: bool
-) -> torch.Tensor:
-    """(summed loss, correct predictions, rows) of one batch, as float64 on x's device; for a
-    language model the loss and hits are per token and "rows" counts tokens."""
-    out = model(x)
-    hits = correct(out, y).double() if classify else torch.zeros((), dtype=torch.float64)
-    return torch.stack(
-        [
-            summed_loss(out, y, classify).double(),
-            hits.to(x.device),
-            torch.tensor(float(y.numel()), dtype=torch.float64, device=x.device),
-        ]
-    )
 
 
 def lm_metrics(loss: float | None, task: str, tokenizer: dict | None) -> dict[str, Any]:

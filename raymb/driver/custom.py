@@ -156,18 +156,17 @@ def dry_run(
     objective = Objective.of(config, shape.classify, loss=loss, metrics=metrics)
     net.eval()
     try:
-        return _once(config, net, objective, x, y, model=model, loss=loss, metrics=metrics)
+        return _once(config, net, objective, x, y, model=model, metrics=metrics)
     finally:
         net.train()  # a module given from Python is the caller's own
 
 
-def _once(config, net, objective, x, y, *, model, loss, metrics) -> tuple[str, ...]:
+def _once(config, net, objective, x, y, *, model, metrics) -> tuple[str, ...]:
     import torch
 
     from raymb.core import batch
-    from raymb.core.objective import LossError, Objective, metric_names
+    from raymb.core.objective import LossError, metric_names
 
-    shape_classify = objective.classify or objective.bce
     with torch.no_grad():
         try:
             out = batch.forward(net, x)
@@ -190,9 +189,8 @@ def _once(config, net, objective, x, y, *, model, loss, metrics) -> tuple[str, .
         key = "metrics=" if metrics is not None else "metrics.name"
         try:
             names = metric_names(objective.metrics, out, y, key)
-            Objective.of(
-                config, shape_classify, loss=loss, metrics=metrics, metric_names=names
-            )._metric_values(out, y, torch.device("cpu"))
+            objective.metric_names = names  # each named metric is a (sum, count)
+            objective._metric_values(out, y, torch.device("cpu"))
         except LossError:
             raise
         except Exception as e:

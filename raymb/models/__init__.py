@@ -28,14 +28,26 @@ FAMILIES = {
 }
 
 
-def build_model(section: Model, input_shape: int | Sequence[int], out_features: int) -> nn.Module:
+def build_model(
+    section: Model,
+    input_shape: int | Sequence[int] | dict[str, Sequence[int]],
+    out_features: int,
+) -> nn.Module:
     """The model of `model.name` for rows of `input_shape` (d, or a shape such as (d,),
-    (C, H, W) or (T,)) and the task's outputs (1, the classes, or the vocabulary size; a
-    transformers language model's vocabulary is its config's).
+    (C, H, W) or (T,); named inputs, data.inputs: {column: shape}) and the task's outputs (1,
+    the classes, or the vocabulary size; a transformers language model's vocabulary is its
+    config's).
 
-    A custom factory is called as factory(d, out_features) for flat rows ((d,) or an int)
-    and factory(input_shape, out_features), a tuple, for tensor rows.
+    A custom factory is called as factory(d, out_features) for flat rows ((d,) or an int),
+    factory(input_shape, out_features), a tuple, for tensor rows, and factory({column:
+    shape}, out_features) for named inputs. A built-in family given named inputs reads its
+    rows from input_ids (a transformers model), else from the first column.
     """
+    if isinstance(input_shape, dict) and section.name not in FAMILIES:
+        named = {k: tuple(map(int, v)) for k, v in input_shape.items()}
+        return _checked(section, load_factory(section.name)(named, out_features))
+    if isinstance(input_shape, dict):
+        input_shape = input_shape.get("input_ids", next(iter(input_shape.values())))
     shape = (input_shape,) if isinstance(input_shape, int) else tuple(map(int, input_shape))
     family = FAMILIES.get(section.name)
     if family is not None:
@@ -43,7 +55,11 @@ def build_model(section: Model, input_shape: int | Sequence[int], out_features: 
         initialise(model, getattr(section, "init", "default"))  # transformers: its own
         return model
     factory = load_factory(section.name)
-    model = factory(shape[0] if len(shape) == 1 else shape, out_features)
+    return _checked(section, factory(shape[0] if len(shape) == 1 else shape, out_features))
+
+
+def _checked(section: Model, model: object) -> nn.Module:
+    """A factory's model, or a ConfigError naming model.name."""
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model.name {section.name!r} returned {type(model).__name__}, not a torch.nn.Module"

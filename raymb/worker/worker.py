@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from raymb.code import load_callable
 from raymb.config import Config
 from raymb.core import batch
 from raymb.core.ema import EMA
@@ -288,11 +287,7 @@ def build_run_model(config: Config, shape: Shape, given: Any) -> torch.nn.Module
     """The model: config.model's, or the one raymb.train(model=...) was given: a module (a
     copy of it: every worker starts from its values) or a factory called as model.name's is."""
     model_shape = shape.inputs.model_shape
-    if given is None and isinstance(model_shape, dict) and ":" in config.model.name:
-        given = load_callable(config.model.name, "model.name", "factory")  # by column names
     if given is None:
-        if isinstance(model_shape, dict):  # a transformers model reads rows of input_ids
-            model_shape = model_shape.get("input_ids", next(iter(model_shape.values())))
         return build_model(config.model, model_shape, shape.out_features)
     if isinstance(given, torch.nn.Module):
         return given

@@ -131,3 +131,16 @@ def test_a_counted_step_takes_the_steps_of_the_rows_rule() -> None:
         torch.testing.assert_close(state_a[key], state_b[key])
     torch.testing.assert_close(sq_a, sq_b)
     assert floats_a == pytest.approx(floats_b)
+
+
+def test_validation_sums_add_up_over_batches() -> None:
+    """(was raymb.core.loss.batch_sums's test: Objective.sums is now the one definition)"""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    objective = Objective(classify=True)
+    whole = objective.sums(model, x, y)
+    split = objective.sums(model, x[:3], y[:3]) + objective.sums(model, x[3:], y[3:])
+    assert whole.dtype == torch.float64
+    torch.testing.assert_close(whole, split)
+    assert whole[1].item() == 10  # the count: the rows

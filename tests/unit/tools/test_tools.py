@@ -25,7 +25,6 @@ import torch
 
 from raymb import Config
 from raymb.cli import main
-from raymb.core.loss import batch_sums
 from raymb.driver.report.progress import watch
 from raymb.driver.report.summary import format_summary
 from raymb.driver.report.tail import Tail
@@ -339,16 +338,6 @@ def test_raymb_plot_errors(tmp_path, capsys) -> None:
 
 
 # ---------------------------------------------------------------- eval and predict
-
-
-def test_batch_sums_adds_up_over_batches() -> None:
-    model = seeded_linear(4, 3, seed=0)
-    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
-    whole = batch_sums(model, x, y, classify=True)
-    split = batch_sums(model, x[:3], y[:3], True) + batch_sums(model, x[3:], y[3:], True)
-    assert whole.dtype == torch.float64
-    torch.testing.assert_close(whole, split)
-    assert whole[2].item() == 10
 
 
 def test_eval_classifier_against_numpy(tmp_path, capsys) -> None:
