@@ -11,6 +11,12 @@ import torch
 from torch import nn
 
 VOCAB, T, TAB, CLASSES = 12, 6, 3, 3
+TWO_INPUTS = (
+    'data.inputs=["tab", "ids"]',
+    'data.targets=["label", "weight"]',
+    'model.name="custom_parts:two_inputs"',
+)
+"""The --set keys of a run of TwoInputs on write_two_inputs's columns."""
 
 
 class TwoInputs(nn.Module):

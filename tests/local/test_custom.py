@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from custom_parts import (
+    TWO_INPUTS,
     columns,
     hits,
     masked_tokens,
@@ -31,9 +32,7 @@ from raymb.rundir.checkpoint import read
 
 ROWS, G, EPOCHS, LR, SEED = 60, 16, 2, 0.5, 3
 TWO = (
-    'data.inputs=["tab", "ids"]',
-    'data.targets=["label", "weight"]',
-    'model.name="custom_parts:two_inputs"',
+    *TWO_INPUTS,
     'loss.name="custom_parts:weighted_loss"',
     'metrics.name="custom_parts:hits"',
 )

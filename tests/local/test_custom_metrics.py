@@ -15,16 +15,14 @@ import json
 from pathlib import Path
 
 import pytest
-from custom_parts import write_two_inputs
+from custom_parts import TWO_INPUTS, write_two_inputs
 
 import raymb
 from raymb import load_config
 from raymb.rundir.checkpoint import STATE_FILE, read
 
 OWN = (
-    'data.inputs=["tab", "ids"]',
-    'data.targets=["label", "weight"]',
-    'model.name="custom_parts:two_inputs"',
+    *TWO_INPUTS,
     'loss.name="custom_parts:weighted_loss"',
     'metrics.name="custom_parts:sure"',
     'checkpoint.metric="val_sure"',

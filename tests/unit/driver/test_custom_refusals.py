@@ -16,16 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tree
-from custom_parts import write_two_inputs
+from custom_parts import TWO_INPUTS, write_two_inputs
 
 import raymb
 from raymb import ConfigError, load_config
 from raymb.cli import main
 
 TWO = [
-    'data.inputs=["tab", "ids"]',
-    'data.targets=["label", "weight"]',
-    'model.name="custom_parts:two_inputs"',
+    *TWO_INPUTS,
     "train.global_batch_size=8",
 ]
 
